@@ -1,0 +1,41 @@
+"""Data: a config's source -> a prepared, cached corpus of token ids."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .corpus import POETRY_PACKAGE, CorpusError, fetch_poetry, hf_records, jsonl_records, poetry_records
+from .prepare import Prepared, prepare
+
+__all__ = ["CorpusError", "Prepared", "cache_root", "load_corpus"]
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    return Path(cache_dir or os.environ.get("LINGMAO_CACHE") or Path.home() / ".cache" / "lingmao").expanduser()
+
+
+def _source(d, root: Path):
+    """(lazy records, cache key) for the configured source. The key changes
+    when the input does, so a prepared cache is never stale."""
+    if d.source == "poetry":
+        def records():
+            yield from poetry_records(fetch_poetry(root / "npm"))
+        return records(), {"source": "poetry", "package": POETRY_PACKAGE}
+    if d.source == "jsonl":
+        paths = [Path(p) for p in d.paths]
+        for p in paths:
+            if not p.is_file():
+                raise CorpusError(f"data.paths: {p} does not exist")
+        key = {"source": "jsonl", "text_field": d.text_field, "on_bad_record": d.on_bad_record,
+               "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]}
+        return jsonl_records(paths, text_field=d.text_field, on_bad_record=d.on_bad_record), key
+    key = {"source": "hf", "name": d.hf_name, "split": d.hf_split, "config": d.hf_config, "text_field": d.text_field}
+    return hf_records(d.hf_name, split=d.hf_split, config=d.hf_config, text_field=d.text_field), key
+
+
+def load_corpus(d, seed: int, progress: bool = False) -> Prepared:
+    root = cache_root(d.cache_dir)
+    records, key = _source(d, root)
+    return prepare(records, root / "prepared", key, script=d.script, genre_caps=dict(d.genre_caps),
+                   val_fraction=d.val_fraction, seed=seed, progress=progress)

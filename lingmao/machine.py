@@ -1,0 +1,69 @@
+"""The only module that asks the hardware what it is.
+
+`detect()` returns a plain `Machine` record; everything that decides (the
+plan) takes a Machine as an argument, so tests can describe any machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_gb: float
+    compute_capability: float  # 8.0 = Ampere, 8.9 = Ada, 7.5 = Turing, 9.0 = Hopper
+
+
+@dataclass(frozen=True)
+class Machine:
+    cores: int
+    ram_gb: float
+    cpu_flags: frozenset = frozenset()
+    gpus: tuple = ()  # tuple[Gpu, ...]
+    mps: bool = False
+
+    @property
+    def native_bf16_cpu(self) -> bool:
+        # AMX-BF16 or AVX512-BF16 execute bf16 matmuls natively; elsewhere
+        # bf16 autocast on CPU is emulated and slower than fp32.
+        return bool({"amx_bf16", "avx512_bf16"} & self.cpu_flags)
+
+
+def _cpu_flags() -> frozenset:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _ram_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def detect() -> Machine:
+    import torch
+
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            gpus.append(Gpu(p.name, p.total_memory / 2**30, float(f"{p.major}.{p.minor}")))
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    return Machine(cores=_cores(), ram_gb=_ram_gb(), cpu_flags=_cpu_flags(), gpus=tuple(gpus), mps=mps)

@@ -1,0 +1,40 @@
+import math
+
+import pytest
+import torch
+
+from lingmao.model import GPT, GPTConfig
+from lingmao.optim import lr_factor, param_groups, scaled_lr, warmup_steps
+
+
+def test_sqrt_scaling_matches_seed_000_example():
+    # seed 000: base 5e-5 at batch 16 -> batch 64 gives about 1e-4
+    assert scaled_lr(5e-5, 16, 64, "sqrt") == pytest.approx(1e-4)
+    assert scaled_lr(5e-5, 16, 64, "linear") == pytest.approx(2e-4)
+    assert scaled_lr(5e-5, 16, 64, "none") == 5e-5
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    total, warm = 1000, warmup_steps(0.1, 1000)
+    assert warm == 100
+    f = [lr_factor(s, warm, total, 0.1) for s in range(total)]
+    assert f[0] == pytest.approx(0.01) and f[99] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(f[:100], f[1:100]))
+    assert all(a >= b for a, b in zip(f[100:], f[101:]))
+    assert min(f[100:]) == pytest.approx(0.1)
+    assert f[100 + 450] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)), abs=0.01)
+
+
+def test_warmup_as_step_count():
+    assert warmup_steps(2000, 110400) == 2000
+
+
+def test_no_decay_on_norms_biases_and_embeddings():
+    model = GPT(GPTConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=1, context_length=8))
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decayed == {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
+                       "blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight"}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

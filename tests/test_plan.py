@@ -1,0 +1,86 @@
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+from lingmao.config import ConfigError
+from lingmao.machine import Gpu, Machine
+from lingmao.plan import closest_preset, make_plan, runnable_plan
+from test_config import make
+
+LAPTOP = Machine(cores=2, ram_gb=24)
+AMX_CPU = Machine(cores=2, ram_gb=24, cpu_flags=frozenset({"amx_bf16", "avx512f"}))
+T4S = Machine(cores=16, ram_gb=64, gpus=(Gpu("Tesla T4", 15.6, 7.5),) * 2)
+H100 = Machine(cores=16, ram_gb=128, gpus=(Gpu("NVIDIA H100 80GB HBM3", 79.1, 9.0),))
+MAC = Machine(cores=8, ram_gb=16, mps=True)
+
+# seed 000 / 004 settings per preset: (device, precision, micro, accumulation, devices)
+EXPECTED = {
+    "rtx4090": ("cuda", "bf16", 16, 2, 1),
+    "rtx3060": ("cuda", "bf16", 8, 4, 1),
+    "t4x2": ("cuda", "fp16", 32, 4, 2),
+    "m1": ("mps", "fp32", 16, 2, 1),
+    "cpu": ("cpu", "fp32", 8, 4, 1),
+}
+
+
+@pytest.mark.parametrize("preset", EXPECTED)
+@pytest.mark.parametrize("model", ("small", "medium", "large"))
+def test_plan_for_every_preset_on_a_cpu_laptop(preset, model):
+    t = time.perf_counter()
+    plan = make_plan(make(f"hardware={preset}", f"model={model}"), LAPTOP)
+    assert time.perf_counter() - t < 1.0
+    device, precision, micro, accum, devices = EXPECTED[preset]
+    assert (plan.device, plan.precision, plan.micro_batch, plan.accumulation, plan.world_size) == \
+        (device, precision, micro, accum, devices)
+    assert plan.effective_batch == micro * accum * devices
+    assert plan.grad_scaler == (precision == "fp16")
+    assert preset in plan.table()
+
+
+def test_t4_gets_fp16_even_when_bf16_is_asked():
+    plan = make_plan(make("hardware=t4x2", "hardware.precision=bf16"), T4S)
+    assert plan.precision == "fp16" and plan.grad_scaler
+    assert "7.5" in plan.precision_reason
+    assert not plan.tf32  # Turing has no TF32
+
+
+def test_ampere_preset_on_a_real_t4_drops_to_fp16():
+    plan = make_plan(make("hardware=rtx4090"), Machine(cores=4, ram_gb=16, gpus=(Gpu("Tesla T4", 15.6, 7.5),)))
+    assert plan.precision == "fp16" and not plan.tf32
+
+
+def test_cpu_precision_follows_native_bf16():
+    assert make_plan(make("hardware=cpu"), AMX_CPU).precision == "bf16"
+    assert make_plan(make("hardware=cpu"), LAPTOP).precision == "fp32"
+    assert make_plan(make("hardware=cpu", "hardware.precision=fp32"), AMX_CPU).precision == "fp32"
+
+
+@pytest.mark.parametrize("machine, preset", [(LAPTOP, "cpu"), (T4S, "t4x2"), (H100, "rtx4090"), (MAC, "m1"),
+                                              (Machine(2, 8, gpus=(Gpu("RTX 3060", 12, 8.6),)), "rtx3060")])
+def test_auto_picks_the_closest_preset(machine, preset):
+    plan = make_plan(make(), machine)
+    assert plan.preset == preset == closest_preset(machine)[0]
+    assert "auto" in plan.preset_reason
+
+
+def test_auto_keeps_what_the_user_set():
+    plan = make_plan(make("hardware.batch=3", "hardware.accumulation=5"), LAPTOP)
+    assert (plan.preset, plan.micro_batch, plan.accumulation, plan.effective_batch) == ("cpu", 3, 5, 15)
+
+
+def test_lr_is_scaled_to_the_effective_batch():
+    plan = make_plan(make("hardware=t4x2", "optim.lr=5e-5", "optim.lr_scaling=sqrt"), LAPTOP)
+    assert plan.effective_batch == 256
+    assert plan.lr == pytest.approx(5e-5 * 4)  # sqrt(256 / 16)
+
+
+def test_missing_device_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match="t4x2.*fallback"):
+        runnable_plan(make("hardware=t4x2"), LAPTOP)
+
+
+def test_fallback_runs_on_what_exists():
+    plan = runnable_plan(make("hardware=t4x2", "hardware.fallback=true"), LAPTOP)
+    assert plan.device == "cpu" and plan.world_size == 1
+    assert any("fallback" in n for n in plan.notes)
