@@ -1,0 +1,225 @@
+"""lingmao.compare against a real sqlite MLflow store built the way the
+tracker writes runs (tags, flattened params, metrics by step)."""
+
+import csv
+import math
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from lingmao.compare import PLOTS, CompareError, SelectorError, _same_dir, compare, main, resolve_uri
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP_A = "multirun/2024-05-01/12-00-00"
+SWEEP_B = "multirun/2024-05-02/09-30-00"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class FakeRun:
+    name: str
+    hardware: str
+    loss_scale: float  # sets where the val-loss curve ends, so the runs sort differently from creation order
+    sweep: str | None = None
+    mfu: bool = True
+    rep4: bool = True
+    finished: bool = True
+    run_id: str = ""
+    experiment_id: str = ""
+    logged: dict[str, list[float]] = field(default_factory=dict)  # what was logged, by key
+
+
+RUNS = {
+    "cpu": FakeRun("cpu-tiny-lr0.001", "cpu", 1.3, sweep=SWEEP_A),
+    "gpu": FakeRun("rtx4090-tiny-lr0.003", "rtx4090", 0.9, sweep=SWEEP_A, mfu=False, rep4=False),
+    "t4": FakeRun("t4x2-small-lr0.001", "t4x2", 1.1, sweep=SWEEP_B),
+}
+OTHER = FakeRun("m1-tiny-lr0.001", "m1", 1.0, mfu=False, rep4=False, finished=False)  # experiment "ablation"
+
+
+def _log(client, exp_id: str, run: FakeRun, start_ms: int, index: int) -> None:
+    from mlflow.entities import Metric, Param
+
+    tags = {"hardware": run.hardware, "model": run.name.split("-")[1], "data": "poetry", "experiment": "",
+            "host": "test", "git.commit": "0" * 40, "git.dirty": "false"}
+    if run.sweep:
+        tags.update({"sweep.dir": run.sweep, "sweep.job": str(index)})
+    info = client.create_run(exp_id, start_time=start_ms, tags=tags, run_name=run.name).info
+    run.run_id, run.experiment_id = info.run_id, exp_id
+    lr = run.name.split("lr")[1]
+    params = {"config.model.name": tags["model"], "config.optim.lr": lr, "plan.lr": lr,
+              "plan.effective_batch": "32", "plan.precision": "bf16", "plan.preset": run.hardware,
+              "model.params": str(3_200_000 + 1000 * index)}
+    metrics = []
+
+    def add(key: str, value: float, step: int) -> None:
+        run.logged.setdefault(key, []).append(value)
+        metrics.append(Metric(key, value, start_ms + 150 * step + 7 * index, step))
+
+    for step in range(10, 101, 10):
+        add("train/loss", run.loss_scale * (2 + 6 / math.sqrt(step)), step)
+        add("throughput/samples_per_sec", 100.0 * (index + 1) + step % 30 - (50 if step == 10 else 0), step)
+        add("throughput/tokens_per_sec", 25600.0 * (index + 1) + step, step)
+        if run.mfu:
+            add("mfu", 0.2 + step / 1000, step)
+        if step % 20 == 0:
+            val = run.loss_scale * (2.1 + 6 / math.sqrt(step))
+            add("val/loss", val, step)
+            add("val/perplexity", math.exp(val), step)
+            add("memory/peak_gb", 1.0 + step / 100, step)
+            if run.rep4:
+                add("samples/rep4", 0.5 - step / (300 + 100 * index), step)
+    client.log_batch(run.run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
+    if run.finished:
+        client.set_terminated(run.run_id, "FINISHED", end_time=start_ms + 20_000 + 1000 * index)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    kind = {"mlflow.experimentKind": "custom_model_development"}
+    lingmao = client.create_experiment("lingmao", tags=kind)
+    ablation = client.create_experiment("ablation", tags=kind)  # newer: the default must still pick "lingmao"
+    for i, run in enumerate(RUNS.values()):
+        _log(client, lingmao, run, 1_700_000_000_000 + 60_000 * i, i)
+    _log(client, ablation, OTHER, 1_700_000_900_000, 3)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def report(store, tmp_path_factory):
+    return compare([], store, tmp_path_factory.mktemp("report") / "out")
+
+
+def _csv(report) -> list[dict[str, str]]:
+    with (report.out / "runs.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_csv_holds_every_run_of_the_default_experiment_sorted_by_final_val_loss(report):
+    rows = _csv(report)
+    expected = sorted(RUNS.values(), key=lambda r: r.logged["val/loss"][-1])
+    assert [r["run"] for r in rows] == [r.name for r in expected]  # "ablation" is not in the default
+    for row, run in zip(rows, expected):
+        assert row["run_id"] == run.run_id
+        assert float(row["val_loss"]) == pytest.approx(run.logged["val/loss"][-1])
+        assert float(row["val_perplexity"]) == pytest.approx(run.logged["val/perplexity"][-1])
+        # The first throughput value holds start-up and is left out of the median.
+        assert float(row["samples_per_sec"]) == pytest.approx(
+            statistics.median(run.logged["throughput/samples_per_sec"][1:]))
+        assert row["hardware"] == run.hardware
+        assert float(row["peak_memory_gb"]) == pytest.approx(max(run.logged["memory/peak_gb"]))
+        assert int(row["effective_batch"]) == 32
+        assert float(row["wall_s"]) > 0
+        assert row["status"] == "FINISHED"
+    by_name = {r["run"]: r for r in rows}
+    assert by_name[RUNS["gpu"].name]["mfu"] == ""  # not logged: an empty cell, no crash
+    assert float(by_name[RUNS["cpu"].name]["mfu"]) == pytest.approx(statistics.median(RUNS["cpu"].logged["mfu"][1:]))
+
+
+def test_report_rows_are_sorted_and_files_written(report):
+    losses = [row["val_loss"] for row in report.rows]
+    assert losses == sorted(losses)
+    assert len(set(losses)) == len(losses)  # distinct, so the sort order is meaningful
+    names = {p.name for p in report.files}
+    assert names == {"runs.csv", "index.html", *PLOTS}
+    assert all(p.parent == report.out for p in report.files)
+
+
+def test_every_plot_is_a_real_png(report):
+    for name in PLOTS:
+        data = (report.out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC, name
+        assert len(data) > 10_000, name  # axes, lines and text, not an empty canvas
+
+
+def test_index_html_shows_plots_runs_and_the_mlflow_hint(report, store):
+    page = (report.out / "index.html").read_text()
+    for name in PLOTS:
+        assert f'<img src="{name}"' in page
+    for run in RUNS.values():
+        assert run.name in page
+    assert 'href="runs.csv"' in page
+    assert f"mlflow ui --backend-store-uri {store}" in page
+    assert f"/#/experiments/{RUNS['cpu'].experiment_id}/runs?compareRunsMode=CHART" in page
+
+
+def test_unknown_selector_names_the_experiments(store, tmp_path, capsys):
+    with pytest.raises(SelectorError) as err:
+        compare(["no-such-thing"], store, tmp_path / "out")
+    assert "no-such-thing" in str(err.value)
+    assert "'lingmao'" in str(err.value) and "'ablation'" in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+    assert main(["no-such-thing", "--tracking-uri", store, "--out", str(tmp_path / "out")]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and "'lingmao'" in stderr and "'ablation'" in stderr
+
+
+def test_sweep_dir_selects_only_that_sweeps_runs(store, tmp_path):
+    rows = compare([SWEEP_A + "/"], store, tmp_path / "out").rows
+    assert {r["run"] for r in rows} == {RUNS["cpu"].name, RUNS["gpu"].name}
+
+
+@pytest.mark.parametrize("selector, matches", [
+    (SWEEP_A, True),
+    (SWEEP_A + "/", True),
+    ("./" + SWEEP_A, True),
+    ("/home/someone/project/" + SWEEP_A, True),  # absolute, launched elsewhere
+    (SWEEP_B, False),
+    ("12-00-00", False),  # the leaf alone is ambiguous across days
+    ("multirun", False),
+])
+def test_sweep_dir_forms(selector, matches):
+    assert _same_dir(selector, SWEEP_A) is matches
+
+
+def test_run_id_and_experiment_id_select_across_experiments(store, tmp_path):
+    picked = sorted([OTHER, RUNS["t4"]], key=lambda r: r.logged["val/loss"][-1])
+    rows = compare([OTHER.run_id, RUNS["t4"].run_id], store, tmp_path / "by-run").rows
+    assert [(r["run"], r["run_id"]) for r in rows] == [(r.name, r.run_id) for r in picked]
+
+    report = compare([OTHER.experiment_id], store, tmp_path / "by-exp")
+    (row,) = report.rows
+    assert row["run"] == OTHER.name
+    assert row["status"] == "RUNNING" and row["wall_s"] is None  # still running: no end time, no crash
+    assert row["mfu"] is None
+    for name in PLOTS:  # "no repetition metrics logged" is drawn, not skipped
+        assert (report.out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_missing_store_is_a_user_error(tmp_path):
+    with pytest.raises(CompareError, match="no MLflow store"):
+        compare([], f"sqlite:///{tmp_path / 'absent.db'}", tmp_path / "out")
+    assert not (tmp_path / "absent.db").exists()  # not created as an empty store
+
+
+def test_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri(None) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert resolve_uri(None) == f"sqlite:///{tmp_path.resolve() / 'elsewhere.db'}"
+    assert resolve_uri("http://tracking:5000") == "http://tracking:5000"
+
+
+@pytest.mark.slow
+def test_cli(store, tmp_path):
+    out = tmp_path / "cli-report"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "lingmao.compare", "lingmao", "--tracking-uri", store,
+                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert str(out.resolve() / "index.html") in proc.stdout
+    for run in RUNS.values():
+        assert run.name in proc.stdout
+    assert "compareRunsMode=CHART" in proc.stdout
+    assert (out / "runs.csv").exists() and (out / "index.html").exists()
