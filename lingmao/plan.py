@@ -11,9 +11,20 @@ from dataclasses import asdict, dataclass, field, fields
 
 from omegaconf import OmegaConf
 
+import math
+
 from .config import CONF_DIR, ConfigError
+from .estimate import GiB, MARGIN, estimate_memory, estimate_step_time, fit_micro_batch, flops_per_token
 from .machine import Machine
 from .optim import scaled_lr
+
+# Vocabulary the estimates assume: the default corpus' (chinese-poetry 2.0.1,
+# simplified, measured). The plan never reads the data, so it cannot know yours.
+DEFAULT_VOCAB = 13563
+# CPU presets carry no peak: ~0.1 TFLOPS fp32 per core (AVX-512 FMA at ~2 GHz
+# reaches 64 flop/cycle/core at best; a rough figure for the estimate only).
+CPU_TFLOPS_PER_CORE = 0.1
+ASSUMED_MFU = 0.4
 
 PRESETS = tuple(sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml") if p.stem != "auto"))
 
@@ -47,6 +58,16 @@ class Plan:
     base_lr: float
     lr: float
     fused_optimizer: bool
+    memory_gb: float  # per device: the preset's, or the machine's RAM on CPU
+    estimate_gb: float  # training memory per device, estimated (± margin)
+    estimate_checkpointed_gb: float  # the same with activation checkpointing
+    estimate_margin: float
+    headroom_gb: float
+    fits: bool
+    vocab_assumed: int
+    peak_tflops: float
+    est_step_seconds: float
+    est_tokens_per_sec: float
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -111,6 +132,32 @@ def choose_precision(asked: str, device: str, cc: float, m: Machine) -> tuple[st
     return asked, f"asked for {asked}"
 
 
+def shape_params(shape: dict) -> int:
+    from .estimate import count_params
+
+    return count_params(shape["d_model"], shape["n_heads"], shape["n_layers"], shape["context_length"],
+                        shape["vocab_size"], shape["mlp_ratio"])
+
+
+def _batch(hw: dict, memory_gb: float, shape: dict, devices: int, notes: list) -> tuple[int, int]:
+    """(micro-batch, accumulation). `batch: auto` keeps the preset's micro-batch
+    if it fits, else takes the largest that fits and raises accumulation so
+    the effective batch stays the preset's."""
+    if hw["batch"] != "auto":
+        return int(hw["batch"]), int(hw["accumulation"])
+    preset_batch = load_preset(hw["name"]).get("batch") if hw["name"] in PRESETS else None
+    wanted = preset_batch if isinstance(preset_batch, int) else 8
+    target = wanted * int(hw["accumulation"])
+    best = fit_micro_batch(int(memory_gb * GiB / (1 + MARGIN)), headroom=1.0, max_batch=wanted, **shape)
+    if best == 0:
+        raise ConfigError(f"hardware.batch=auto: even micro-batch 1 does not fit in {memory_gb:.0f} GB "
+                          f"for this model; choose a smaller model or context")
+    accum = math.ceil(target / best)
+    notes.append(f"batch=auto: micro-batch {best} (largest that fits, up to the preset's {wanted}), "
+                 f"accumulation {accum} (effective {best * accum * devices})")
+    return best, accum
+
+
 def make_plan(cfg, m: Machine) -> Plan:
     """`cfg` is the composed RunConfig (DictConfig or dataclass)."""
     hw_in = OmegaConf.to_container(cfg.hardware) if OmegaConf.is_config(cfg.hardware) else asdict(cfg.hardware)
@@ -122,13 +169,35 @@ def make_plan(cfg, m: Machine) -> Plan:
     device = hw["device"]
     gpu_cc = m.gpus[0].compute_capability if (device == "cuda" and m.gpus) else hw["compute_capability"]
     precision, precision_reason = choose_precision(hw["precision"], device, gpu_cc, m)
-    if hw["batch"] == "auto":
-        raise ConfigError("hardware.batch=auto needs the memory estimate (not available yet); give an integer")
-    micro, accum, devices = int(hw["batch"]), int(hw["accumulation"]), int(hw["devices"])
+    devices = int(hw["devices"])
+    mc = cfg.model
+    shape = dict(d_model=mc.d_model, n_heads=mc.n_heads, n_layers=mc.n_layers, context_length=mc.context_length,
+                 vocab_size=DEFAULT_VOCAB, mlp_ratio=mc.mlp_ratio, precision=precision, dropout=mc.dropout,
+                 device=device)
+    memory_gb = float(hw["memory_gb"]) or m.ram_gb
+    if device == "cuda" and m.gpus and hw_in["name"] == "auto":  # the real GPU, not the preset's
+        memory_gb = m.gpus[0].memory_gb
+    micro, accum = _batch(hw, memory_gb, shape, devices, notes)
     effective = micro * devices * accum
+    est = estimate_memory(micro_batch=micro, **shape)
+    est_ckpt = estimate_memory(micro_batch=micro, activation_checkpointing=True, **shape)
+    fits = est.total * (1 + MARGIN) <= memory_gb * GiB
+    if not fits:
+        best = fit_micro_batch(int(memory_gb * GiB / (1 + MARGIN)), headroom=1.0, **shape)
+        notes.append(f"micro-batch {micro} needs ~{est.gb():.1f} GB (±{MARGIN:.0%}) of {memory_gb:.0f} GB: "
+                     + (f"use hardware.batch={best} with hardware.accumulation={math.ceil(micro * accum / best)} "
+                        f"(same effective batch), or hardware.batch=auto" if best else
+                        "even micro-batch 1 does not fit: choose a smaller model or context"))
+    peak = float(hw["peak_tflops"]) or CPU_TFLOPS_PER_CORE * m.cores
+    n_no_pos = shape_params(shape) - mc.context_length * mc.d_model
+    step_s = estimate_step_time(flops_per_token=flops_per_token(mc.d_model, mc.n_layers, mc.context_length, n_no_pos),
+                                tokens_per_step=micro * accum * mc.context_length, peak_tflops=peak,
+                                mfu=ASSUMED_MFU)
     o = cfg.optim
     lr = scaled_lr(o.lr, o.base_batch, effective, o.lr_scaling)
     threads = hw["threads"] or m.cores
+    if device == "cpu":  # DDP on CPU: the processes share the cores
+        threads = max(1, threads // devices)
     return Plan(
         preset=hw["name"], preset_reason=preset_reason, device=device, devices=devices,
         world_size=devices, ddp_backend=hw["ddp_backend"],
@@ -143,6 +212,10 @@ def make_plan(cfg, m: Machine) -> Plan:
         micro_batch=micro, accumulation=accum, effective_batch=effective,
         context_length=cfg.model.context_length, lr_scaling=o.lr_scaling, base_lr=o.lr, lr=lr,
         fused_optimizer=o.fused if o.fused is not None else device == "cuda",
+        memory_gb=round(memory_gb, 1), estimate_gb=round(est.gb(), 2),
+        estimate_checkpointed_gb=round(est_ckpt.gb(), 2), estimate_margin=MARGIN,
+        headroom_gb=round(memory_gb - est.gb(), 2), fits=fits, vocab_assumed=DEFAULT_VOCAB, peak_tflops=peak,
+        est_step_seconds=round(step_s, 4), est_tokens_per_sec=round(effective * mc.context_length / step_s),
         notes=notes,
     )
 
@@ -151,6 +224,8 @@ def runnable_plan(cfg, m: Machine) -> Plan:
     """The plan, refused before any work if the machine lacks its device;
     with hardware.fallback=true, a warning and the closest preset instead."""
     plan = make_plan(cfg, m)
+    if not plan.fits:
+        raise ConfigError(f"hardware={plan.preset} model={cfg.model.name}: " + plan.notes[-1])
     have = {"cuda": len(m.gpus), "mps": int(m.mps), "cpu": plan.devices}[plan.device]
     if have >= plan.devices:
         return plan

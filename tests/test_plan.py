@@ -84,3 +84,32 @@ def test_fallback_runs_on_what_exists():
     plan = runnable_plan(make("hardware=t4x2", "hardware.fallback=true"), LAPTOP)
     assert plan.device == "cpu" and plan.world_size == 1
     assert any("fallback" in n for n in plan.notes)
+
+
+def test_plan_estimates_memory_and_speed():
+    small = make_plan(make("hardware=rtx4090", "model=small"), LAPTOP)
+    large = make_plan(make("hardware=rtx4090", "model=large"), LAPTOP)
+    assert 0 < small.estimate_gb < large.estimate_gb < small.memory_gb == 24
+    assert small.estimate_checkpointed_gb < small.estimate_gb
+    assert small.headroom_gb == pytest.approx(24 - small.estimate_gb, abs=0.02)
+    assert small.est_tokens_per_sec > large.est_tokens_per_sec > 0
+    assert "estimate_gb" in small.table()
+
+
+def test_fixed_batch_that_does_not_fit_stops_with_a_suggestion():
+    cfg = make("hardware=t4x2", "model=large", "hardware.fallback=true")
+    plan = make_plan(cfg, T4S)
+    assert not plan.fits and "hardware.batch=" in plan.notes[-1]
+    with pytest.raises(ConfigError, match=r"needs ~\d+\.\d GB.*hardware\.batch=auto"):
+        runnable_plan(cfg, T4S)
+
+
+def test_batch_auto_fits_and_keeps_the_effective_batch():
+    fixed = make_plan(make("hardware=t4x2", "model=large"), T4S)
+    auto = make_plan(make("hardware=t4x2", "model=large", "hardware.batch=auto"), T4S)
+    assert auto.fits and auto.micro_batch < fixed.micro_batch
+    assert auto.effective_batch >= fixed.effective_batch
+    assert auto.effective_batch < fixed.effective_batch + 2 * auto.micro_batch  # rounding up at most one step
+    # a micro-batch that already fits is kept
+    ok = make_plan(make("hardware=rtx4090", "model=small", "hardware.batch=auto"), H100)
+    assert (ok.micro_batch, ok.accumulation) == (16, 2)

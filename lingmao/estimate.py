@@ -1,0 +1,224 @@
+"""Memory, FLOPs and step-time estimates for lingmao's GPT, before any run.
+
+Pure arithmetic (no torch import): the plan calls it for any preset on any
+machine. Every term below follows what lingmao.model and the engine actually
+keep alive, checked against PyTorch's saved-tensor hooks and against the
+peak RSS of real CPU training steps (tests/test_estimate.py); `MARGIN` is the
+relative error seen there, rounded up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+GiB = 2**30
+
+# Relative error of `estimate_memory` against measured peak memory, rounded up.
+# CPU peak RSS over 10 real training steps (9 cases, tiny to d512/8 layers):
+# fp32 within -2.4%..+3.3%; bf16 autocast on CPU over by +11%..+27% (glibc kept
+# less than CPU_FRAGMENTATION assumes). The live-tensor part (all but workspace)
+# matched PyTorch's profiler to 1.5%. CUDA was not measured: its tensor terms
+# are the same accounting, its context and fragmentation constants are not fitted.
+MARGIN = 0.30
+
+# Bytes per element of activations and logits under each precision: 16-bit
+# autocast runs the matmuls in 16 bits; fp32 runs everything in 32.
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+# CUDA: the context (kernels, cuBLAS/cuDNN handles and workspaces: PyTorch's
+# cuBLAS workspace is 8-32 MiB per stream) takes device memory that
+# torch.cuda.max_memory_allocated never shows; nvidia-smi typically shows
+# 0.3-0.6 GiB for an idle PyTorch process with lazy module loading: 0.5 GiB.
+CUDA_CONTEXT_BYTES = GiB // 2
+# CUDA caching allocator: blocks are rounded (512 B, 2 MiB segments) and split,
+# so reserved memory runs above allocated. 10% of the per-step (activation and
+# logits) churn is an assumption, not measured here: no GPU was at hand.
+CUDA_FRAGMENTATION = 0.10
+# CPU, fitted to peak RSS of the tiny and small models (Linux x86-64, glibc,
+# torch 2.13, 2 threads): ~90 MiB of kernels paged in and OpenMP threads on the
+# first training step, plus what glibc keeps resident: its mmap threshold rises
+# to the size of freed blocks (up to 32 MiB), so later activation-sized blocks
+# come from the heap and stay resident after free. RSS ran 1.5x the live-tensor
+# peak of activations and logits (tiny model with MALLOC_MMAP_THRESHOLD_=131072: 1.0x).
+CPU_RUNTIME_BYTES = 128 * 2**20
+CPU_FRAGMENTATION = 0.5
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak bytes per device during a training step."""
+
+    params: int       # fp32 master weights (autocast keeps no 16-bit copy)
+    grads: int        # fp32 gradients, live through gradient accumulation
+    optimizer: int    # AdamW exp_avg and exp_avg_sq, fp32
+    activations: int  # tensors saved for backward, all layers
+    logits: int       # head output, its fp32 cross-entropy copies and their gradients
+    workspace: int    # autocast weight casts, CUDA context, allocator fragmentation
+    total: int
+
+    def gb(self) -> float:
+        """Total in GiB (2**30 bytes), the unit GPU memory sizes are quoted in."""
+        return self.total / GiB
+
+    def table(self) -> str:
+        return "\n".join(f"{f.name:<12} {getattr(self, f.name) / GiB:8.3f} GiB" for f in fields(self))
+
+
+def count_params(d_model: int, n_heads: int, n_layers: int, context_length: int, vocab_size: int,
+                 mlp_ratio: int = 4) -> int:
+    """Exactly GPT(...).num_params(): the tied head is counted once.
+
+    Per block: two LayerNorms (4d), qkv (3d^2 + 3d), attention proj (d^2 + d),
+    MLP fc (r d^2 + r d) and proj (r d^2 + d); n_heads does not change the count.
+    """
+    d, r = d_model, mlp_ratio
+    per_layer = (4 + 2 * r) * d * d + (9 + r) * d
+    return vocab_size * d + context_length * d + n_layers * per_layer + 2 * d
+
+
+def flops_per_token(d_model: int, n_layers: int, context_length: int, n_params_no_pos: int) -> int:
+    """Training FLOPs per token, 6N + 12 L T d (PaLM, Chowdhery et al. 2022, appendix B;
+    Kaplan et al. 2020 sec. 2.1): equals lingmao.model.GPT.flops_per_token()."""
+    return 6 * n_params_no_pos + 12 * n_layers * context_length * d_model
+
+
+def estimate_step_time(*, flops_per_token: float, tokens_per_step: int, peak_tflops: float,
+                       mfu: float = 0.4) -> float:
+    """Seconds per optimizer step at model FLOPs utilisation `mfu`.
+
+    0.4 is optimistic-typical for a single GPU with bf16 autocast, flash
+    attention and torch.compile at these widths (PaLM reports 46% at 540B on
+    TPU; GPT-2-small-sized models on one A100 reach roughly 30-45%). Small
+    d_model and CPU/MPS runs land far lower: pass a measured mfu there.
+    """
+    if peak_tflops <= 0 or mfu <= 0:
+        raise ValueError(f"peak_tflops={peak_tflops} and mfu={mfu} must be positive")
+    return flops_per_token * tokens_per_step / (peak_tflops * 1e12 * mfu)
+
+
+def _attention_is_fused(device: str, dropout: float) -> bool:
+    """Whether SDPA runs a fused kernel that keeps only O and logsumexp.
+
+    CUDA: flash or memory-efficient kernels for bf16, fp16 and fp32 (dropout is
+    regenerated from a saved Philox seed). CPU: PyTorch's CPU flash kernel only
+    when dropout_p == 0, else the math path. MPS: treated as the math path.
+    """
+    if device == "cuda":
+        return True
+    return device == "cpu" and dropout == 0.0
+
+
+def _dropout_mask_bytes(device: str, element_bytes: int) -> int:
+    """CUDA's fused dropout saves a bool mask; elsewhere dropout is
+    `input * bernoulli_noise` and the noise is saved in the input's dtype."""
+    return 1 if device == "cuda" else element_bytes
+
+
+def _layer_activation_bytes(*, d: int, h: int, T: int, r: int, a: int, dropout: float, device: str) -> int:
+    """Bytes saved for backward per token in one block (Korthikanti et al. 2022,
+    "Reducing Activation Recomputation in Large Transformer Models", sec. 4.1,
+    re-derived for this block and autocast: LayerNorm runs in fp32, matmuls in `a` bytes)."""
+    saved = 2 * 4 * d      # ln1 and ln2 inputs: the fp32 residual stream
+    saved += 2 * 2 * 4     # their mean and rstd
+    saved += 2 * a * d     # ln1 and ln2 outputs (their 16-bit casts under autocast), saved by qkv and fc
+    saved += a * d         # attention output O, which is also attn.proj's input (a view, not a copy)
+    saved += 2 * r * a * d  # fc output (GELU input) and GELU output (MLP proj input)
+    if _attention_is_fused(device, dropout):
+        saved += 3 * a * d   # q, k, v (views of the qkv output)
+        saved += 4 * h       # fp32 logsumexp per head
+    else:
+        # Math path (upcast to fp32 on CPU): scaled q and k and v copies, then per
+        # head a T x T softmax, and with dropout its noise and the dropped matrix.
+        saved += 3 * 4 * d
+        tt = 4 + ((_dropout_mask_bytes(device, 4) + 4) if dropout > 0 else 0)
+        saved += tt * h * T
+    if dropout > 0:
+        saved += 2 * d * _dropout_mask_bytes(device, a)  # attention and MLP residual dropouts
+    return saved
+
+
+def _activation_bytes(*, d: int, h: int, L: int, T: int, r: int, a: int, tokens: int, dropout: float,
+                      device: str, checkpointing: bool) -> int:
+    layer = _layer_activation_bytes(d=d, h=h, T=T, r=r, a=a, dropout=dropout, device=device)
+    # Outside the blocks: token indices (int64), the embedding dropout mask,
+    # ln_f's fp32 input, stats and output (cast), which the head saves.
+    outer = 8 + 4 * d + 8 + a * d
+    if dropout > 0:
+        outer += d * _dropout_mask_bytes(device, 4)
+    if checkpointing:
+        # Each block keeps only its fp32 input; backward recomputes one block at a time.
+        per_token = L * 4 * d + (layer - 4 * d) + outer
+    else:
+        per_token = L * layer + outer
+    return per_token * tokens
+
+
+def _logits_bytes(*, a: int, tokens: int, vocab: int) -> int:
+    """Peak bytes of the logits during the cross-entropy backward.
+
+    The engine holds the head's output (`a` bytes, referenced by `logits`
+    through backward) and computes F.cross_entropy(logits.float()): log_softmax
+    saves its fp32 output, and its backward holds the fp32 incoming gradient
+    and the fp32 gradient it produces at once: a + 4 + 4 + 4 bytes per logit
+    (fp32: .float() is a no-op, 16). With an 8k vocabulary this is the
+    largest activation term at small widths.
+    """
+    return (a + 12) * tokens * vocab
+
+
+def estimate_memory(*, d_model: int, n_heads: int, n_layers: int, context_length: int, vocab_size: int,
+                    micro_batch: int, precision: str, mlp_ratio: int = 4, activation_checkpointing: bool = False,
+                    dropout: float = 0.0, device: str = "cuda") -> MemoryEstimate:
+    """Peak training memory per device for one micro-batch of full-length sequences.
+
+    Totals add all terms: gradients exist during every micro-batch's forward
+    and backward once gradient accumulation is on (every lingmao preset
+    accumulates), and the fused AdamW step (CUDA) needs no extra buffers.
+    """
+    if precision not in ELEMENT_BYTES:
+        raise ValueError(f"precision={precision!r}: expected one of {', '.join(ELEMENT_BYTES)}")
+    if device not in ("cuda", "cpu", "mps"):
+        raise ValueError(f"device={device!r}: expected cuda, cpu or mps")
+    if micro_batch < 0:
+        raise ValueError(f"micro_batch={micro_batch} must be >= 0")
+    a = ELEMENT_BYTES[precision]
+    n = count_params(d_model, n_heads, n_layers, context_length, vocab_size, mlp_ratio)
+    tokens = micro_batch * context_length
+
+    params, grads, optimizer = 4 * n, 4 * n, 8 * n  # fp32 weights, fp32 grads, AdamW m and v
+    activations = _activation_bytes(d=d_model, h=n_heads, L=n_layers, T=context_length, r=mlp_ratio, a=a,
+                                    tokens=tokens, dropout=dropout, device=device,
+                                    checkpointing=activation_checkpointing)
+    logits = _logits_bytes(a=a, tokens=tokens, vocab=vocab_size)
+
+    # Autocast casts each weight per op and autograd keeps the 16-bit copy until
+    # backward: every weight but the position table (embedding lookups stay fp32).
+    casts = a * (n - context_length * d_model) if a < 4 else 0
+    if device == "cuda":
+        fixed, frag = CUDA_CONTEXT_BYTES, CUDA_FRAGMENTATION
+    else:
+        fixed, frag = CPU_RUNTIME_BYTES, CPU_FRAGMENTATION
+    workspace = casts + fixed + int(frag * (activations + logits))
+
+    total = params + grads + optimizer + activations + logits + workspace
+    return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=activations,
+                          logits=logits, workspace=workspace, total=total)
+
+
+def fit_micro_batch(memory_bytes: int, *, headroom: float = 0.9, max_batch: int = 1024, **model_kw) -> int:
+    """The largest micro-batch whose estimate fits in headroom * memory_bytes;
+    0 if even 1 does not. `model_kw` are estimate_memory's other arguments."""
+    budget = headroom * memory_bytes
+
+    def fits(b: int) -> bool:
+        return estimate_memory(micro_batch=b, **model_kw).total <= budget
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, max_batch  # invariant: fits(lo); the estimate grows with the batch
+    if fits(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
