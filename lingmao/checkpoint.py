@@ -1,16 +1,66 @@
-"""Checkpoints: atomic writes, safe loads."""
+"""Checkpoints: atomic writes, safe loads, the run's checkpoint folder, and
+which file a run resumes from.
+
+A checkpoint is one torch file that `torch.load(weights_only=True)` reads:
+tensors, numbers, strings, lists, tuples and dicts only, so loading one never
+runs code. The engine stores in it everything an exact resume needs:
+
+    format           FORMAT
+    model            state dict without torch.compile's `_orig_mod.` or DDP's `module.`
+    optimizer        optimizer.state_dict()
+    scaler           GradScaler.state_dict() ({} when there is no scaler)
+    schedule         peak LR, warmup, total steps, floor: the LR is a pure function of the step
+    progress         step, epoch, windows seen in the epoch, LR scale, early-stopping and best state
+    rng              python, numpy and torch (+ cuda or mps) generator states (tensors, ints)
+    val_loss         the val loss measured at this step (None: no eval, e.g. a stop on a signal)
+    config, plan     the resolved config and the run plan
+    tokenizer_hash   sha256 of the tokenizer
+    tokenizer        the tokenizer itself (tokenizer.json's text, a few hundred kB)
+    mlflow_run_id    the MLflow run the metrics went to
+
+DataLoader workers hold no state of ours: the batch order of an epoch is a
+pure function of (seed, epoch) (DistributedSampler), so the position (epoch,
+windows seen) is all it takes to continue the data stream.
+
+The folder holds `step00000120.pt`-style files (the newest `keep_last` by
+write time), and `last.pt` / `best.pt`: hard links to the newest file and to
+the one with the lowest val loss, which therefore cost no disk space.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
+import random
+import shutil
+import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from .config import ConfigError
+
+FORMAT = 1
+# What torch.load raises for a truncated, corrupt or foreign file.
+_UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+class ResumeError(ConfigError):
+    """`resume=...` names no usable checkpoint, or one that does not fit the
+    run's settings. A ConfigError, so the CLI prints it as one `error:` line."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the message says
+    what survived."""
 
 
 def save(state: dict, path: Path) -> Path:
-    """Write to a temporary file, fsync, then rename: a kill during the save
-    leaves the previous checkpoint intact and never a half-written one."""
+    """Write to a temporary file, fsync, then rename: a kill or a full disk
+    during the save leaves the previous checkpoint intact and never a
+    half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -22,12 +72,47 @@ def save(state: dict, path: Path) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
     return path
 
 
-def load(path: Path, map_location: str = "cpu") -> dict:
-    # weights_only: a checkpoint file cannot run code when it is loaded.
-    return torch.load(path, map_location=map_location, weights_only=True)
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); Windows cannot open a folder."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Point `dst` at `src`'s data, atomically: a hard link where the
+    filesystem has them, else a copy."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(path: Path, mmap: bool = False) -> dict:
+    """A lingmao checkpoint's state; ResumeError if the file is unreadable or
+    not one. mmap=True maps the tensors instead of reading them: checking a
+    file or reading its metadata then costs almost nothing."""
+    try:
+        # weights_only: a checkpoint file cannot run code when it is loaded.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except _UNREADABLE as e:
+        raise ResumeError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:300]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ResumeError(f"{path}: not a lingmao checkpoint (format {FORMAT})")
+    return state
 
 
 def model_state(model: torch.nn.Module) -> dict:
@@ -36,3 +121,133 @@ def model_state(model: torch.nn.Module) -> dict:
     model = getattr(model, "module", model)  # DDP wraps the compiled module
     model = getattr(model, "_orig_mod", model)
     return model.state_dict()
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every generator a training step may draw from (dropout draws from
+    torch's), in weights_only-loadable form."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore `rng_state`'s generators; a device generator only where the
+    checkpoint was made on that kind of device."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+class Folder:
+    """A run's checkpoint folder: rolling step files, last.pt and best.pt."""
+
+    def __init__(self, path: Path, keep_last: int):
+        self.path = Path(path)
+        self.keep_last = keep_last
+        self._swept = False
+
+    def steps(self) -> list[Path]:
+        """Step files, newest first. By write time, not step number: after a
+        resume from an older file the newer-numbered ones are stale."""
+        files = self.path.glob("step*.pt") if self.path.is_dir() else []
+        return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+
+    def write(self, state: dict, step: int, best: bool) -> Path:
+        path = self.path / f"step{step:08d}.pt"
+        last = self.path / "last.pt"
+        if not self._swept:  # temp files of a process killed mid-save
+            for stale in self.path.glob(".*.tmp*"):
+                stale.unlink(missing_ok=True)
+            self._swept = True
+        try:
+            save(state, path)
+            _link(path, last)
+            if best:
+                _link(path, self.path / "best.pt")
+        except OSError as e:
+            kept = f"the previous checkpoint {last} is intact" if last.exists() else "there is no earlier checkpoint"
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path}: {e.strerror or e}. Nothing partial was left behind and {kept}; "
+                f"free space (or point checkpoint.dir elsewhere), then rerun in the same run directory "
+                f"(resume=auto continues from the newest checkpoint)") from e
+        for old in self.steps()[self.keep_last:]:
+            old.unlink(missing_ok=True)
+        return path
+
+
+def find_resume(resume: str, folder: Folder, quiet: bool = False) -> tuple[Path, dict] | None:
+    """(path, mmap-loaded state) of the checkpoint to continue from, or None
+    for a fresh start. `resume`: auto (the newest readable file in the run's
+    folder, skipping unreadable ones with a warning), never, or a file."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        for path in folder.steps():
+            try:
+                return path, load(path, mmap=True)
+            except ResumeError as e:
+                if not quiet:
+                    print(f"warning: resume=auto skips {e}; trying the previous checkpoint", file=sys.stderr)
+        return None
+    path = Path(resume)
+    if not path.is_file():
+        raise ResumeError(f"resume={resume}: no such file; valid values are auto, never, or a checkpoint file "
+                          f"(e.g. outputs/myrun/checkpoints/last.pt)")
+    return path, load(path, mmap=True)
+
+
+def resume_run_id(resume: str, folder: Path, keep_last: int = 1) -> str | None:
+    """The MLflow run id stored in the checkpoint a run would resume from,
+    so the caller can reopen that run instead of starting another."""
+    found = find_resume(resume, Folder(folder, keep_last), quiet=True)
+    return (found[1].get("mlflow_run_id") or None) if found else None
+
+
+# Keys whose values make a checkpoint's weights or token stream mean something
+# else: the model's (but for its name and the training-only knobs below) and
+# every data setting that changes the tokens; the seed chooses the train/val
+# split. Everything else (hardware, optimizer, trainer, stride) may change.
+_FREE_KEYS = {"model.name", "model.dropout", "model.moe.capacity_factor", "model.moe.aux_loss_weight",
+              "data.cache_dir", "data.stride", "data.on_bad_record"}
+
+
+def _flat(node: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _bound_settings(cfg: dict) -> dict:
+    flat = _flat({"seed": cfg.get("seed"), "model": cfg.get("model", {}), "data": cfg.get("data", {})}, "")
+    return {k: v for k, v in flat.items() if k not in _FREE_KEYS}
+
+
+def check_compatible(state: dict, cfg: dict, tokenizer_hash: str, path: Path) -> None:
+    """Refuse a checkpoint from another model shape, tokenizer or token
+    stream, listing every difference."""
+    saved, now = _bound_settings(state["config"]), _bound_settings(cfg)
+    diffs = [f"  {k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}"
+             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if state["tokenizer_hash"] != tokenizer_hash:
+        diffs.append(f"  tokenizer (sha256): checkpoint {state['tokenizer_hash'][:12]} "
+                     f"vs this corpus {tokenizer_hash[:12]}")
+    if diffs:
+        raise ResumeError(
+            f"cannot resume from {path}: it was trained with other settings:\n" + "\n".join(diffs) +
+            "\nResume with the checkpoint's settings, or start fresh with resume=never (or in a new run directory).")

@@ -57,6 +57,16 @@ class HardwareConfig:
 
 
 @dataclass
+class MoEConfig:
+    # Seed 004's use_moe; defaults are MiniMind's (4 experts, top 2, aux 0.01)
+    # but with experts 0 (off), and the Switch Transformer's capacity 1.25.
+    experts: int = 0  # 0: a dense MLP in every block
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    aux_loss_weight: float = 0.01
+
+
+@dataclass
 class ModelConfig:
     name: str = "small"
     d_model: int = 512
@@ -65,6 +75,7 @@ class ModelConfig:
     context_length: int = 512
     dropout: float = 0.1
     mlp_ratio: int = 4
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
@@ -99,6 +110,16 @@ class DataConfig:
 
 
 @dataclass
+class SampleConfig:
+    """Decoding of the generation test at every eval."""
+    temperature: float = 0.8
+    top_k: int = 50  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off; seed 004: 1.2
+    prompts: List[str] = field(default_factory=lambda: ["床前明月光", "明月几时有", "子曰"])
+
+
+@dataclass
 class TrainerConfig:
     max_steps: Optional[int] = 1000
     max_epochs: Optional[int] = None
@@ -108,13 +129,18 @@ class TrainerConfig:
     log_every: int = 10
     sample_tokens: int = 48
     sample_prompt: str = "床前明月光"
+    sample: SampleConfig = field(default_factory=SampleConfig)
     progress: bool = True
+    on_nan: str = "stop"  # stop | skip | rollback, for a non-finite loss or gradient (fp16: the GradScaler's)
+    nan_lr_factor: float = 0.5  # on_nan=rollback multiplies the LR by this
+    early_stop_patience: Optional[int] = None  # scheduled evals without a val/loss improvement; None: off
 
 
 @dataclass
 class CheckpointConfig:
     dir: str = "checkpoints"
     every_steps: Optional[int] = None
+    every_minutes: Optional[float] = 30.0
     keep_last: int = 2
 
 
@@ -124,6 +150,13 @@ class TrackingConfig:
     uri: Optional[str] = None
     experiment_name: str = "lingmao"
     run_name: Optional[str] = None
+    system_metrics: bool = True  # CPU/RAM/disk/network (and GPU with nvidia-ml-py) every 10 s
+
+
+@dataclass
+class NightConfig:
+    start: str = "21:00"  # seed 000: 晚上9点至早上8点
+    end: str = "08:00"
 
 
 @dataclass
@@ -132,6 +165,8 @@ class RunConfig:
     plan: bool = False
     resume: str = "auto"
     experiment: Optional[str] = None
+    night_mode: bool = False
+    night: NightConfig = field(default_factory=NightConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -142,7 +177,8 @@ class RunConfig:
 
 
 _SCHEMAS = {c.__name__: c for c in (HardwareConfig, ModelConfig, OptimConfig, DataConfig, TrainerConfig,
-                                    CheckpointConfig, TrackingConfig)}
+                                    CheckpointConfig, TrackingConfig, NightConfig,
+                                    MoEConfig, SampleConfig)}
 
 # Values a key may take; checked by `validate` so the message can list them.
 CHOICES = {

@@ -135,3 +135,35 @@ def training_cache(tmp_path: Path, monkeypatch) -> Path:
     cache = build_training_cache(tmp_path / "cache")
     monkeypatch.setenv("LINGMAO_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory) -> Path:
+    """An MLflow sqlite store migrated once per session: creating one costs
+    seconds, copying one costs nothing."""
+    from lingmao.tracking import ensure_store
+
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    ensure_store(f"sqlite:///{db}")
+    return db
+
+
+@pytest.fixture
+def mlflow_db(tmp_path: Path, _mlflow_template: Path) -> Path:
+    """tmp_path/mlflow.db, ready: the default store of a run launched in tmp_path."""
+    import shutil
+
+    return Path(shutil.copyfile(_mlflow_template, tmp_path / "mlflow.db"))
+
+
+@pytest.fixture(scope="session")
+def _shared_cache(tmp_path_factory) -> Path:
+    return build_training_cache(tmp_path_factory.mktemp("shared") / "cache")
+
+
+@pytest.fixture
+def shared_cache(_shared_cache: Path, monkeypatch) -> Path:
+    """Like training_cache, but prepared once per session: for tests that only
+    read the corpus."""
+    monkeypatch.setenv("LINGMAO_CACHE", str(_shared_cache))
+    return _shared_cache
