@@ -1,7 +1,8 @@
-"""A decoder-only GPT: pre-norm blocks, causal SDPA, tied embeddings.
+"""A decoder-only GPT: pre-norm blocks, causal SDPA, tied embeddings, an
+optional mixture-of-experts feed-forward, and cached generation.
 
 Seed 002's model was an `nn.TransformerEncoder` with no causal mask, so it saw
-the future; here every attention call is `is_causal=True`.
+the future; here every attention call is causal.
 """
 
 from __future__ import annotations
@@ -23,6 +24,25 @@ class GPTConfig:
     context_length: int = 512
     dropout: float = 0.1
     mlp_ratio: int = 4
+    moe_experts: int = 0  # 0: a dense MLP in every block
+    moe_top_k: int = 2
+    moe_capacity_factor: float = 1.25
+
+    def __post_init__(self):
+        if self.moe_experts < 0:
+            raise ValueError(f"model.moe.experts={self.moe_experts} must be >= 0 (0: no MoE)")
+        if self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ValueError(f"model.moe.top_k={self.moe_top_k} must be in 1..model.moe.experts ({self.moe_experts})")
+        if self.moe_experts and not self.moe_capacity_factor > 0:
+            raise ValueError(f"model.moe.capacity_factor={self.moe_capacity_factor} must be > 0")
+
+    @classmethod
+    def from_model_config(cls, m, vocab_size: int) -> GPTConfig:
+        """From a run config's `model` node: a DictConfig, or the plain dict a checkpoint stores."""
+        moe = m["moe"]
+        return cls(vocab_size=vocab_size, d_model=m["d_model"], n_heads=m["n_heads"], n_layers=m["n_layers"],
+                   context_length=m["context_length"], dropout=m["dropout"], mlp_ratio=m["mlp_ratio"],
+                   moe_experts=moe["experts"], moe_top_k=moe["top_k"], moe_capacity_factor=moe["capacity_factor"])
 
 
 class Attention(nn.Module):
@@ -34,11 +54,19 @@ class Attention(nn.Module):
         self.dropout = c.dropout
         self.resid_dropout = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            # Generation: write this step's keys/values after the `pos` cached
+            # ones; query i sits at position pos + i and sees keys 0..pos + i.
+            k_cache, v_cache, pos = kv
+            k_cache[:, :, pos:pos + T], v_cache[:, :, pos:pos + T] = k, v
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+            y = F.scaled_dot_product_attention(q, k_cache[:, :, :pos + T], v_cache[:, :, :pos + T], attn_mask=mask)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -53,17 +81,86 @@ class MLP(nn.Module):
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 
+class MoE(nn.Module):
+    """Top-k routed experts in place of the MLP (Shazeer et al. 2017), with
+    Switch Transformer capacity and load balancing (Fedus et al. 2021).
+
+    After each forward, `aux_loss` (E * sum_i f_i * P_i: f_i the share of
+    routed assignments that chose expert i, P_i its mean router probability;
+    1.0 when balanced, E when collapsed), `dropped` and `drop_rate`
+    (assignments over capacity) and `load` (f) describe the batch just seen.
+    """
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.top_k, self.capacity_factor = c.moe_top_k, c.moe_capacity_factor
+        self.router = nn.Linear(c.d_model, c.moe_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(c) for _ in range(c.moe_experts))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router probabilities (N, E), renormalised gates (N, k), chosen experts (N, k)) for tokens x (N, C)."""
+        probs = self.router(x).float().softmax(-1)
+        gates, chosen = probs.topk(self.top_k, dim=-1)
+        return probs, gates / gates.sum(-1, keepdim=True), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        E, k = len(self.experts), self.top_k
+        # Position-major token order: when capacity runs out, the later
+        # positions lose, so no token is ever dropped because of a token after
+        # it (that would leak the future) and drops spread over the batch.
+        tokens = x.transpose(0, 1).reshape(T * B, C)
+        probs, gates, chosen = self.route(tokens)
+        choice = F.one_hot(chosen.reshape(-1), E)  # (N * k, E); a token's first choice queues first
+        self.load = choice.float().mean(0)
+        self.aux_loss = E * (self.load * probs.mean(0)).sum()
+        keep = torch.ones(T * B * k, dtype=torch.bool, device=x.device)
+        if self.training:
+            # Capacity bounds an expert's work per step; at eval and generation
+            # every token gets its experts, so its output never depends on
+            # which other tokens share the batch.
+            capacity = math.ceil(self.capacity_factor * T * B * k / E)
+            keep = (choice.cumsum(0) * choice).sum(-1) <= capacity  # place in the expert's queue
+        self.dropped, self.drop_rate = (~keep).sum(), (~keep).float().mean()
+        token = torch.arange(T * B, device=x.device).repeat_interleave(k)
+        expert_of = chosen.reshape(-1)
+        rows, outputs = [], []
+        # Every expert runs, on zero rows if none chose it, so all parameters
+        # stay in the graph (DDP expects a gradient for each).
+        for e, expert in enumerate(self.experts):
+            idx = ((expert_of == e) & keep).nonzero().squeeze(1)
+            rows.append(idx)
+            outputs.append(expert(tokens[token[idx]]))
+        # One row per (token, choice), zero where dropped; a copy, not an
+        # index_add_, so the result is deterministic on CUDA.
+        y = tokens.new_zeros(T * B * k, C).index_copy(0, torch.cat(rows), torch.cat(outputs).to(tokens.dtype))
+        out = (y.view(T * B, k, C) * gates.unsqueeze(-1).to(y.dtype)).sum(1)
+        return out.view(T, B, C).transpose(0, 1)
+
+
 class Block(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(c.d_model)
         self.attn = Attention(c)
         self.ln2 = nn.LayerNorm(c.d_model)
-        self.mlp = MLP(c)
+        self.mlp = MoE(c) if c.moe_experts else MLP(c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, kv: tuple | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), kv)
         return x + self.mlp(self.ln2(x))
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens generated so far,
+    allocated once for the whole context: a new token costs one position of
+    attention instead of a forward over the whole prefix."""
+
+    def __init__(self, c: GPTConfig, batch: int, device, dtype):
+        shape = (batch, c.n_heads, c.context_length, c.d_model // c.n_heads)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
+        self.pos = 0  # tokens cached
 
 
 class GPT(nn.Module):
@@ -92,37 +189,111 @@ class GPT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def num_params(self) -> int:
-        """Real parameter count; the tied head is counted once."""
+        """Real parameter count, every expert included; the tied head is counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6N for the matmuls plus attention scores,
-        6 * 2 * L * T * d (PaLM, Chowdhery et al. 2022, appendix B)."""
+    def active_params(self) -> int:
+        """Parameters one token uses: of each MoE layer's experts, only top_k."""
         c = self.config
-        n = self.num_params() - self.pos_emb.weight.numel()
+        if not c.moe_experts:
+            return self.num_params()
+        per_expert = sum(p.numel() for p in self.blocks[0].mlp.experts[0].parameters())
+        return self.num_params() - c.n_layers * (c.moe_experts - c.moe_top_k) * per_expert
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6N over the active parameters plus
+        attention scores, 6 * 2 * L * T * d (PaLM, Chowdhery et al. 2022, appendix B)."""
+        c = self.config
+        n = self.active_params() - self.pos_emb.weight.numel()
         return 6 * n + 12 * c.n_layers * c.context_length * c.d_model
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def moe_stats(self) -> dict:
+        """Of the last forward, averaged over MoE layers: `aux_loss` (a tensor in
+        the graph, for the loss), `dropped` assignments (summed), `drop_rate`
+        and per-expert `load`. Empty for a dense model."""
+        layers = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+        if not layers:
+            return {}
+        return {"aux_loss": torch.stack([m.aux_loss for m in layers]).mean(),
+                "dropped": torch.stack([m.dropped for m in layers]).sum(),
+                "drop_rate": torch.stack([m.drop_rate for m in layers]).mean(),
+                "load": torch.stack([m.load for m in layers]).mean(0)}
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         T = idx.shape[1]
-        if T > self.config.context_length:
-            raise ValueError(f"sequence of {T} tokens exceeds model.context_length={self.config.context_length}")
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device)))
-        for block in self.blocks:
-            x = block(x)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.context_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds "
+                             f"model.context_length={self.config.context_length}")
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(torch.arange(start, start + T, device=idx.device)))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else (cache.k[i], cache.v[i], start))
+        if cache is not None:
+            cache.pos += T
         return self.head(self.ln_f(x))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = 50, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = 50, generator: torch.Generator | None = None, *, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, use_cache: bool = True, eos_id: int | None = None) -> torch.Tensor:
+        """Extend each row of idx (B, T) by up to max_new_tokens sampled
+        tokens; temperature <= 0 is greedy. With `eos_id`, stop early once
+        every row has produced it. Beyond context_length the window slides:
+        each step then re-reads the last context_length tokens, as uncached
+        generation does, because learned absolute positions shift."""
+        ctx = self.config.context_length
+        cache = KVCache(self.config, idx.shape[0], idx.device, self.tok_emb.weight.dtype) if use_cache else None
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.context_length:])[:, -1, :]
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
+            if cache is None:
+                logits = self(idx[:, -ctx:])
+            elif cache.pos in (0, ctx):  # first step, or the window is full: (re)fill the cache
+                cache.pos = 0
+                logits = self(idx[:, -ctx:], cache)
             else:
-                logits = logits.float() / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
+                logits = self(idx[:, -1:], cache)
+            nxt = next_token(logits[:, -1, :], idx, temperature, top_k, top_p, repetition_penalty, generator)
             idx = torch.cat([idx, nxt], dim=1)
+            if eos_id is not None:
+                done |= nxt[:, 0] == eos_id
+                if done.all():
+                    break
         return idx
+
+
+# --- sampling: logits of the next token -> the next token ---
+
+
+def next_token(logits: torch.Tensor, seen: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
+               repetition_penalty: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row (B, 1), in the order Hugging Face applies them:
+    repetition penalty, then greedy or temperature, top-k, top-p."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        logits = penalize_repetition(logits, seen, repetition_penalty)
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        logits = nucleus(logits, top_p)
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL (Keskar et al. 2019): the logit of every token already in the
+    sequence (prompt included) is divided by `penalty` if positive and
+    multiplied by it if negative, so its probability falls either way."""
+    score = logits.gather(1, seen)
+    return logits.scatter(1, seen, torch.where(score > 0, score / penalty, score * penalty))
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2019): keep the smallest set of most
+    likely tokens whose probabilities sum to at least top_p."""
+    sorted_logits, order = logits.sort(-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    outside = probs.cumsum(-1) - probs >= top_p  # the tokens before it already reach top_p
+    return logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))

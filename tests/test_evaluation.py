@@ -1,0 +1,62 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lingmao.data.tokenizer import EOS_ID
+from lingmao.evaluation import per_genre_loss
+from lingmao.model import GPT, GPTConfig
+
+GENRES = ["文", "曲", "诗", "词"]
+
+
+def corpus(rng, docs):
+    """val.bin-style tokens (each document + <eos>) and val_docs rows for (genre index, length) pairs."""
+    tokens, rows = [], []
+    for g, n in docs:
+        rows.append((sum(map(len, tokens)), g))
+        tokens.append(np.append(rng.integers(4, 40, n), EOS_ID))
+    return np.concatenate(tokens).astype(np.uint16), np.array(rows, dtype=np.int64)
+
+
+def reference(model, tokens, val_docs, ctx):
+    """Per-genre loss by the definition: each document after an <eos>, in
+    consecutive windows of ctx targets, one document at a time."""
+    ends = list(val_docs[1:, 0]) + [len(tokens)]
+    sums, counts = {}, {}
+    for (start, g), end in zip(val_docs.tolist(), ends):
+        seq = torch.tensor([EOS_ID] + tokens[start:end].astype(np.int64).tolist())
+        for j in range(0, len(seq) - 1, ctx):
+            x, y = seq[j:j + ctx][None], seq[j + 1:j + ctx + 1][None]
+            x = x[:, :y.shape[1]]
+            loss = F.cross_entropy(model(x)[0], y[0], reduction="sum").item()
+            sums[g] = sums.get(g, 0.0) + loss
+            counts[g] = counts.get(g, 0) + y.numel()
+    return {GENRES[g]: (sums[g] / counts[g], counts[g]) for g in sums}
+
+
+def test_per_genre_loss_matches_scoring_each_document_alone():
+    rng = np.random.default_rng(0)
+    # short and long documents (longer than the context: several windows), genre 1 (曲) absent
+    tokens, val_docs = corpus(rng, [(2, 5), (0, 40), (2, 9), (3, 16), (0, 3), (2, 33)])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, d_model=32, n_heads=4, n_layers=2, context_length=16, dropout=0.0)).train()
+    got = per_genre_loss(model, tokens, val_docs, GENRES, 16, batch_size=3)
+    assert model.training  # left as it was found
+    want = reference(model.eval(), tokens, val_docs, 16)
+    assert set(got) == {"文", "诗", "词"}
+    for genre, (loss, count) in want.items():
+        assert got[genre]["loss"] == pytest.approx(loss, rel=1e-5)
+        assert got[genre]["tokens"] == count
+    assert got["文"]["tokens"] == 41 + 4 and got["文"]["docs"] == 2  # text + <eos> of each document
+
+
+def test_max_docs_per_genre_takes_the_first_ones():
+    rng = np.random.default_rng(1)
+    tokens, val_docs = corpus(rng, [(2, 6)] * 5 + [(3, 6)])
+    model = GPT(GPTConfig(vocab_size=40, d_model=16, n_heads=2, n_layers=1, context_length=8, dropout=0.0))
+    got = per_genre_loss(model, tokens, val_docs, GENRES, 8, max_docs_per_genre=2)
+    assert got["诗"]["docs"] == 2 and got["诗"]["tokens"] == 14 and got["词"]["docs"] == 1
+    assert math.isfinite(got["诗"]["loss"])
