@@ -1,17 +1,22 @@
 """`python -m lingmao.run hardware=X model=Y ...`: compose -> plan -> train.
 
 Hydra is imported here and in config.py only; `execute` is a plain function
-the tests call too.
+the tests call too. Sweeps (`-m`) run through any Hydra launcher or sweeper:
+the basic one, joblib (parallel jobs on one machine: each gets its share of
+cores and GPUs, see `slot_resources`), Optuna, submitit (SLURM).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .config import CONF_DIR, ConfigError, register, validate
@@ -22,16 +27,25 @@ register()
 USER_ERRORS = (ConfigError, CorpusError)
 
 
+def compact(x: float) -> str:
+    """A number as a person writes it in a run name: 3e-4 (not 0.0003), 1.5e-3, 0.01, 16."""
+    if x and not 1e-2 <= abs(x) < 1e4:
+        mantissa, exponent = f"{x:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{x:g}"
+
+
 def run_name(cfg, plan) -> str:
-    return cfg.tracking.run_name or f"{plan.preset}-{cfg.model.name}-lr{cfg.optim.lr:g}"
+    """`t4x2-medium-lr3e-4`: preset, model and the LR the user set (before scaling)."""
+    return cfg.tracking.run_name or f"{plan.preset}-{cfg.model.name}-lr{compact(cfg.optim.lr)}"
 
 
 def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None = None) -> dict | None:
     """Validate, plan, and (unless plan=true) train; returns the final metrics."""
-    from . import engine
+    from . import checkpoint, engine
     from .machine import detect
     from .plan import make_plan, runnable_plan
-    from .tracking import Tracker, git_state, launch_host, resolve_uri
+    from .tracking import SPOOL_NAME, Tracker, git_state, launch_host, resolve_uri, where
 
     validate(cfg)
     machine = detect()
@@ -46,8 +60,10 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
         return _spawn(cfg, plan, launch_dir, run_dir, tags)
     dist = engine.Dist.from_env()
     uri = resolve_uri(cfg.tracking.uri, launch_dir)
-    tracker = Tracker(uri, cfg.tracking.experiment_name, run_name(cfg, plan),
-                      enabled=cfg.tracking.enabled and dist.main)
+    enabled = cfg.tracking.enabled and dist.main
+    resume_id = checkpoint.resume_run_id(cfg.resume, run_dir / cfg.checkpoint.dir) if enabled else None
+    tracker = Tracker(uri, cfg.tracking.experiment_name, run_name(cfg, plan), enabled=enabled,
+                      spool=run_dir / SPOOL_NAME, system_metrics=cfg.tracking.system_metrics, run_id=resume_id)
     tracker.set_tags({"hardware": plan.preset, "model": cfg.model.name, "data": cfg.data.source,
                       "experiment": cfg.experiment or "", "host": launch_host(),
                       **git_state(launch_dir), **(tags or {})})
@@ -57,9 +73,8 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
         tracker.end("FAILED")
         raise
     tracker.end("KILLED" if final["status"] == "KILLED" else "FINISHED")
-    if tracker.enabled:
-        print(f"mlflow: {uri} run {tracker.run_id}\n"
-              f"  compare: mlflow ui --backend-store-uri {uri}  then open {tracker.ui_url()}")
+    if tracker.ui_url() and not tracker.offline:
+        print(f"mlflow: {uri} run {tracker.run_id}\n  compare: {where(uri, tracker.experiment_id)}")
     if final["status"] == "KILLED":
         raise SystemExit(130)
     return final
@@ -94,22 +109,145 @@ def _absolute_paths(cfg: DictConfig, launch_dir: Path) -> None:
         cfg.resume = str((launch_dir / cfg.resume).resolve())
 
 
+# -- parallel jobs on one machine ---------------------------------------------
+
+def parallel_jobs(launcher: dict, cores: int) -> int:
+    """How many jobs of a sweep run at once on this machine: joblib's n_jobs
+    (negative counts back from the cores, as joblib does: -1 is all of them),
+    else 1. The basic launcher runs jobs one after another; SLURM gives each
+    job its own allocation."""
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return 1
+    n = launcher.get("n_jobs") or 1
+    return max(1, n if n > 0 else cores + 1 + n)
+
+
+def slot_resources(slot: int, jobs: int, cores: int, gpu_ids: list[str]) -> tuple[int, list[str]]:
+    """(threads, GPU ids) of job slot `slot` when `jobs` jobs run at once.
+    Cores are split evenly: two jobs on 2 cores with 2 OpenMP threads each ran
+    6x slower than with one each. GPUs go in contiguous blocks, one block per
+    slot; with fewer GPUs than slots, slots share them round-robin."""
+    threads = max(1, cores // jobs)
+    if not gpu_ids:
+        return threads, []
+    per = len(gpu_ids) // jobs
+    if per == 0:
+        return threads, [gpu_ids[slot % len(gpu_ids)]]
+    return threads, gpu_ids[slot * per:(slot + 1) * per]
+
+
+def lock_free_slot(folder: Path, jobs: int, preferred: int, wait: float = 30.0):
+    """(slot, open lock file): the first slot, from `preferred` on, that no
+    running job holds (an exclusive flock on folder/slot<N>.lock). Waits up
+    to `wait` seconds when all are held (a worker that is still exiting),
+    then shares `preferred`, with a warning."""
+    folder.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait
+    while True:
+        for slot in [(preferred + i) % jobs for i in range(jobs)]:
+            f = open(folder / f"slot{slot}.lock", "w")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return slot, f
+            except BlockingIOError:
+                f.close()
+        if time.monotonic() > deadline:
+            print(f"warning: all {jobs} job slots in {folder} are held; sharing slot {preferred}", file=sys.stderr)
+            return preferred, None
+        time.sleep(0.2)
+
+
+def _gpu_ids() -> list[str]:
+    """Visible NVIDIA GPUs, counted through NVML: asking CUDA would start it,
+    and CUDA reads CUDA_VISIBLE_DEVICES only when it starts."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # no NVIDIA driver (or no nvidia-ml-py): no GPUs to share out
+        return []
+
+
+_SLOT: tuple | None = None  # (slot, threads, GPU ids, lock file), this process's for its whole life
+
+
+def job_slot(launcher: dict, sweep_dir: Path, job_num: int) -> tuple[int, int, list[str]] | None:
+    """The slot of this process when a sweep runs jobs in parallel here, with
+    its threads and GPUs (CUDA_VISIBLE_DEVICES set), or None for sequential
+    jobs. joblib (loky) reuses worker processes, and a process can pick its
+    GPUs only before CUDA starts, so a worker keeps the slot it claimed first
+    for every job it runs. Job number modulo n_jobs alone would put two jobs on
+    one GPU whenever jobs finish out of order; it is the slot tried first."""
+    global _SLOT
+    cores = len(os.sched_getaffinity(0))
+    jobs = parallel_jobs(launcher, cores)
+    if jobs == 1:
+        return None
+    if _SLOT is None:
+        if (launcher.get("n_jobs") or 0) < 0:
+            print(f"note: hydra.launcher.n_jobs={launcher['n_jobs']} makes {jobs} job slots on {cores} cores, "
+                  f"{max(1, cores // jobs)} thread(s) each; with fewer jobs than that, set n_jobs to the number "
+                  f"to run at once", file=sys.stderr)
+        gpus = _gpu_ids()
+        slot, lock = lock_free_slot(sweep_dir / ".lingmao-slots", jobs, job_num % jobs)
+        threads, mine = slot_resources(slot, jobs, cores, gpus)
+        if mine:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+        _SLOT = (slot, threads, mine, lock)
+    return _SLOT[:3]
+
+
+# -- Hydra ----------------------------------------------------------------------
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+
+    from .tracking import sweep_id
 
     hc = HydraConfig.get()
     launch_dir = Path(hydra.utils.get_original_cwd())
     _absolute_paths(cfg, launch_dir)
     tags = {"hydra.job": hc.job.name}
     if hc.mode.name == "MULTIRUN":
-        tags.update({"sweep.dir": hc.sweep.dir, "sweep.job": hc.job.num})
+        sweep_dir = launch_dir / hc.sweep.dir
+        tags.update({"sweep.id": sweep_id(sweep_dir), "sweep.dir": hc.sweep.dir, "sweep.job": hc.job.num})
+        slot = job_slot(OmegaConf.to_container(hc.launcher), sweep_dir, hc.job.num)
+        if slot is not None:
+            number, threads, gpus = slot
+            tags["sweep.slot"] = number
+            if gpus:
+                tags["sweep.gpus"] = ",".join(gpus)  # CUDA_VISIBLE_DEVICES of this job
+            if not cfg.hardware.threads:  # 0 or unset: one per core, of this job's share
+                cfg.hardware.threads = threads
     try:
         final = execute(cfg, launch_dir, Path.cwd(), tags)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     return None if final is None else final["val/loss"]
+
+
+class SweepSummary(Callback):
+    """Registered in conf/config.yaml (hydra.callbacks): once a multirun has
+    ended, say where its runs are in MLflow (or which spools to import)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from .tracking import resolve_uri, sweep_id, sweep_report
+
+        if config.plan or not config.tracking.enabled:
+            return
+        launch_dir = Path(config.hydra.runtime.cwd)
+        sweep_dir = launch_dir / config.hydra.sweep.dir
+        uri = resolve_uri(config.tracking.uri, launch_dir)
+        try:
+            print(sweep_report(uri, config.tracking.experiment_name, sweep_id(sweep_dir), sweep_dir))
+        except Exception as e:  # the sweep itself is done: a report that fails must not fail it
+            print(f"warning: no MLflow summary of the sweep: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def main() -> None:

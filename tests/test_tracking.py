@@ -1,0 +1,220 @@
+"""Tracking: records reach the store in order from a sender thread, sqlite
+locks are retried, an unreachable store spools to JSONL that imports later."""
+
+import json
+import socket
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lingmao import tracking
+from lingmao.run import compact
+from lingmao.tracking import SPOOL_NAME, Tracker, TrackingError, import_spool, main, read_spool, sweep_id
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+@pytest.fixture
+def fast_http(monkeypatch):
+    """MLflow's HTTP client gives up on an unreachable server at once."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_compact_numbers_in_run_names():
+    assert [compact(x) for x in (3e-4, 0.0003, 1.5e-3, 2.345e-5, 1e-2, 0.1, 16, 1e5)] == \
+        ["3e-4", "3e-4", "1.5e-3", "2.35e-5", "0.01", "0.1", "16", "1e5"]
+
+
+def test_sweep_id_is_readable_and_per_folder(tmp_path):
+    a = sweep_id(tmp_path / "multirun" / "2025-06-01" / "12-00-00")
+    assert a.startswith("2025-06-01_12-00-00-") and a == sweep_id(tmp_path / "multirun/2025-06-01/12-00-00")
+    assert a != sweep_id(tmp_path / "elsewhere" / "2025-06-01" / "12-00-00")
+
+
+def test_everything_reaches_the_store_in_order(tmp_path, mlflow_db, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    uri = f"sqlite:///{mlflow_db}"
+    tr = Tracker(uri, "lingmao", "cpu-tiny-lr3e-4", spool=tmp_path / SPOOL_NAME, system_metrics=True)
+    tr.log_params({"config": {"optim": {"lr": 3e-4}}, "note": "x" * 7000})
+    tr.set_tags({"hardware": "cpu", "sweep.job": 3})
+    for step in range(1, 1001):  # more than one log_batch's worth before the flush
+        tr.log_metrics({"train/loss": 1 / step}, step)
+    tr.flush()
+    (tmp_path / "samples.jsonl").write_text('{"text": "床前明月光"}\n', encoding="utf-8")
+    tr.log_artifact(tmp_path / "samples.jsonl")
+    tr.log_dict({"preset": "cpu"}, "plan.json")
+    time.sleep(0.7)  # a few system-metric samples
+    tr.end()
+    client = MlflowClient(uri)
+    run = client.get_run(tr.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "cpu-tiny-lr3e-4"
+    assert run.data.params["config.optim.lr"] == "0.0003" and len(run.data.params["note"]) == 6000
+    assert run.data.tags["hardware"] == "cpu" and run.data.tags["sweep.job"] == "3"
+    assert history(client, tr.run_id, "train/loss") == [(s, 1 / s) for s in range(1, 1001)]
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert {a.path for a in client.list_artifacts(tr.run_id)} == {"samples.jsonl", "plan.json"}
+    # artifacts live beside the store, not in whatever folder the first run started in
+    assert (tmp_path / "mlartifacts" / "lingmao").is_dir()
+    assert tr.offline is None and not (tmp_path / SPOOL_NAME).exists()
+
+
+def test_unreachable_store_spools_and_the_import_replays_it(tmp_path, mlflow_db, fast_http, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dead = f"http://127.0.0.1:{closed_port()}"
+    spool = tmp_path / "run" / SPOOL_NAME
+    tr = Tracker(dead, "lingmao", "offline-run", spool=spool)
+    assert "refused" in tr.offline.lower()
+    assert not hasattr(tr, "client")  # told by one /health probe, not by minutes of MLflow's HTTP retries
+    assert "not reachable" in capsys.readouterr().err
+    tr.log_params({"a": 1})
+    tr.set_tags({"hardware": "cpu"})
+    for step in range(1, 31):
+        tr.log_metrics({"train/loss": 10 - step / 10, "lr": 1e-3}, step)
+    (tmp_path / "tok.json").write_text("{}")
+    tr.log_artifact(tmp_path / "tok.json")
+    tr.end("FINISHED")
+    err = capsys.readouterr().err
+    assert f"python -m lingmao.tracking import {spool} --tracking-uri {dead}" in err
+    ops = [r["op"] for r in read_spool(spool)]
+    assert ops == ["start", "params", "tags", "artifact", "metrics", "end"]
+
+    store = f"sqlite:///{mlflow_db}"
+    assert main(["import", str(spool), "--tracking-uri", store]) == 0
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("lingmao").experiment_id])
+    assert run.info.run_name == "offline-run" and run.info.status == "FINISHED"
+    assert run.data.params == {"a": "1"} and run.data.tags["hardware"] == "cpu"
+    assert history(client, run.info.run_id, "train/loss") == [(s, 10 - s / 10) for s in range(1, 31)]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["tok.json"]
+    assert main(["import", str(spool), "--tracking-uri", store]) == 2  # once only
+    assert "already imported" in capsys.readouterr().err
+
+
+def test_store_lost_mid_run_continues_the_same_run_on_import(tmp_path, mlflow_db, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{mlflow_db}"
+    tr = Tracker(uri, "lingmao", "flaky", spool=tmp_path / SPOOL_NAME)
+    for step in range(1, 11):
+        tr.log_metrics({"train/loss": float(step)}, step)
+    tr.flush()
+    real = tr.client.log_batch
+
+    def failing(run_id, metrics=(), **kw):  # the store goes away after step 10
+        if any(m.step > 10 for m in metrics):
+            raise ConnectionError("server gone")
+        return real(run_id, metrics=metrics, **kw)
+
+    tr.client.log_batch = failing
+    for step in range(11, 21):
+        tr.log_metrics({"train/loss": float(step)}, step)
+    tr.flush()
+    tr.end()
+    assert "server gone" in tr.offline
+    assert read_spool(tr.spool)[0]["run_id"] == tr.run_id
+    client = MlflowClient(uri)
+    assert [s for s, _ in history(client, tr.run_id, "train/loss")] == list(range(1, 11))
+    import_spool(tr.spool)  # into the store the spool names
+    assert [s for s, _ in history(client, tr.run_id, "train/loss")] == list(range(1, 21))
+    assert client.get_run(tr.run_id).info.status == "FINISHED"
+
+
+def test_locked_sqlite_is_retried_other_errors_are_not(monkeypatch):
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    calls = []
+
+    def locked_twice():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert tracking._retry_locked(locked_twice) == "ok" and len(calls) == 3
+
+    def always_locked():
+        calls.append(1)
+        raise RuntimeError("database is locked")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="locked"):
+        tracking._retry_locked(always_locked)
+    assert len(calls) == tracking._LOCKED_RETRIES + 1
+
+    def other():
+        calls.append(1)
+        raise ValueError("bad param")
+
+    calls.clear()
+    with pytest.raises(ValueError):
+        tracking._retry_locked(other)
+    assert len(calls) == 1
+
+
+def test_parallel_writers_into_one_sqlite_lose_nothing(tmp_path, mlflow_db, monkeypatch):
+    """Four trackers flushing at once into one sqlite file (its own connections
+    each), as parallel sweep jobs do."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{mlflow_db}"
+    trackers = [Tracker(uri, "lingmao", f"w{i}") for i in range(4)]
+    for flush in range(10):
+        for tr in trackers:
+            for step in range(flush * 50, flush * 50 + 50):
+                tr.log_metrics({"a": step, "b": -step}, step)
+            tr.flush()
+    for tr in trackers:
+        tr.end()
+    client = MlflowClient(uri)
+    for tr in trackers:
+        assert not tr.offline and not tr.errors
+        assert [s for s, _ in history(client, tr.run_id, "b")] == list(range(500))
+
+
+def test_spool_reader_names_the_bad_line(tmp_path):
+    bad = tmp_path / "x.jsonl"
+    bad.write_text('{"op": "params"}\n')
+    with pytest.raises(TrackingError, match=r"x.jsonl:1: not a lingmao MLflow spool"):
+        read_spool(bad)
+    spool = tmp_path / SPOOL_NAME
+    spool.write_text('{"op": "start"}\nnot json\n{"op": "end"}\n')
+    with pytest.raises(TrackingError, match=rf"{SPOOL_NAME}:2: not JSON"):
+        read_spool(spool)
+    spool.write_text('{"op": "start"}\n{"op": "metrics", "metrics": []}\n{"op": "me')  # cut by a kill
+    assert [r["op"] for r in read_spool(spool)] == ["start", "metrics"]
+    with pytest.raises(TrackingError, match="no spool at"):
+        read_spool(tmp_path / "missing.jsonl")
+
+
+def test_training_runs_against_an_unreachable_store(tmp_path, shared_cache, fast_http, capsys, monkeypatch):
+    """End to end in-process: the run trains, the spool holds its metrics."""
+    from hydra import compose, initialize_config_dir
+
+    from lingmao.config import CONF_DIR
+    from lingmao.run import execute
+
+    monkeypatch.chdir(tmp_path)
+    dead = f"http://127.0.0.1:{closed_port()}"
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "hardware.accumulation=1",
+            "trainer.max_steps=6", "trainer.eval_every=3", "trainer.log_every=1", "trainer.eval_batches=2",
+            "trainer.progress=false", f"tracking.uri={dead}", "tracking.system_metrics=false"])
+    final = execute(cfg, tmp_path, tmp_path)
+    assert final["step"] == 6
+    err = capsys.readouterr().err
+    assert err.count(f"python -m lingmao.tracking import {tmp_path / SPOOL_NAME}") == 2  # at start and at end
+    records = read_spool(tmp_path / SPOOL_NAME)
+    steps = {m[3] for r in records if r["op"] == "metrics" for m in r["metrics"] if m[0] == "train/loss"}
+    assert steps == set(range(1, 7))
+    assert any(r["op"] == "params" and r["params"]["config.model.name"] == "tiny" for r in records)
+    assert (records[-1]["op"], records[-1]["status"]) == ("end", "FINISHED")
+    assert json.loads((tmp_path / SPOOL_NAME).read_text().splitlines()[0])["uri"] == dead
