@@ -128,7 +128,6 @@ class TrainerConfig:
     eval_batches: int = 20
     log_every: int = 10
     sample_tokens: int = 48
-    sample_prompt: str = "床前明月光"
     sample: SampleConfig = field(default_factory=SampleConfig)
     progress: bool = True
     on_nan: str = "stop"  # stop | skip | rollback, for a non-finite loss or gradient (fp16: the GradScaler's)
@@ -247,6 +246,16 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"model.d_model={cfg.model.d_model} must be divisible by model.n_heads={cfg.model.n_heads}")
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    moe = cfg.model.moe
+    if moe.experts < 0 or (moe.experts and not 1 <= moe.top_k <= moe.experts):
+        raise ConfigError(f"model.moe: experts={moe.experts}, top_k={moe.top_k}; need experts >= 0 and "
+                          f"1 <= top_k <= experts when experts > 0")
+    if moe.capacity_factor <= 0 or moe.aux_loss_weight < 0:
+        raise ConfigError("model.moe.capacity_factor must be > 0 and model.moe.aux_loss_weight >= 0")
+    sm = cfg.trainer.sample
+    if not (0 < sm.top_p <= 1 and sm.repetition_penalty > 0 and sm.top_k >= 0 and sm.prompts):
+        raise ConfigError(f"trainer.sample: top_p={sm.top_p} must be in (0, 1], repetition_penalty="
+                          f"{sm.repetition_penalty} > 0, top_k={sm.top_k} >= 0, prompts not empty")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     stride = cfg.data.stride

@@ -17,11 +17,13 @@ loss or gradient stops the run, skips the step or rolls back
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import json
 import math
 import os
 import random
+import resource
 import signal
 import sys
 import time
@@ -41,6 +43,7 @@ from .evaluation import per_genre_loss
 from .generate import complete
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, lr_factor, warmup_steps
+from .night import NightMode, NightSettings
 from .plan import Plan
 from .textmetrics import duplicate_windows, mean_repetition
 
@@ -54,6 +57,7 @@ MAX_ROLLBACKS = 3
 AMP_ADVICE = ("Seed 000's advice for NaN under mixed precision, in this order: lower optim.lr, lower hardware.batch, "
               "raise hardware.accumulation, and only as a last resort hardware.precision=fp32.")
 clock = time.monotonic  # checkpoint.every_minutes reads it; tests replace it to cross the interval
+wall_clock = datetime.datetime.now  # night mode reads it; tests replace it to cross 21:00
 
 
 class NonFiniteError(FloatingPointError):
@@ -107,6 +111,19 @@ def apply_runtime(plan: Plan) -> None:
         torch.backends.cuda.matmul.fp32_precision = "tf32" if plan.tf32 else "ieee"
         torch.backends.cudnn.conv.fp32_precision = "tf32" if plan.tf32 else "ieee"
         torch.backends.cudnn.benchmark = plan.cudnn_benchmark
+
+
+def apply_night(ns: NightSettings, plan: Plan, device) -> None:
+    if plan.device == "cpu":
+        torch.set_num_threads(ns.threads)
+    elif plan.device == "cuda":
+        torch.cuda.set_per_process_memory_fraction(ns.memory_fraction, device)
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def check_settings(cfg) -> None:
@@ -361,6 +378,8 @@ def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None) -> 
     warmup = max(1, warmup)
     schedule = {"peak_lr": plan.lr, "warmup": warmup, "total_steps": total_steps, "min_lr_ratio": o.min_lr_ratio}
     n_params = raw.num_params()
+    flops_per_tok = raw.flops_per_token()
+    night = NightMode(cfg.night_mode, cfg.night.start, cfg.night.end, plan.micro_batch, plan.threads, clock=wall_clock)
 
     # Resume: weights, optimizer, scaler and RNGs from the checkpoint; the data
     # stream from its position; the LR from its step on this run's schedule.
@@ -455,22 +474,33 @@ def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None) -> 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = torch.zeros((), device=device)
+            ns, changed = night.settings()
+            if changed and p.step:
+                apply_night(ns, plan, device)
+                if dist.main:
+                    print(f"night mode {'on' if night.active else 'off'} at step {p.step}: micro-batch "
+                          f"{plan.micro_batch // ns.chunks}, threads {ns.threads}, memory x{ns.memory_fraction}")
+                    tracker.log_metrics({"night_mode": float(bool(night.active))}, p.step)
             for micro in range(plan.accumulation):
                 x, y = next(stream)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = contextlib.nullcontext() if not ddp or micro == plan.accumulation - 1 else model.no_sync()
-                with sync:
-                    with autocast(plan):
-                        logits = model(x)
-                    # Token-summed loss over the whole effective batch's tokens, so
-                    # every token weighs the same under accumulation (seed 002 did not).
-                    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-                    ce = ce / (y.numel() * plan.accumulation)
-                    moe = raw.moe_stats()
-                    # Switch Transformer load balancing, spread over micro-steps like the loss
-                    loss = ce + cfg.model.moe.aux_loss_weight * moe["aux_loss"] / plan.accumulation if moe else ce
-                    scaler.scale(loss).backward()
-                step_loss += ce.detach()
+                # Night mode halves the micro-batch by splitting it: same data, same
+                # effective batch, same normalisation, so the maths does not change.
+                for piece, (xc, yc) in enumerate(zip(x.chunk(ns.chunks), y.chunk(ns.chunks))):
+                    last = micro == plan.accumulation - 1 and piece == ns.chunks - 1
+                    sync = contextlib.nullcontext() if not ddp or last else model.no_sync()
+                    with sync:
+                        with autocast(plan):
+                            logits = model(xc)
+                        # Token-summed loss over the whole effective batch's tokens, so
+                        # every token weighs the same under accumulation (seed 002 did not).
+                        ce = F.cross_entropy(logits.float().flatten(0, 1), yc.flatten(), reduction="sum")
+                        ce = ce / (y.numel() * plan.accumulation)
+                        moe = raw.moe_stats()
+                        # Switch Transformer load balancing, spread over micro-steps like the loss
+                        loss = ce + cfg.model.moe.aux_loss_weight * moe["aux_loss"] / plan.accumulation if moe else ce
+                        scaler.scale(loss).backward()
+                    step_loss += ce.detach()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.get_total_norm([t.grad for t in raw.parameters() if t.grad is not None])
 
@@ -529,7 +559,10 @@ def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None) -> 
                 first_block = False
                 sps = steps_in_block * plan.effective_batch / elapsed
                 m = {"train/loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
-                     "throughput/samples_per_sec": sps, "throughput/tokens_per_sec": sps * ctx}
+                     "throughput/samples_per_sec": sps, "throughput/tokens_per_sec": sps * ctx,
+                     # model FLOPs utilisation over the plan's peak (PaLM appendix B)
+                     "mfu": sps * ctx * flops_per_tok / (plan.peak_tflops * 1e12),
+                     "memory/peak_gb": peak_memory_gb(device)}
                 if plan.grad_scaler:
                     m["loss_scale"] = scaler.get_scale()
                 if p.skipped_steps:

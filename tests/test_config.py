@@ -82,6 +82,8 @@ def test_unknown_preset_lists_the_choices():
     ("data.stride=0", "data.stride"),
     ("data.stride=4096", "data.stride"),
     ("data=jsonl", "data.paths"),
+    ("model.moe.experts=4 model.moe.top_k=5", "model.moe"),
+    ("trainer.sample.top_p=0", "trainer.sample"),
 ])
 def test_validate_names_the_key(override, key):
     cfg = make(*override.split())

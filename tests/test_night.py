@@ -55,3 +55,28 @@ def test_odd_micro_batch_is_not_split():
 def test_bad_time_names_the_key():
     with pytest.raises(ValueError, match="night.start"):
         NightMode(True, "9pm", "08:00", 8, 2)
+
+
+def test_a_run_crossing_21_00_switches_and_keeps_the_maths(tmp_path, shared_cache, monkeypatch, capsys):
+    import torch
+
+    from lingmao import checkpoint, engine
+    from test_resume import train_here
+
+    n = torch.get_num_threads()
+    base = ["trainer.max_steps=6", "tracking.enabled=false", "model.dropout=0.0", "hardware.threads=2"]
+    day = train_here(tmp_path, tmp_path / "day", *base)
+    clock = Clock(dt.datetime(2026, 1, 1, 20, 58))
+    def tick():
+        clock.now += dt.timedelta(seconds=30)
+        return clock.now
+    monkeypatch.setattr(engine, "wall_clock", tick)
+    night = train_here(tmp_path, tmp_path / "night", *base, "night_mode=true")
+    torch.set_num_threads(n)
+    out = capsys.readouterr().out
+    assert "night mode on at step" in out and "micro-batch 2, threads 1" in out
+    assert night["train/loss"] == pytest.approx(day["train/loss"], rel=1e-5)
+    a = checkpoint.load(tmp_path / "day" / "checkpoints" / "last.pt")["model"]
+    b = checkpoint.load(tmp_path / "night" / "checkpoints" / "last.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
