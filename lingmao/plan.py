@@ -125,8 +125,8 @@ def choose_precision(asked: str, device: str, cc: float, m: Machine) -> tuple[st
         return "fp32", "MPS: fp32 (seed 000: no AMP on Apple silicon)"
     if asked == "auto":
         if m.native_bf16_cpu:
-            return "bf16", "CPU has native bf16 (AMX / AVX512-BF16): bf16 autocast"
-        return "fp32", "CPU without native bf16: fp32"
+            return "bf16", "CPU has AMX bf16 tiles: bf16 autocast"
+        return "fp32", "CPU without AMX: fp32 (bf16 autocast measured slower there)"
     if asked == "fp16":
         return "fp32", "fp16 autocast is not useful on CPU: fp32"
     return asked, f"asked for {asked}"

@@ -9,7 +9,7 @@ from lingmao.plan import closest_preset, make_plan, runnable_plan
 from test_config import make
 
 LAPTOP = Machine(cores=2, ram_gb=24)
-AMX_CPU = Machine(cores=2, ram_gb=24, cpu_flags=frozenset({"amx_bf16", "avx512f"}))
+AMX_CPU = Machine(cores=2, ram_gb=24, cpu_flags=frozenset({"amx_bf16", "avx512_bf16"}))
 T4S = Machine(cores=16, ram_gb=64, gpus=(Gpu("Tesla T4", 15.6, 7.5),) * 2)
 H100 = Machine(cores=16, ram_gb=128, gpus=(Gpu("NVIDIA H100 80GB HBM3", 79.1, 9.0),))
 MAC = Machine(cores=8, ram_gb=16, mps=True)
@@ -113,3 +113,8 @@ def test_batch_auto_fits_and_keeps_the_effective_batch():
     # a micro-batch that already fits is kept
     ok = make_plan(make("hardware=rtx4090", "model=small", "hardware.batch=auto"), H100)
     assert (ok.micro_batch, ok.accumulation) == (16, 2)
+
+
+def test_avx512_bf16_without_amx_stays_fp32():
+    plan = make_plan(make("hardware=cpu"), Machine(cores=2, ram_gb=24, cpu_flags=frozenset({"avx512_bf16"})))
+    assert plan.precision == "fp32" and "AMX" in plan.precision_reason
