@@ -1,0 +1,102 @@
+"""`python -m lingmao.bench hardware=X model=Y [suite=cpu|gpu] [bench.KEY=VALUE ...] [overrides ...]`."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from ..config import ConfigError
+from ..data import CorpusError
+from .options import OptionError, parse_args, usage
+
+USER_ERRORS = (OptionError, ConfigError, CorpusError, HydraException, OmegaConfBaseException)
+EXPERIMENT = "lingmao-bench"
+
+
+def open_tracker(cfg, plan, suite: str | None, opts):
+    from ..engine import cfg_dict
+    from ..tracking import Tracker, git_state, launch_host, resolve_uri
+
+    launch = Path.cwd()
+    name = f"{suite + '-suite' if suite else 'bench'}-{plan.preset}-{cfg.model.name}"
+    tracker = Tracker(resolve_uri(cfg.tracking.uri, launch), EXPERIMENT, name, enabled=cfg.tracking.enabled)
+    tracker.set_tags({"hardware": plan.preset, "model": cfg.model.name, "suite": suite or "",
+                      "host": launch_host(), **git_state(launch)})
+    tracker.log_params({"config": cfg_dict(cfg), "plan": plan.as_dict(), "bench": asdict(opts)})
+    return tracker
+
+
+def benchmark_mode(cfg, plan, opts, tracker) -> None:
+    from .measure import benchmark, train_tokens
+
+    windows = (opts.warmup + 2 * opts.steps + 2) * plan.effective_batch
+    tokens, vocab, stride, source = train_tokens(cfg, opts.synthetic, opts.vocab, windows,
+                                                 progress=cfg.trainer.progress)
+    peaks = {f"the {plan.preset} preset's peak": plan.peak_tflops} if plan.device != "cpu" and plan.peak_tflops else {}
+    print(f"lingmao bench: hardware={plan.preset} model={cfg.model.name} | {plan.device} {plan.precision}"
+          f"{' compiled' if plan.compile else ' eager'} | micro-batch {plan.micro_batch} x accumulation "
+          f"{plan.accumulation}, context {cfg.model.context_length} | {source}")
+    result = benchmark(cfg, plan, tokens, vocab, stride, steps=opts.steps, warmup=opts.warmup, tracker=tracker,
+                       peaks=peaks, label=f"{plan.preset}-{cfg.model.name}")
+    print(f"{result.params / 1e6:.2f}M params | {opts.steps} timed steps in {result.seconds:.1f} s "
+          f"after {opts.warmup} warm-up steps")
+    print("\n".join(result.lines()))
+    tracker.log_metrics(result.metrics("bench/"), opts.warmup + opts.steps)
+    tracker.log_dict(asdict(result), "bench.json")
+
+
+def run(args: list[str]) -> None:
+    from ..engine import apply_runtime
+    from ..machine import detect
+    from ..plan import runnable_plan
+    from .compose import Composer
+
+    suite, opts, overrides = parse_args(args)
+    if suite == "gpu":
+        from .gpu import require_cuda
+
+        require_cuda()
+    composer = Composer(overrides)
+    cfg = composer.compose()
+    machine = detect()
+    plan = runnable_plan(cfg, machine)
+    for note in plan.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    if suite:
+        from .suites import Suite, run_suite, suite_parts
+
+        parts = suite_parts(suite, plan, opts)
+    apply_runtime(plan)
+    tracker = open_tracker(cfg, plan, suite, opts)
+    try:
+        if suite:
+            run_suite(Suite(suite, composer, cfg, plan, machine, opts, tracker), parts)
+        else:
+            benchmark_mode(cfg, plan, opts, tracker)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+    if tracker.enabled:
+        print(f"mlflow: {tracker.uri} run {tracker.run_id} (experiment {EXPERIMENT})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if {"-h", "--help"} & set(args):
+        print(usage())
+        return 0
+    try:
+        run(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""lingmao.bench: paired-block statistics, the bare loop against the engine, the CLI."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lingmao.bench.__main__ import main
+from lingmao.bench.compose import Composer
+from lingmao.bench.options import OptionError, parse_args
+from lingmao.bench.startup import BARE_PHASES, median_phases, phases
+from lingmao.bench.stats import compare, interleave, median_interval
+from lingmao.bench.gpu import dense_bf16_tflops
+from lingmao.bench.suites import plot_scaling
+
+TINY = ["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "hardware.accumulation=2",
+        "hardware.precision=fp32", "optim.lr=3e-3"]
+
+
+def noisy(rate: float, sd: float, seed: int):
+    """A contender whose blocks come in at `rate` with deterministic Gaussian noise."""
+    rng = random.Random(seed)
+    return lambda: rate * (1 + rng.gauss(0, sd))
+
+
+# --- stats ---
+
+
+def test_sign_test_interval_uses_the_right_order_statistics():
+    i = median_interval(list(range(1, 31)))
+    # n = 30: x_(10) and x_(21) cover the median with 1 - 2 P(Bin(30, 1/2) <= 9) = 95.7%
+    assert (i.median, i.low, i.high, i.n) == (15.5, 10, 21, 30)
+    assert i.confidence == pytest.approx(0.9572, abs=1e-4)
+    few = median_interval([5.0, 1.0, 3.0, 2.0, 4.0])  # below 6 values: [min, max], 1 - 2/32
+    assert (few.median, few.low, few.high) == (3.0, 1.0, 5.0)
+    assert few.confidence == pytest.approx(0.9375)
+
+
+def test_interleave_alternates_rounds_and_pairs_adjacent_blocks():
+    calls = []
+
+    def contender(name, values):
+        it = iter(values)
+
+        def block():
+            calls.append(name)
+            return next(it)
+        return block
+
+    p = interleave(contender("a", [10, 20, 30, 40]), contender("b", [1, 2, 3, 4]), 4)
+    assert calls == ["a", "b", "a", "b", "b", "a", "b", "a"]
+    assert p.ratios == [10, 10, 10, 10]
+    assert p.control == [0.5, 0.5, 0.75, 0.75]  # earlier / later block of one contender in a round
+
+
+def test_ten_percent_slower_contender_gives_0_9_with_ci_excluding_1():
+    c = compare(interleave(noisy(90, 0.02, 1), noisy(100, 0.02, 2), 30))
+    assert c.ratio.n == 30 and c.ratio.median == pytest.approx(0.9, abs=0.015)
+    assert c.ratio.high < 1.0
+    assert c.conclusive
+    assert c.describe("engine/bare").startswith("engine/bare = 0.9")
+
+
+def test_identical_contenders_control_includes_1():
+    same = noisy(100, 0.03, 3)
+    c = compare(interleave(same, same, 30))
+    assert c.control.contains(1.0) and c.ratio.contains(1.0)
+    assert c.conclusive
+
+
+def test_noisy_control_makes_the_comparison_inconclusive():
+    # A neighbour's job ramps up: each block runs 5% slower than the one
+    # before, plus noise. A real 10% difference is there, yet no ratio is
+    # reported: the same-vs-same control shows the machine moving.
+    rng, blocks = random.Random(4), [0]
+
+    def contender(rate):
+        def block():
+            blocks[0] += 1
+            return rate * 0.95 ** blocks[0] * (1 + rng.gauss(0, 0.01))
+        return block
+
+    c = compare(interleave(contender(90), contender(100), 30))
+    assert not c.control.contains(1.0)
+    assert not c.conclusive
+    text = c.describe("engine/bare")
+    assert "inconclusive" in text and f"{c.ratio.median:.3f}" not in text
+
+
+# --- the bare loop against the engine ---
+
+
+@pytest.mark.slow
+def test_engine_overhead_same_losses_then_blocks_alternating_in_one_engine_run(tmp_path, training_cache):
+    from lingmao.bench.options import BenchOptions
+    from lingmao.bench.suites import Suite, engine_overhead, silent_tracker
+    from lingmao.machine import detect
+    from lingmao.plan import runnable_plan
+
+    # dropout on: the bare loop must draw the engine's random masks too
+    composer = Composer([*TINY, "model.dropout=0.1"])
+    cfg, machine = composer.compose(), detect()
+    s = Suite("cpu", composer, cfg, runnable_plan(cfg, machine), machine, BenchOptions(pairs=2, block_seconds=0.05),
+              silent_tracker(), out=tmp_path)
+    r = engine_overhead(s)
+    # 20 steps, seed 1337: the bare loop computes the engine's losses exactly, and they fall
+    assert r["losses_equal"] and r["loss_max_abs_diff"] == 0.0
+    assert r["loss_last"] < r["loss_first"]
+    assert r["pairs"] == 2 and r["engine_tokens_per_sec"] > 0 and r["bare_tokens_per_sec"] > 0
+    # One engine run: a start-up interval, then one log per engine block (order "abab": two of them)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'engine' / 'engine_run.db'}")
+    run, = client.search_runs([client.get_experiment_by_name("lingmao-bench-engine").experiment_id])
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [r["log_every"] * k for k in (1, 2, 3)]
+
+
+# --- command line ---
+
+
+def test_bench_options_are_parsed_apart_from_overrides():
+    suite, opts, rest = parse_args(["suite=cpu", "bench.pairs=4", "bench.synthetic=true", "model=tiny"])
+    assert (suite, opts.pairs, opts.synthetic, rest) == ("cpu", 4, True, ["model=tiny"])
+    with pytest.raises(OptionError, match="bench.stepz is not a benchmark key; valid keys: bench.steps"):
+        parse_args(["bench.stepz=3"])
+    with pytest.raises(OptionError, match="must be > 0"):
+        parse_args(["bench.block_seconds=0"])
+
+
+def test_variant_replaces_the_users_group_choice_but_keeps_their_values():
+    c = Composer(["hardware=cpu", "model=medium", "model.dropout=0.2"])
+    cfg = c.compose({"model": "tiny"}, {"model.context_length": 64})
+    assert (cfg.model.name, cfg.model.d_model, cfg.model.dropout, cfg.model.context_length) == ("tiny", 128, 0.2, 64)
+
+
+def test_gpu_suite_refuses_clearly_without_cuda(capsys):
+    assert main(["suite=gpu", "hardware=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "error: suite=gpu measures a CUDA GPU" in err and "suite=cpu" in err
+
+
+def test_user_errors_are_one_line_and_start_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["hardware=cpu", "model=huge"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["suite=cpu", "hardware=cpu", "bench.parts=engine,speed"]) == 2
+    assert "bench.parts='engine,speed': choose 'all' or some of engine, data, startup" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_startup_phases_are_spans_between_marks():
+    marks = {"launch": 10.0, "probe": 10.05, "imports": 11.0, "data": 11.1, "model": 11.3, "step": 12.0}
+    spans = phases(marks, BARE_PHASES)
+    assert [k for k, _, _ in spans] == ["probe", "imports", "data", "model", "step"]
+    assert [s for _, _, s in spans] == pytest.approx([0.05, 0.95, 0.1, 0.2, 0.7])
+    later = {k: v + 0.5 * (k != "launch") for k, v in marks.items()}  # a second launch, 0.5 s slower to start
+    medians = median_phases([marks, later, later], BARE_PHASES)
+    assert [s for _, _, s in medians] == pytest.approx([0.55, 0.95, 0.1, 0.2, 0.7])
+    del marks["data"]  # a function the probe no longer finds: its span joins the next
+    spans = phases(marks, BARE_PHASES)
+    assert [k for k, _, _ in spans] == ["probe", "imports", "model", "step"]
+    assert spans[2][1] == "map the token file, first batch + model build, optimizer"
+    assert spans[2][2] == pytest.approx(0.3)
+
+
+def test_scaling_plot_is_written(tmp_path):
+    rows = [{"model": m, "params": p, "context_length": c, "tokens_per_sec": t, "training_memory_gb": g,
+             "precision": "bf16", "memory": "peak RSS"}
+            for m, p, t, g in (("tiny", 2e6, 9000, 0.5), ("small", 3e7, 900, 1.0)) for c in (128, 512)]
+    path = plot_scaling(rows, tmp_path / "scaling.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dense_bf16_peaks_by_device_name():
+    assert dense_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert dense_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert dense_bf16_tflops("NVIDIA GeForce RTX 4090") == 165.2
+    assert dense_bf16_tflops("NVIDIA L40S") == 362.0 and dense_bf16_tflops("NVIDIA L4") == 121.0
+    assert dense_bf16_tflops("Tesla T4") is None  # no bf16 tensor cores: the preset's fp16 peak applies
+
+
+@pytest.mark.slow
+def test_benchmark_mode_prints_and_logs_to_mlflow(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "lingmao.bench", *TINY, "bench.steps=3", "bench.warmup=1",
+                           "bench.synthetic=true", "trainer.log_every=1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for text in ("samples/sec", "tokens/sec", "MFU", "fp32 matmul measured here", "data wait", "forward+backward",
+                 "optimizer", "logging", "peak memory"):
+        assert text in proc.stdout, text
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run, = client.search_runs([client.get_experiment_by_name("lingmao-bench").experiment_id])
+    assert run.data.metrics["bench/samples_per_sec"] > 0 and run.data.metrics["bench/mfu"] > 0
+    assert run.data.params["config.model.context_length"] == "32"
+    assert len(client.get_metric_history(run.info.run_id, "bench/loss")) == 3
