@@ -194,10 +194,13 @@ def measured_rss(d, h, L, T, V, B, dropout=0.0, steps=3) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_estimate_matches_measured_rss_of_the_tiny_model():
-    """Memory, not time: the tiny model's real peak RSS within +-30%."""
-    measured = measured_rss(d=128, h=4, L=2, T=128, V=8000, B=8)
-    est = estimate_memory(**TINY, micro_batch=8, precision="fp32", device="cpu").total
+def test_estimate_matches_measured_rss_of_the_small_model():
+    """Memory, not time: the small model's real peak RSS within +-30%. Not the
+    tiny model: its ~360 MiB sits beside a few hundred MiB of library pages that
+    load lazily after the baseline (610 MiB measured in one fresh venv, 371 in
+    another), which no model-size estimate can predict."""
+    measured = measured_rss(d=512, h=8, L=8, T=512, V=8000, B=4, steps=2)
+    est = estimate_memory(**SMALL, micro_batch=4, precision="fp32", device="cpu").total
     err = est / measured - 1
     assert abs(err) <= 0.30, f"estimate {est / 2**20:.0f} MiB vs measured {measured / 2**20:.0f} MiB ({err:+.0%})"
     assert MARGIN <= 0.30
