@@ -76,6 +76,12 @@ class ModelConfig:
     dropout: float = 0.1
     mlp_ratio: int = 4
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # Speedrun switches (modded-nanoGPT), off by default; see conf/model/*.yaml.
+    rotary: bool = False
+    qk_norm: bool = False
+    mlp: str = "gelu"  # gelu | relu2
+    vocab_multiple: int = 1
+    zero_init_proj: bool = False
 
 
 @dataclass
@@ -91,6 +97,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     fused: Optional[bool] = None
+    # optim=muon only: Muon for the blocks' matrices, at its own LR (at base_batch)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
 
 
 @dataclass
@@ -117,6 +127,7 @@ class SampleConfig:
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off; seed 004: 1.2
     prompts: List[str] = field(default_factory=lambda: ["床前明月光", "明月几时有", "子曰"])
+    greedy_baseline: bool = False  # also decode greedily, no penalty: samples/greedy_rep4 ...
 
 
 @dataclass
@@ -184,8 +195,9 @@ CHOICES = {
     "hardware.device": ("cpu", "cuda", "mps"),
     "hardware.precision": ("auto", "bf16", "fp16", "fp32"),
     "hardware.ddp_backend": ("nccl", "gloo"),
-    "optim.name": ("adamw",),
+    "optim.name": ("adamw", "muon"),
     "optim.lr_scaling": ("sqrt", "linear", "none"),
+    "model.mlp": ("gelu", "relu2"),
     "data.source": ("poetry", "jsonl", "hf"),
     "data.script": ("simplified", "keep"),
     "data.on_bad_record": ("error", "skip"),
@@ -228,7 +240,8 @@ def validate(cfg: Any) -> None:
         if value is not None and value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
     positive = ["optim.lr", "model.d_model", "model.n_heads", "model.n_layers", "model.context_length",
-                "trainer.eval_every", "trainer.log_every", "checkpoint.keep_last", "optim.base_batch"]
+                "trainer.eval_every", "trainer.log_every", "checkpoint.keep_last", "optim.base_batch",
+                "model.vocab_multiple", "optim.muon_lr"]
     for key in ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "checkpoint.every_steps"):
         if _get(cfg, key) is not None:
             positive.append(key)
@@ -246,6 +259,12 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"model.d_model={cfg.model.d_model} must be divisible by model.n_heads={cfg.model.n_heads}")
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    if cfg.model.rotary and (cfg.model.d_model // cfg.model.n_heads) % 2:
+        raise ConfigError(f"model.rotary=true needs an even head size; model.d_model/model.n_heads = "
+                          f"{cfg.model.d_model // cfg.model.n_heads}")
+    if not 0 <= cfg.optim.muon_momentum < 1 or cfg.optim.muon_weight_decay < 0:
+        raise ConfigError(f"optim.muon_momentum={cfg.optim.muon_momentum} must be in [0, 1) and "
+                          f"optim.muon_weight_decay={cfg.optim.muon_weight_decay} >= 0")
     moe = cfg.model.moe
     if moe.experts < 0 or (moe.experts and not 1 <= moe.top_k <= moe.experts):
         raise ConfigError(f"model.moe: experts={moe.experts}, top_k={moe.top_k}; need experts >= 0 and "

@@ -133,8 +133,8 @@ def load(path: str, device: torch.device, tokenizer_path: str = ""):
     else:
         raise UsageError(f"{path} does not embed its tokenizer; pass tokenizer=PATH: the run's MLflow artifact "
                          f"tokenizer.json, or tokenizer.json in the prepared corpus folder")
-    vocab_size = state["model"]["tok_emb.weight"].shape[0]
-    model = GPT(GPTConfig.from_model_config(state["config"]["model"], vocab_size))
+    # The tokenizer's size, not the embedding's: model.vocab_multiple pads the rows.
+    model = GPT(GPTConfig.from_model_config(state["config"]["model"], tok.get_vocab_size()))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tok, state
 

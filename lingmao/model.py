@@ -1,6 +1,10 @@
 """A decoder-only GPT: pre-norm blocks, causal SDPA, tied embeddings, an
 optional mixture-of-experts feed-forward, and cached generation.
 
+Switches from the modded-nanoGPT speedrun line of work, all off by default:
+rotary positions, q/k normalisation, a ReLU-squared MLP, a padded vocabulary
+and zero-initialised output projections (`model.*` in conf/model/).
+
 Seed 002's model was an `nn.TransformerEncoder` with no causal mask, so it saw
 the future; here every attention call is causal.
 """
@@ -27,8 +31,19 @@ class GPTConfig:
     moe_experts: int = 0  # 0: a dense MLP in every block
     moe_top_k: int = 2
     moe_capacity_factor: float = 1.25
+    rotary: bool = False  # rotary positions on q and k instead of the learned pos_emb
+    qk_norm: bool = False  # RMSNorm of q and k per head before attention
+    mlp: str = "gelu"  # the MLP's activation: a key of ACTIVATIONS
+    vocab_multiple: int = 1  # embedding/head rows padded to a multiple of this
+    zero_init_proj: bool = False  # attention/MLP output projections start at zero
 
     def __post_init__(self):
+        if self.mlp not in ACTIVATIONS:
+            raise ValueError(f"model.mlp={self.mlp!r} is not valid; choose one of: {', '.join(ACTIVATIONS)}")
+        if self.vocab_multiple < 1:
+            raise ValueError(f"model.vocab_multiple={self.vocab_multiple} must be >= 1 (1: no padding)")
+        if self.rotary and (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"model.rotary needs an even head size; d_model/n_heads = {self.d_model // self.n_heads}")
         if self.moe_experts < 0:
             raise ValueError(f"model.moe.experts={self.moe_experts} must be >= 0 (0: no MoE)")
         if self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts:
@@ -36,13 +51,40 @@ class GPTConfig:
         if self.moe_experts and not self.moe_capacity_factor > 0:
             raise ValueError(f"model.moe.capacity_factor={self.moe_capacity_factor} must be > 0")
 
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and the head: vocab_size rounded up to vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
     @classmethod
     def from_model_config(cls, m, vocab_size: int) -> GPTConfig:
-        """From a run config's `model` node: a DictConfig, or the plain dict a checkpoint stores."""
+        """From a run config's `model` node: a DictConfig, or the plain dict a
+        checkpoint stores (older checkpoints lack the speedrun switches: they
+        were off then, so a missing one takes its default)."""
         moe = m["moe"]
         return cls(vocab_size=vocab_size, d_model=m["d_model"], n_heads=m["n_heads"], n_layers=m["n_layers"],
                    context_length=m["context_length"], dropout=m["dropout"], mlp_ratio=m["mlp_ratio"],
-                   moe_experts=moe["experts"], moe_top_k=moe["top_k"], moe_capacity_factor=moe["capacity_factor"])
+                   moe_experts=moe["experts"], moe_top_k=moe["top_k"], moe_capacity_factor=moe["capacity_factor"],
+                   rotary=m.get("rotary", cls.rotary), qk_norm=m.get("qk_norm", cls.qk_norm),
+                   mlp=m.get("mlp", cls.mlp), vocab_multiple=m.get("vocab_multiple", cls.vocab_multiple),
+                   zero_init_proj=m.get("zero_init_proj", cls.zero_init_proj))
+
+
+ROPE_BASE = 10000.0  # RoFormer's (Su et al. 2021) base of the rotation frequencies
+
+
+def rotate(x: torch.Tensor, start: int) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021) of x (B, H, T, head_dim)
+    whose first token sits at absolute position `start`: channel pair
+    (i, i + head_dim/2) turns by position * ROPE_BASE^(-2i/head_dim), so
+    q.k depends on the two positions only through their offset. Angles in
+    float32 whatever x's dtype: bf16 cannot hold position * frequency."""
+    T, hd = x.shape[-2], x.shape[-1]
+    inv_freq = ROPE_BASE ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    angles = torch.outer(torch.arange(start, start + T, device=x.device, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -53,21 +95,54 @@ class Attention(nn.Module):
         self.proj = nn.Linear(c.d_model, c.d_model)
         self.dropout = c.dropout
         self.resid_dropout = nn.Dropout(c.dropout)
+        self.rotary = c.rotary
+        # QK-norm (Dehghani et al. 2023; Wortsman et al. 2023): bounded q.k keeps
+        # the attention logits from growing until softmax saturates, which
+        # tolerates higher LRs. A learned gain per channel lets heads sharpen.
+        head = c.d_model // c.n_heads
+        self.q_norm = nn.RMSNorm(head) if c.qk_norm else None
+        self.k_norm = nn.RMSNorm(head) if c.qk_norm else None
+
+    def heads(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, H, T, head_dim) of x (B, T, C), whose first token sits at position `start`."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            # In float32, the gain's dtype: under autocast a bf16 q would miss
+            # the fused RMSNorm kernel; rotate then computes in float32 anyway.
+            q, k = self.q_norm(q.float()), self.k_norm(k.float())
+        if self.rotary:
+            q, k = rotate(q, start), rotate(k, start)
+        return q.to(v.dtype), k.to(v.dtype), v
 
     def forward(self, x: torch.Tensor, kv: tuple | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.heads(x, 0 if kv is None else kv[2])
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
             # Generation: write this step's keys/values after the `pos` cached
             # ones; query i sits at position pos + i and sees keys 0..pos + i.
+            # With rotary the cached keys are already rotated to their positions.
             k_cache, v_cache, pos = kv
             k_cache[:, :, pos:pos + T], v_cache[:, :, pos:pos + T] = k, v
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
             y = F.scaled_dot_product_attention(q, k_cache[:, :, :pos + T], v_cache[:, :, :pos + T], attn_mask=mask)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")  # GPT-2's
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """ReLU squared (So et al. 2021, Primer): cheaper than GELU and trained
+    faster in Primer's search and in the nanoGPT speedrun."""
+    return F.relu(x).square()
+
+
+ACTIVATIONS = {"gelu": gelu, "relu2": relu2}
 
 
 class MLP(nn.Module):
@@ -76,9 +151,10 @@ class MLP(nn.Module):
         self.fc = nn.Linear(c.d_model, c.mlp_ratio * c.d_model)
         self.proj = nn.Linear(c.mlp_ratio * c.d_model, c.d_model)
         self.dropout = nn.Dropout(c.dropout)
+        self.act = ACTIVATIONS[c.mlp]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        return self.dropout(self.proj(self.act(self.fc(x))))
 
 
 class MoE(nn.Module):
@@ -167,19 +243,27 @@ class GPT(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
         self.config = c
-        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
-        self.pos_emb = nn.Embedding(c.context_length, c.d_model)
+        # Padded rows (vocab_multiple) make the head's matmul a multiple of the
+        # GPU's tile size (nanoGPT: 50257 -> 50304 rows ran ~25% faster); they
+        # are no token and forward slices their logits off.
+        self.tok_emb = nn.Embedding(c.padded_vocab, c.d_model)
+        self.pos_emb = None if c.rotary else nn.Embedding(c.context_length, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.ln_f = nn.LayerNorm(c.d_model)
-        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.head = nn.Linear(c.d_model, c.padded_vocab, bias=False)
         self.head.weight = self.tok_emb.weight  # weight tying (Press & Wolf, 2017)
         self.apply(self._init)
-        # GPT-2: scale residual projections by 1/sqrt(2 * n_layers) so the
-        # residual stream's variance does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layers))
+                if c.zero_init_proj:
+                    # modded-nanoGPT: every block starts as the identity, x + 0,
+                    # and the residual stream opens up as training needs.
+                    nn.init.zeros_(p)
+                else:
+                    # GPT-2: scale residual projections by 1/sqrt(2 * n_layers) so
+                    # the residual stream's variance does not grow with depth.
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layers))
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -192,6 +276,13 @@ class GPT(nn.Module):
         """Real parameter count, every expert included; the tied head is counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The 2-D weights inside the blocks' attention and MLPs (every
+        expert's too): what Muon optimises. Not the embeddings, the tied head,
+        norms, biases or the MoE router."""
+        return [lin.weight for m in self.blocks.modules() if isinstance(m, (Attention, MLP))
+                for lin in m.children() if isinstance(lin, nn.Linear)]
+
     def active_params(self) -> int:
         """Parameters one token uses: of each MoE layer's experts, only top_k."""
         c = self.config
@@ -202,9 +293,13 @@ class GPT(nn.Module):
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6N over the active parameters plus
-        attention scores, 6 * 2 * L * T * d (PaLM, Chowdhery et al. 2022, appendix B)."""
+        attention scores, 6 * 2 * L * T * d (PaLM, Chowdhery et al. 2022, appendix B).
+        N leaves out position embeddings (a lookup, no matmul) and the padded
+        vocabulary rows (computed, but no useful work: MFU counts model FLOPs)."""
         c = self.config
-        n = self.active_params() - self.pos_emb.weight.numel()
+        n = self.active_params() - (c.padded_vocab - c.vocab_size) * c.d_model
+        if self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
         return 6 * n + 12 * c.n_layers * c.context_length * c.d_model
 
     def moe_stats(self) -> dict:
@@ -225,12 +320,19 @@ class GPT(nn.Module):
         if start + T > self.config.context_length:
             raise ValueError(f"sequence of {start + T} tokens exceeds "
                              f"model.context_length={self.config.context_length}")
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(torch.arange(start, start + T, device=idx.device)))
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else (cache.k[i], cache.v[i], start))
         if cache is not None:
             cache.pos += T
-        return self.head(self.ln_f(x))
+        logits = self.head(self.ln_f(x))
+        # Only real tokens: the padded rows never enter the softmax, so they
+        # cannot be sampled, win an argmax, or take probability from the loss.
+        c = self.config
+        return logits[..., :c.vocab_size] if c.padded_vocab > c.vocab_size else logits
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -240,7 +342,10 @@ class GPT(nn.Module):
         tokens; temperature <= 0 is greedy. With `eos_id`, stop early once
         every row has produced it. Beyond context_length the window slides:
         each step then re-reads the last context_length tokens, as uncached
-        generation does, because learned absolute positions shift."""
+        generation does. Learned positions shift; rotary keys would stay
+        valid as they are, but in layers past the first the kept tokens' keys
+        and values also saw the tokens that left the window, so rolling the
+        cache would not be what the model computes on the window."""
         ctx = self.config.context_length
         cache = KVCache(self.config, idx.shape[0], idx.device, self.tok_emb.weight.dtype) if use_cache else None
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)

@@ -1,4 +1,5 @@
-"""Optimizer parameter groups, LR scaling and the warmup + cosine schedule."""
+"""Optimizer parameter groups, optimizers (AdamW; Muon + AdamW), LR scaling
+and the warmup + cosine schedule."""
 
 from __future__ import annotations
 
@@ -33,20 +34,107 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
     return max(floor, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, exclude=()) -> list[dict]:
     """Decay only matrices of linear layers: not norms, biases or embeddings
-    (the tied head shares the embedding's tensor, so it is not decayed either)."""
+    (the tied head shares the embedding's tensor, so it is not decayed either).
+    Tensors in `exclude` (another optimizer's) are left out."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    others = {id(p) for p in exclude}
     decay, no_decay = [], []
     for p in model.parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in others:
             continue
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+class MuonAdamW:
+    """Muon (Jordan et al. 2024) for the blocks' hidden matrices and AdamW
+    for everything else, presented to the engine as one optimizer:
+    `param_groups` are the inner optimizers' own group dicts (AdamW's first),
+    so setting a group's "lr", GradScaler's unscale_/step and the engine's
+    save-settings/load/reapply all reach the optimizer that owns the group.
+
+    Each group carries `lr_ratio`, its LR over the schedule's: the engine sets
+    group["lr"] = schedule LR x lr_ratio, so warmup, cosine decay and
+    on_nan=rollback's cuts move both optimizers together."""
+
+    def __init__(self, adamw: torch.optim.Optimizer, muon: torch.optim.Optimizer):
+        self.adamw, self.muon = adamw, muon
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Read through each time: load_state_dict replaces an optimizer's group dicts.
+        return self.adamw.param_groups + self.muon.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.adamw.step()
+        self.muon.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"adamw", "muon"}:
+            raise ValueError("the saved optimizer state is not optim=muon's (Muon + AdamW): it comes from "
+                             "another optim.name; resume with that optimizer or start fresh (resume=never)")
+        self.adamw.load_state_dict(state["adamw"])
+        self.muon.load_state_dict(state["muon"])
+
+
+# Muon's fixed settings, the speedrun's: Nesterov momentum and 5 Newton-Schulz
+# iterations (enough for the quintic to bring singular values near 1).
+MUON_NESTEROV = True
+MUON_NS_STEPS = 5
+
+
 def build_optimizer(model: torch.nn.Module, lr: float, betas, eps: float, weight_decay: float,
-                    fused: bool) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
-                             fused=fused or None)
+                    fused: bool, *, name: str = "adamw", muon_lr: float = 0.02, muon_momentum: float = 0.95,
+                    muon_weight_decay: float = 0.0):
+    """AdamW over the whole model (`name="adamw"`), or `name="muon"`: Muon at
+    `muon_lr` over `model.hidden_matrices()` and AdamW at `lr` over the rest
+    (embeddings, tied head, norms, biases, MoE router). Both LRs are the
+    batch-scaled ones."""
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
+                                 fused=fused or None)
+    if name != "muon":
+        raise ValueError(f"optim.name={name!r} is not valid; choose one of: adamw, muon")
+    matrices = model.hidden_matrices()
+    adamw = torch.optim.AdamW([{**g, "lr_ratio": 1.0} for g in param_groups(model, weight_decay, exclude=matrices)],
+                              lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+    # adjust_lr_fn="original" is Keller Jordan's: the orthogonalised step has
+    # spectral norm muon_lr * sqrt(max(1, fan_out/fan_in)), set by a matrix's
+    # aspect ratio and not its width, so the speedrun's 0.02 carries across
+    # model sizes. (Moonshot's "match_rms_adamw" would reuse AdamW's LR instead,
+    # which here is tuned per model size and, at 5e-5 for medium, far below
+    # what Muon wants.)
+    muon = torch.optim.Muon([{"params": matrices, "lr_ratio": muon_lr / lr}], lr=muon_lr,
+                            weight_decay=muon_weight_decay, momentum=muon_momentum, nesterov=MUON_NESTEROV,
+                            ns_steps=MUON_NS_STEPS, adjust_lr_fn="original")
+    return MuonAdamW(adamw, muon)
+
+
+def make_optimizer(model: torch.nn.Module, o, plan):
+    """The run's optimizer from its `optim` config `o`, at the plan's
+    batch-scaled LR (Muon's scaled by the same factor)."""
+    return build_optimizer(model, plan.lr, o.betas, o.eps, o.weight_decay, plan.fused_optimizer, name=o.name,
+                           muon_lr=o.muon_lr * plan.lr / plan.base_lr, muon_momentum=o.muon_momentum,
+                           muon_weight_decay=o.muon_weight_decay)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """The schedule's LR into every group, each at its own `lr_ratio` (Muon's)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_ratio", 1.0)

@@ -1,6 +1,6 @@
 """The bare reference loop: forward, backward, clip, optimizer step. Nothing else.
 
-Same model class, optimizer (lingmao.optim.build_optimizer), warmup + cosine
+Same model class, optimizer (lingmao.optim.make_optimizer), warmup + cosine
 schedule, precision, per-token loss normalisation and batches (make_loader,
 same seed, same epoch order) as lingmao.engine.train, without tracking,
 progress, evaluation or checkpoints. It is the yardstick for the engine's
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..data.windows import TokenWindows, make_loader
 from ..engine import autocast, seed_everything
 from ..model import GPT, GPTConfig
-from ..optim import build_optimizer, lr_factor, warmup_steps
+from ..optim import lr_factor, make_optimizer, set_lr, warmup_steps
 
 
 class Clock:
@@ -62,7 +62,7 @@ class BareLoop:
         self.raw = GPT(GPTConfig.from_model_config(cfg.model, vocab_size)).to(self.device)
         self.model = torch.compile(self.raw, mode=plan.compile_mode) if plan.compile else self.raw
         o = cfg.optim
-        self.optimizer = build_optimizer(self.raw, plan.lr, o.betas, o.eps, o.weight_decay, plan.fused_optimizer)
+        self.optimizer = make_optimizer(self.raw, o, plan)
         self.scaler = torch.amp.GradScaler(plan.device, enabled=plan.grad_scaler)
         self.total_steps = total_steps
         self.warmup = max(1, warmup_steps(o.warmup, total_steps))
@@ -72,9 +72,8 @@ class BareLoop:
         self._stream = self._batches()
 
     def _set_lr(self) -> None:
-        lr = self.plan.lr * lr_factor(self.steps, self.warmup, self.total_steps, self.cfg.optim.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, self.plan.lr * lr_factor(self.steps, self.warmup, self.total_steps,
+                                                        self.cfg.optim.min_lr_ratio))
 
     def _batches(self):
         plan, epoch = self.plan, 0
