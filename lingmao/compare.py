@@ -34,7 +34,7 @@ PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "throughput_by_hardware
 # Only these histories are fetched: one query per key per run, and only for
 # keys the run actually logged.
 HISTORY_KEYS = ("val/loss", "throughput/samples_per_sec", "throughput/tokens_per_sec", "mfu",
-                "memory/peak_gb", "samples/rep4")
+                "memory/peak_gb", "samples/rep4", "samples/greedy_rep4")
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # MLflow run ids are uuid4 hex
 
@@ -104,13 +104,15 @@ COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("samples_per_sec", "samples/s", _num(",.1f")),
     ("tokens_per_sec", "tokens/s", _num(",.0f")),
     ("mfu", "MFU", _mfu),
+    ("rep4", "rep4", _num(".3f")),
+    ("greedy_rep4", "rep4 greedy", _num(".3f")),
     ("peak_memory_gb", "peak mem (GB)", _num(".2f")),
     ("wall_s", "wall time", _duration),
     ("status", "status", lambda v: v or "–"),
 )
 CSV_FIELDS = [key for key, _, _ in COLUMNS] + ["run_id"]
 _NUMERIC = {"params_m", "effective_batch", "lr", "val_loss", "val_perplexity", "samples_per_sec",
-            "tokens_per_sec", "mfu", "peak_memory_gb", "wall_s"}
+            "tokens_per_sec", "mfu", "rep4", "greedy_rep4", "peak_memory_gb", "wall_s"}
 
 
 # --- store and selectors ---
@@ -281,6 +283,8 @@ def _collect(client, run) -> _Run:
         "samples_per_sec": _steady_median(history.get("throughput/samples_per_sec", [])),
         "tokens_per_sec": _steady_median(history.get("throughput/tokens_per_sec", [])),
         "mfu": _steady_median(history.get("mfu", [])),
+        "rep4": _last(history.get("samples/rep4", [])),
+        "greedy_rep4": _last(history.get("samples/greedy_rep4", [])),
         "peak_memory_gb": max(peak) if peak else None,
         "wall_s": wall,
         "status": info.status,
@@ -389,18 +393,24 @@ def _style(i: int) -> str:
 
 
 def _line_plot(runs: list[_Run], key: str, path: Path, title: str, ylabel: str, empty: str,
-               x_time: bool = False) -> None:
+               x_time: bool = False, baseline: tuple[str, str] | None = None) -> None:
+    """One line per run of `key`; `baseline` (key, legend suffix) adds that
+    metric of the same run as a dotted line in the run's colour."""
     fig, ax = _figure(title, "seconds since run start" if x_time else "step", ylabel)
     drawn = 0
     # A run keeps its colour and style in every plot, even where others are missing.
     for i, (r, color) in enumerate(zip(runs, _colors(len(runs)))):
-        pts = r.history.get(key)
-        if not pts:
-            continue
-        xs = [(ms - r.start_ms) / 1000 if x_time else step for step, ms, _ in pts]
-        ax.plot(xs, [v for _, _, v in pts], marker="o", markersize=3, linewidth=1.6, color=color,
-                linestyle=_style(i), label=r.label)
-        drawn += 1
+        series = [(key, r.label, _style(i), "o")]
+        if baseline:
+            series.append((baseline[0], f"{r.label} {baseline[1]}", ":", "x"))
+        for k, label, style, marker in series:
+            pts = r.history.get(k)
+            if not pts:
+                continue
+            xs = [(ms - r.start_ms) / 1000 if x_time else step for step, ms, _ in pts]
+            ax.plot(xs, [v for _, _, v in pts], marker=marker, markersize=3, linewidth=1.6, color=color,
+                    linestyle=style, label=label)
+            drawn += 1
     if drawn:
         _legend(ax, drawn)
     else:
@@ -445,7 +455,8 @@ def _write_plots(runs: list[_Run], out: Path) -> list[Path]:
                "no validation loss logged (val/loss)", x_time=True)
     _throughput_plot(runs, paths[2])
     _line_plot(runs, "samples/rep4", paths[3], "Repetition in generated samples",
-               "repeated 4-gram rate (samples/rep4)", "no repetition metrics logged (samples/rep4)")
+               "repeated 4-gram rate (samples/rep4)", "no repetition metrics logged (samples/rep4)",
+               baseline=("samples/greedy_rep4", "(greedy, no penalty)"))
     return paths
 
 

@@ -38,14 +38,14 @@ from . import checkpoint
 from .config import ConfigError
 from .data import CorpusError, load_corpus
 from .data.tokenizer import tokenizer_hash
-from .data.windows import TokenWindows, make_loader
+from .data.windows import TokenWindows, default_stride, make_loader
 from .evaluation import per_genre_loss
 from .generate import complete
 from .model import GPT, GPTConfig
-from .optim import build_optimizer, lr_factor, warmup_steps
+from .optim import lr_factor, make_optimizer, set_lr, warmup_steps
 from .night import NightMode, NightSettings
 from .plan import Plan
-from .textmetrics import duplicate_windows, mean_repetition
+from .textmetrics import mean_repetition
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 NAN_POLICIES = ("stop", "skip", "rollback")
@@ -107,6 +107,12 @@ def apply_runtime(plan: Plan) -> None:
     if plan.device == "cpu" and plan.threads:
         torch.set_num_threads(plan.threads)
     if plan.device == "cuda":
+        # The allocator reads PYTORCH_CUDA_ALLOC_CONF once, at its first use;
+        # a value the user exported wins over the preset's.
+        if plan.alloc_conf and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = plan.alloc_conf
+            if torch.cuda.is_initialized():  # too late for the variable alone
+                torch.cuda.memory._set_allocator_settings(plan.alloc_conf)
         # The current TF32 API; the old allow_tf32 flags warn since torch 2.9.
         torch.backends.cuda.matmul.fp32_precision = "tf32" if plan.tf32 else "ieee"
         torch.backends.cudnn.conv.fp32_precision = "tf32" if plan.tf32 else "ieee"
@@ -181,12 +187,14 @@ def evaluate(model, loader, plan: Plan, device, batches: int, dist: Dist, n_wind
     return loss / max(1.0, count)
 
 
-def sample(model, tokenizer, s, n_tokens: int, device, seed: int) -> list[dict]:
-    """One continuation per prompt of `s` (trainer.sample), decoded as it says, with its repetition metrics."""
+def sample(model, tokenizer, s, n_tokens: int, device, seed: int, greedy: bool = False) -> list[dict]:
+    """One continuation per prompt of `s` (trainer.sample), decoded as it
+    says, with its repetition metrics; `greedy`: argmax with no penalty, the
+    decoding most prone to loops (seed 004's before its fixes)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    out = [complete(model, tokenizer, prompt, 1, n_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                    repetition_penalty=s.repetition_penalty, generator=g)[0] for prompt in s.prompts]
-    return out
+    decoding = (dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0) if greedy else
+                dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty))
+    return [complete(model, tokenizer, prompt, 1, n_tokens, generator=g, **decoding)[0] for prompt in s.prompts]
 
 
 class Stopper:
@@ -350,7 +358,7 @@ def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None) -> 
         print(f"warning: the corpus skipped {data.meta['skipped_records']} empty or bad record(s) "
               f"(data.on_bad_record={cfg.data.on_bad_record})", file=sys.stderr)
     ctx = cfg.model.context_length
-    stride = cfg.data.stride or max(1, ctx // 2)
+    stride = default_stride(cfg.data.stride, ctx)
     train_windows = TokenWindows(data.tokens("train"), ctx, stride)
     val_windows = TokenWindows(data.tokens("val"), ctx, ctx)
     loader_args = dict(num_workers=plan.num_workers, pin_memory=plan.pin_memory,
@@ -364,7 +372,7 @@ def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None) -> 
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.index is not None else None)
     o = cfg.optim
-    optimizer = build_optimizer(raw, plan.lr, o.betas, o.eps, o.weight_decay, plan.fused_optimizer)
+    optimizer = make_optimizer(raw, o, plan)
     scaler = torch.amp.GradScaler(plan.device, enabled=plan.grad_scaler)
 
     steps_per_epoch = len(train_windows) // (plan.micro_batch * dist.world_size * plan.accumulation)
@@ -400,9 +408,9 @@ def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None) -> 
         tracker.log_dict(data.meta, "corpus.json")
         tracker.log_artifact(data.dir / "tokenizer.json")
         # Seed 004: a corpus that repeats itself teaches a model to repeat.
-        dup = duplicate_windows(data.tokens("train"), ctx, shingle=min(32, ctx))
-        tracker.log_metrics({f"data/{k}": v for k, v in dup.as_dict().items()}, p.step)
-        print(f"corpus: {dup.exact} exact and {dup.near} near-duplicate windows of {dup.windows}")
+        dup = data.duplicate_windows(ctx, shingle=min(32, ctx))
+        tracker.log_metrics({f"data/{k}": v for k, v in dup.items()}, p.step)
+        print(f"corpus: {dup['exact']} exact and {dup['near']} near-duplicate windows of {dup['windows']}")
         print(f"model {n_params / 1e6:.2f}M params | vocab {data.vocab_size} | "
               f"{len(train_windows)} train windows | {total_steps or '∞'} steps")
 
@@ -421,6 +429,10 @@ def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None) -> 
         from tqdm.auto import tqdm
         bar = tqdm(total=total_steps, initial=p.step, desc="train", dynamic_ncols=True, mininterval=1.0)
 
+    # Per-genre loss costs about what the main eval does: eval_batches
+    # micro-batches of documents, shared among the genres.
+    genre_docs = max(16, cfg.trainer.eval_batches * plan.micro_batch // max(1, len(data.meta["genres"])))
+
     def run_eval() -> dict:
         val = evaluate(raw, val_loader, plan, device, cfg.trainer.eval_batches, dist, len(val_windows))
         m = {"val/loss": val, "val/perplexity": math.exp(min(val, 50)),
@@ -428,15 +440,23 @@ def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None) -> 
         if dist.main:
             with autocast(plan):
                 genres = per_genre_loss(raw, data.tokens("val"), val_docs, data.meta["genres"], ctx, device=device,
-                                        batch_size=plan.micro_batch)
+                                        batch_size=plan.micro_batch, max_docs_per_genre=genre_docs)
             m.update({f"val/loss_{g}": r["loss"] for g, r in genres.items()})
-            samples = sample(raw, tokenizer, cfg.trainer.sample, cfg.trainer.sample_tokens, device, cfg.seed)
-            m.update({f"samples/{k}": v for k, v in mean_repetition([s["text"] for s in samples]).items()})
+            decodings = ["sampled"] + (["greedy"] * cfg.trainer.sample.greedy_baseline)
+            samples = []
+            for decoding in decodings:
+                out = sample(raw, tokenizer, cfg.trainer.sample, cfg.trainer.sample_tokens, device, cfg.seed,
+                             greedy=decoding == "greedy")
+                prefix = "samples/" if decoding == "sampled" else "samples/greedy_"
+                m.update({prefix + k: v for k, v in mean_repetition([s["text"] for s in out]).items()})
+                m[prefix + "new_tokens"] = sum(s["new_tokens"] for s in out) / len(out)  # <eos> ends a sample early
+                samples += [{"decoding": decoding, **s} for s in out]
             with open(samples_file, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps({"step": p.step, **s}, ensure_ascii=False) + "\n" for s in samples)
             first = samples[0]["prompt"] + samples[0]["text"]
+            greedy = f" (greedy {m['samples/greedy_rep4']:.2f})" if "samples/greedy_rep4" in m else ""
             (bar.write if bar else print)(f"step {p.step}: val/loss {val:.3f} ppl {m['val/perplexity']:.1f} "
-                                          f"bpc {m['val/bpc']:.3f} rep4 {m['samples/rep4']:.2f} | {first!r}")
+                                          f"bpc {m['val/bpc']:.3f} rep4 {m['samples/rep4']:.2f}{greedy} | {first!r}")
             tracker.log_metrics(m, p.step)
             tracker.flush()
         return m
@@ -455,7 +475,7 @@ def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None) -> 
             p.best_saved_val = val
         path = folder.path / f"step{p.step:08d}.pt"
         if dist.main:
-            tracker.flush()  # the metrics up to this step survive whatever the checkpoint survives
+            tracker.flush(wait=True)  # the metrics up to this step survive whatever the checkpoint survives
             path = folder.write({
                 "format": checkpoint.FORMAT, "model": checkpoint.model_state(raw), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "schedule": schedule, "progress": asdict(p),
@@ -471,8 +491,7 @@ def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None) -> 
         t_block = time.perf_counter()
         while total_steps is None or p.step < total_steps:
             lr = plan.lr * p.lr_scale * lr_factor(p.step, warmup, total_steps or 10**12, o.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             step_loss = torch.zeros((), device=device)
             ns, changed = night.settings()
             if changed and p.step:

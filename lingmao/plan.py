@@ -158,8 +158,10 @@ def _batch(hw: dict, memory_gb: float, shape: dict, devices: int, notes: list) -
     return best, accum
 
 
-def make_plan(cfg, m: Machine) -> Plan:
-    """`cfg` is the composed RunConfig (DictConfig or dataclass)."""
+def make_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
+    """`cfg` is the composed RunConfig (DictConfig or dataclass). `world_size`:
+    the processes of a launcher that set WORLD_SIZE (torchrun across nodes),
+    when not the preset's `devices` on this one machine."""
     hw_in = OmegaConf.to_container(cfg.hardware) if OmegaConf.is_config(cfg.hardware) else asdict(cfg.hardware)
     hw, preset_reason = resolve_hardware(hw_in, m)
     missing = [k for k, v in hw.items() if v is None and k not in ("prefetch_factor",)]
@@ -177,8 +179,9 @@ def make_plan(cfg, m: Machine) -> Plan:
     memory_gb = float(hw["memory_gb"]) or m.ram_gb
     if device == "cuda" and m.gpus and hw_in["name"] == "auto":  # the real GPU, not the preset's
         memory_gb = m.gpus[0].memory_gb
-    micro, accum = _batch(hw, memory_gb, shape, devices, notes)
-    effective = micro * devices * accum
+    world = world_size or devices
+    micro, accum = _batch(hw, memory_gb, shape, world, notes)
+    effective = micro * world * accum
     est = estimate_memory(micro_batch=micro, **shape)
     est_ckpt = estimate_memory(micro_batch=micro, activation_checkpointing=True, **shape)
     fits = est.total * (1 + MARGIN) <= memory_gb * GiB
@@ -200,7 +203,7 @@ def make_plan(cfg, m: Machine) -> Plan:
         threads = max(1, threads // devices)
     return Plan(
         preset=hw["name"], preset_reason=preset_reason, device=device, devices=devices,
-        world_size=devices, ddp_backend=hw["ddp_backend"],
+        world_size=world, ddp_backend=hw["ddp_backend"],
         precision=precision, precision_reason=precision_reason, grad_scaler=precision == "fp16",
         tf32=bool(hw["tf32"]) and device == "cuda" and gpu_cc >= 8.0,
         cudnn_benchmark=bool(hw["cudnn_benchmark"]) and device == "cuda",
@@ -211,7 +214,9 @@ def make_plan(cfg, m: Machine) -> Plan:
         prefetch_factor=hw["prefetch_factor"] if hw["num_workers"] > 0 else None,
         micro_batch=micro, accumulation=accum, effective_batch=effective,
         context_length=cfg.model.context_length, lr_scaling=o.lr_scaling, base_lr=o.lr, lr=lr,
-        fused_optimizer=o.fused if o.fused is not None else device == "cuda",
+        # One kernel over all tensors; on this 2-core CPU AdamW's step for the
+        # small model took 43 ms fused vs 166 ms in the default per-tensor loop.
+        fused_optimizer=o.fused if o.fused is not None else device in ("cuda", "cpu"),
         memory_gb=round(memory_gb, 1), estimate_gb=round(est.gb(), 2),
         estimate_checkpointed_gb=round(est_ckpt.gb(), 2), estimate_margin=MARGIN,
         headroom_gb=round(memory_gb - est.gb(), 2), fits=fits, vocab_assumed=DEFAULT_VOCAB, peak_tflops=peak,
@@ -220,10 +225,10 @@ def make_plan(cfg, m: Machine) -> Plan:
     )
 
 
-def runnable_plan(cfg, m: Machine) -> Plan:
+def runnable_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
     """The plan, refused before any work if the machine lacks its device;
     with hardware.fallback=true, a warning and the closest preset instead."""
-    plan = make_plan(cfg, m)
+    plan = make_plan(cfg, m, world_size)
     if not plan.fits:
         raise ConfigError(f"hardware={plan.preset} model={cfg.model.name}: " + plan.notes[-1])
     have = {"cuda": len(m.gpus), "mps": int(m.mps), "cpu": plan.devices}[plan.device]
@@ -236,6 +241,6 @@ def runnable_plan(cfg, m: Machine) -> Plan:
     if not cfg.hardware.fallback:
         raise ConfigError(msg)
     fallback_cfg = OmegaConf.merge(cfg, {"hardware": {**{k: None for k in cfg.hardware if k not in ("name", "fallback")}, "name": "auto"}})
-    plan = make_plan(fallback_cfg, m)
+    plan = make_plan(fallback_cfg, m, world_size)
     plan.notes.append("fallback: " + msg)
     return plan

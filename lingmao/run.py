@@ -24,7 +24,7 @@ from .data import CorpusError
 
 register()
 
-USER_ERRORS = (ConfigError, CorpusError)
+USER_ERRORS = (ConfigError, CorpusError)  # bad input: exit 2
 
 
 def compact(x: float) -> str:
@@ -49,11 +49,14 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
 
     validate(cfg)
     machine = detect()
+    # Under torchrun (or our own spawn) the launcher fixed the world: across
+    # nodes it is larger than the preset's devices on this one.
+    world = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
     if cfg.plan:
-        plan = make_plan(cfg, machine)
+        plan = make_plan(cfg, machine, world)
         print(plan.table())
         return None
-    plan = runnable_plan(cfg, machine)
+    plan = runnable_plan(cfg, machine, world)
     for note in plan.notes:
         print(f"warning: {note}", file=sys.stderr)
     if plan.world_size > 1 and "RANK" not in os.environ:
@@ -229,6 +232,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        from .checkpoint import CheckpointWriteError  # loaded by execute already: torch stays off --help's path
+        from .engine import NonFiniteError
+
+        if not isinstance(e, (NonFiniteError, CheckpointWriteError)):
+            raise
+        print(f"error: {e}", file=sys.stderr)  # says what happened and what was kept: no traceback
+        sys.exit(1)
     return None if final is None else final["val/loss"]
 
 

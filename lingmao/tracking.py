@@ -246,13 +246,17 @@ class Tracker:
 
     def __init__(self, uri: str | None, experiment: str, run_name: str, enabled: bool = True,
                  spool: Path | None = None, system_metrics: bool = False, run_id: str | None = None):
-        """`run_id`: a run to continue (a resumed checkpoint's), if the store has it."""
+        """`run_id`: a run to continue (a resumed checkpoint's), if the store has it.
+
+        Returns at once: importing MLflow and opening the store and the run
+        (3 s of start-up here) happen on the sender thread while the corpus
+        and the model load; `run_id` and `experiment_id` wait for them."""
         self.enabled = enabled
         self.uri = uri
         self.experiment = experiment
         self.run_name = run_name
-        self.run_id: str | None = run_id
-        self.experiment_id: str | None = None
+        self._run_id: str | None = run_id
+        self._experiment_id: str | None = None
         self.spool = Path(spool or SPOOL_NAME).resolve()
         self.offline: str | None = None  # why records go to the spool instead of the store
         self.seconds = 0.0  # time the training thread spent in tracking calls, reported as overhead
@@ -262,47 +266,65 @@ class Tracker:
         self._lock = threading.Lock()
         self._spooled = 0
         self._system = None
+        self._want_system = system_metrics
+        self._started = threading.Event()
         if not enabled:
             return
         self._start_ms = int(time.time() * 1000)
-        why = unreachable(uri)
+        self._queue: queue.Queue = queue.Queue(_QUEUE)
+        self._sender = threading.Thread(target=self._send_loop, name="lingmao-tracking", daemon=True)
+        self._sender.start()
+
+    @property
+    def run_id(self) -> str | None:
+        if self.enabled:
+            self._started.wait()
+        return self._run_id
+
+    @property
+    def experiment_id(self) -> str | None:
+        if self.enabled:
+            self._started.wait()
+        return self._experiment_id
+
+    def _open(self) -> None:
+        """The sender thread's first job: the store, the run, system metrics."""
+        why = unreachable(self.uri)
         if why is None:
             try:
                 from mlflow.tracking import MlflowClient
 
-                ensure_store(uri)
-                self.client = MlflowClient(uri)
+                ensure_store(self.uri)
+                self.client = MlflowClient(self.uri)
                 if not self._reopen():
-                    self.experiment_id = experiment_id(self.client, experiment)
-                    self.run_id = _retry_locked(self.client.create_run, self.experiment_id, run_name=run_name,
-                                                start_time=self._start_ms).info.run_id
+                    self._experiment_id = experiment_id(self.client, self.experiment)
+                    self._run_id = _retry_locked(self.client.create_run, self._experiment_id,
+                                                 run_name=self.run_name, start_time=self._start_ms).info.run_id
             except Exception as e:  # any failure to start a run: train anyway, into the spool
                 why = f"{type(e).__name__}: {e}"
         if why is not None:
             self._go_offline(why)
-        self._queue: queue.Queue = queue.Queue(_QUEUE)
-        self._sender = threading.Thread(target=self._send_loop, name="lingmao-tracking", daemon=True)
-        self._sender.start()
-        if system_metrics:
+        if self._want_system:
             try:
                 self._system = _SystemMetrics(self)
             except Exception as e:  # psutil missing, say: the run goes on without them
                 print(f"warning: no system metrics: {type(e).__name__}: {e}", file=sys.stderr)
+        self._started.set()
 
     def _reopen(self) -> bool:
         from mlflow.exceptions import MlflowException
 
-        if not self.run_id:
+        if not self._run_id:
             return False
         try:
-            run = self.client.get_run(self.run_id)
+            run = self.client.get_run(self._run_id)
         except MlflowException:  # the checkpoint's run lives in another store
-            print(f"note: MLflow run {self.run_id} of the resumed checkpoint is not in {self.uri}; "
+            print(f"note: MLflow run {self._run_id} of the resumed checkpoint is not in {self.uri}; "
                   f"starting a new run", file=sys.stderr)
-            self.run_id = None
+            self._run_id = None
             return False
-        _retry_locked(self.client.update_run, self.run_id, status="RUNNING")
-        self.experiment_id = run.info.experiment_id
+        _retry_locked(self.client.update_run, self._run_id, status="RUNNING")
+        self._experiment_id = run.info.experiment_id
         return True
 
     # -- the training thread's calls: each only queues ---------------------
@@ -330,13 +352,20 @@ class Tracker:
         if full:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
+        """Hand the buffered metrics to the sender; `wait`: until everything
+        queued so far is in the store or the spool (before a checkpoint, so a
+        run killed after it has lost no metric from before it)."""
         if not self.enabled:
             return
         with self._lock:
             batch, self._buffer = self._buffer, []
         if batch:
             self._put({"op": "metrics", "metrics": batch})
+        if wait:
+            t = time.perf_counter()
+            self._queue.join()
+            self.seconds += time.perf_counter() - t
 
     def log_text(self, text: str, name: str) -> None:
         if self.enabled:
@@ -354,6 +383,7 @@ class Tracker:
         not be sent went."""
         if not self.enabled:
             return
+        self._started.wait()
         if self._system:
             self._system.stop()
         self.flush()
@@ -375,12 +405,13 @@ class Tracker:
     # -- the sender thread ----------------------------------------------------
 
     def _send_loop(self) -> None:
+        self._open()
         while (rec := self._queue.get()) is not None:
             t = time.perf_counter()
             try:
                 if self.offline is None:
                     try:
-                        _send(self.client, self.run_id, rec)
+                        _send(self.client, self._run_id, rec)
                     except Exception as e:  # the store went away: the spool takes this record and the rest
                         self._go_offline(f"{type(e).__name__}: {str(e)[:300]}")
                 if self.offline is not None:
@@ -388,15 +419,16 @@ class Tracker:
             except Exception as e:  # even the local disk failed: say so at the end
                 self.errors.append(f"{rec['op']}: {type(e).__name__}: {e}")
             self.send_seconds += time.perf_counter() - t
+            self._queue.task_done()
 
     def _go_offline(self, why: str) -> None:
         self.offline = why
         self.spool.parent.mkdir(parents=True, exist_ok=True)
         header = {"op": "start", "uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,
-                  "run_id": self.run_id, "start_ms": self._start_ms, "reason": why}
+                  "run_id": self._run_id, "start_ms": self._start_ms, "reason": why}
         with open(self.spool, "a", encoding="utf-8") as f:
             f.write(json.dumps(header, ensure_ascii=False) + "\n")
-        where_to = f"run {self.run_id} continues in" if self.run_id else "records go to"
+        where_to = f"run {self._run_id} continues in" if self._run_id else "records go to"
         print(f"warning: MLflow store {self.uri} not reachable ({why}); training goes on, {where_to} "
               f"the spool {self.spool}. Import it later with:\n  {_import_hint(self.spool, self.uri)}",
               file=sys.stderr)
@@ -424,7 +456,7 @@ class _SystemMetrics:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self.tracker = tracker
-        self.monitor = SystemMetricsMonitor(tracker.run_id or "spooled", sampling_interval=SYSTEM_INTERVAL,
+        self.monitor = SystemMetricsMonitor(tracker._run_id or "spooled", sampling_interval=SYSTEM_INTERVAL,
                                             tracking_uri=tracker.uri)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lingmao-system-metrics", daemon=True)

@@ -74,6 +74,7 @@ def _log(client, exp_id: str, run: FakeRun, start_ms: int, index: int) -> None:
             add("memory/peak_gb", 1.0 + step / 100, step)
             if run.rep4:
                 add("samples/rep4", 0.5 - step / (300 + 100 * index), step)
+                add("samples/greedy_rep4", 0.9 - step / (500 + 100 * index), step)
     client.log_batch(run.run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
     if run.finished:
         client.set_terminated(run.run_id, "FINISHED", end_time=start_ms + 20_000 + 1000 * index)
@@ -122,6 +123,10 @@ def test_csv_holds_every_run_of_the_default_experiment_sorted_by_final_val_loss(
         assert row["status"] == "FINISHED"
     by_name = {r["run"]: r for r in rows}
     assert by_name[RUNS["gpu"].name]["mfu"] == ""  # not logged: an empty cell, no crash
+    assert by_name[RUNS["gpu"].name]["rep4"] == by_name[RUNS["gpu"].name]["greedy_rep4"] == ""
+    cpu = RUNS["cpu"]
+    assert float(by_name[cpu.name]["rep4"]) == pytest.approx(cpu.logged["samples/rep4"][-1])
+    assert float(by_name[cpu.name]["greedy_rep4"]) == pytest.approx(cpu.logged["samples/greedy_rep4"][-1])
     assert float(by_name[RUNS["cpu"].name]["mfu"]) == pytest.approx(statistics.median(RUNS["cpu"].logged["mfu"][1:]))
 
 

@@ -19,7 +19,7 @@ from opencc import OpenCC
 
 from lingmao.data import corpus
 from lingmao.data.corpus import CorpusError, fetch_poetry, jsonl_records, poetry_records
-from lingmao.data.prepare import prepare
+from lingmao.data.prepare import Prepared, prepare
 from lingmao.data.tokenizer import SPECIALS, build_char_tokenizer, load_tokenizer, tokenizer_hash
 from lingmao.data.windows import TokenWindows, make_loader
 
@@ -331,3 +331,22 @@ def test_jsonl_random_lines_only_raise_corpus_error(tmp_path, lines, gz, mode):
             rec["text"].encode("utf-8")
     except CorpusError:
         pass
+
+
+def test_duplicate_window_counts_are_scanned_once_per_corpus_and_window(poetry_dist, tmp_path, monkeypatch):
+    import lingmao.textmetrics as textmetrics
+
+    recs = list(poetry_records(poetry_dist))
+    p = prepare(iter(recs), tmp_path / "c", KEY, val_fraction=0.2)
+    expected = textmetrics.duplicate_windows(p.tokens("train"), 16, shingle=8).as_dict()
+    assert p.duplicate_windows(16, 8) == expected
+    scans = []
+
+    def counting_scan(tokens, window, shingle):
+        scans.append(window)
+        return textmetrics.DuplicateWindows(1, 0, 0, 0, 0)
+
+    monkeypatch.setattr(textmetrics, "duplicate_windows", counting_scan)
+    again = Prepared.load(p.dir)
+    assert again.duplicate_windows(16, 8) == expected and scans == []  # read back, not scanned
+    assert again.duplicate_windows(32, 8)["windows"] == 1 and scans == [32]  # another window: a new scan

@@ -2,6 +2,7 @@
 on the tiny model in-process."""
 
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -78,7 +79,7 @@ def test_every_preset_and_sweep_cell_composes(name):
 
 def test_sweeps_have_the_planned_grids():
     assert len(sweep_cells("batch_lr")) == 8  # effective batch 8/16/32/64 x sqrt/none
-    assert len(sweep_cells("repeater")) == 4
+    assert sweep_cells("repeater") == [["optim.warmup=0"], ["optim.warmup=2000"]]
     assert len(sweep_cells("context_stride")) == 6
     balanced = [make("experiment=genre_balance", *cell).data.genre_caps for cell in sweep_cells("genre_balance")]
     assert [dict(caps) for caps in balanced] == [{}, {"诗": 50000, "词": 30000, "文": 20000, "赋": 10000}]
@@ -104,6 +105,9 @@ def test_every_preset_trains_a_few_steps(name, shared_cache, tmp_path):
     assert state["config"]["experiment"] == name
     experts = cfg.model.moe.experts
     assert ("blocks.0.mlp.experts.0.fc.weight" in state["model"]) == (experts > 0)  # the preset's model was built
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    decodings = ["sampled", "greedy"] if name == "repeater" else ["sampled"]
+    assert [r["decoding"] for r in rows] == [d for d in decodings for _ in cfg.trainer.sample.prompts]
 
 
 @pytest.mark.slow

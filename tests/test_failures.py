@@ -54,6 +54,16 @@ def test_nan_stop_reports_step_lr_group_and_advice_and_keeps_the_last_checkpoint
     assert [s for s, _ in history(mlflow_db, "nan")] == [1, 2]
 
 
+def test_a_run_that_must_stop_ends_in_one_error_line_through_the_cli(tmp_path, shared_cache, monkeypatch, capsys):
+    poison_gradient(monkeypatch, 3)
+    rc = cli(["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "trainer.max_steps=6",
+              "trainer.progress=false", "tracking.enabled=false", f"hydra.run.dir={tmp_path / 'run'}"],
+             tmp_path, monkeypatch)
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "error: step 3: non-finite gradient norm" in err and "trainer.on_nan=stop" in err
+
+
 def test_nan_skip_drops_the_step_and_goes_on(tmp_path, shared_cache, monkeypatch, capsys):
     poison_gradient(monkeypatch, 3)
     final = train_here(tmp_path, tmp_path / "run", "trainer.max_steps=6", "trainer.on_nan=skip",

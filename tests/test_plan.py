@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -35,6 +36,7 @@ def test_plan_for_every_preset_on_a_cpu_laptop(preset, model):
         (device, precision, micro, accum, devices)
     assert plan.effective_batch == micro * accum * devices
     assert plan.grad_scaler == (precision == "fp16")
+    assert plan.fused_optimizer == (device in ("cuda", "cpu"))  # MPS: unmeasured, left off
     assert preset in plan.table()
 
 
@@ -118,3 +120,35 @@ def test_batch_auto_fits_and_keeps_the_effective_batch():
 def test_avx512_bf16_without_amx_stays_fp32():
     plan = make_plan(make("hardware=cpu"), Machine(cores=2, ram_gb=24, cpu_flags=frozenset({"avx512_bf16"})))
     assert plan.precision == "fp32" and "AMX" in plan.precision_reason
+
+
+def test_cuda_plan_exports_the_presets_allocator_settings_unless_the_user_set_them(monkeypatch):
+    from lingmao.engine import apply_runtime
+
+    plan = make_plan(make("hardware=rtx4090"), H100)
+    assert plan.alloc_conf == "max_split_size_mb:128"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    apply_runtime(plan)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    apply_runtime(plan)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_a_launchers_world_size_sets_the_effective_batch_and_lr():
+    """torchrun across 2 nodes x 2 T4s: WORLD_SIZE 4, not the preset's 2 devices."""
+    one_node = make_plan(make("hardware=t4x2"), T4S)
+    two_nodes = make_plan(make("hardware=t4x2"), T4S, world_size=4)
+    assert (one_node.world_size, two_nodes.world_size) == (2, 4)
+    assert two_nodes.effective_batch == 2 * one_node.effective_batch == 32 * 4 * 4
+    assert two_nodes.lr == pytest.approx(one_node.lr * 2 ** 0.5)  # sqrt scaling
+
+
+def test_run_plans_for_the_world_size_torchrun_set(tmp_path, monkeypatch, capsys):
+    from lingmao.run import execute
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    execute(make("hardware=cpu", "model=tiny", "plan=true"), tmp_path, tmp_path / "run")
+    table = dict((line.split(None, 1) + [""])[:2] for line in capsys.readouterr().out.splitlines())
+    assert table["world_size"] == "3" and table["effective_batch"] == str(3 * 8 * 4)

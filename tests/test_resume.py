@@ -107,6 +107,9 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(tmp_path, mlflow_db
     folder = tmp_path / "cut" / "checkpoints"
     assert checkpoint.load(folder / "last.pt")["progress"]["step"] == 4
     _, killed = mlflow_runs(mlflow_db, "cut")
+    # The checkpoint waited for the tracker: every metric before it reached the store.
+    assert [s for s, _ in history(mlflow_db, "cut")] == [1, 2, 3, 4]
+    assert [s for s, _ in history(mlflow_db, "cut", "val/loss")] == [2, 4]  # each checkpoint brings an eval
     # run.py reopens this run on resume: the checkpoint names it
     assert checkpoint.resume_run_id("auto", folder) == killed[0].info.run_id
 
@@ -254,3 +257,17 @@ def test_resume_refuses_a_checkpoint_of_another_shape_or_tokenizer(tmp_path, sha
     assert cli(args + [f"resume={tmp_path / 'gone.pt'}"], tmp_path, monkeypatch) == 2
     assert "gone.pt: no such file" in capsys.readouterr().err
     assert saved.read_bytes() == before  # a refused resume leaves the checkpoint alone
+
+
+def test_a_checkpoint_older_than_a_model_switch_resumes_with_the_switchs_default(tmp_path):
+    from dataclasses import asdict
+
+    from lingmao.config import ModelConfig
+
+    now = {"seed": 1, "model": asdict(ModelConfig()), "data": {"source": "poetry"}}
+    old_model = {k: v for k, v in now["model"].items() if k not in ("rotary", "qk_norm", "vocab_multiple")}
+    state = {"config": {**now, "model": old_model}, "tokenizer_hash": "h"}
+    checkpoint.check_compatible(state, now, "h", tmp_path / "old.pt")  # no error: the missing keys were defaults
+    switched = {**now, "model": {**now["model"], "rotary": True}}
+    with pytest.raises(checkpoint.ResumeError, match="model.rotary: checkpoint False vs config True"):
+        checkpoint.check_compatible(state, switched, "h", tmp_path / "old.pt")

@@ -74,6 +74,7 @@ def test_unreachable_store_spools_and_the_import_replays_it(tmp_path, mlflow_db,
     dead = f"http://127.0.0.1:{closed_port()}"
     spool = tmp_path / "run" / SPOOL_NAME
     tr = Tracker(dead, "lingmao", "offline-run", spool=spool)
+    assert tr.run_id is None  # waits for the sender thread's attempt to open the run
     assert "refused" in tr.offline.lower()
     assert not hasattr(tr, "client")  # told by one /health probe, not by minutes of MLflow's HTTP retries
     assert "not reachable" in capsys.readouterr().err
@@ -108,6 +109,7 @@ def test_store_lost_mid_run_continues_the_same_run_on_import(tmp_path, mlflow_db
     for step in range(1, 11):
         tr.log_metrics({"train/loss": float(step)}, step)
     tr.flush()
+    assert tr.run_id  # waits for the sender thread to open the run
     real = tr.client.log_batch
 
     def failing(run_id, metrics=(), **kw):  # the store goes away after step 10

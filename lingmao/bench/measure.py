@@ -118,10 +118,10 @@ def train_tokens(cfg, synthetic: bool, vocab: int, windows_needed: int, progress
         tokens = synthetic_tokens(windows_needed * ctx + 1, vocab, cfg.seed)
         return tokens, vocab, ctx, f"synthetic tokens (vocabulary {vocab})"
     from ..data import load_corpus
+    from ..data.windows import default_stride
 
     data = load_corpus(cfg.data, cfg.seed, progress=progress)
-    # The engine's default stride (lingmao.engine.train): half a context.
-    stride = cfg.data.stride or max(1, ctx // 2)
+    stride = default_stride(cfg.data.stride, ctx)  # as the engine does
     train = data.tokens("train")
     return train, data.vocab_size, stride, f"{cfg.data.source} corpus ({len(train):,} train tokens)"
 

@@ -31,7 +31,7 @@ RUN_PHASES = (
     ("probe", "interpreter start"),
     ("imports", "imports (hydra, omegaconf, torch, lingmao)"),
     ("tracking:start", "compose, validate, detect, plan, resume lookup"),
-    ("tracking", "MLflow: import, store, create run"),
+    ("tracking", "MLflow tracker start (the store and run open on its thread)"),
     ("data:start", "tags, git state, seed"),
     ("data", "prepared corpus lookup"),
     ("model:start", "tokenizer, windows"),
@@ -39,7 +39,7 @@ RUN_PHASES = (
     ("optimizer:start", "torch.compile (when on)"),
     ("optimizer", "optimizer (AdamW's first build imports torch._dynamo)"),
     ("scan:start", "MLflow params and artifacts"),
-    ("scan", "duplicate-window scan of the train split"),
+    ("scan", "duplicate-window counts (scanned once per corpus and context)"),
     ("forward", "data stream, progress bar"),
     ("step", "first step (forward, backward, optimizer)"),
 )
@@ -98,6 +98,7 @@ def _probe_run(marks: dict, path: str, overrides: list[str]) -> None:
     from torch.nn.modules.module import register_module_forward_pre_hook
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    import lingmao.data
     import lingmao.engine
     import lingmao.run
     import lingmao.tracking
@@ -105,8 +106,8 @@ def _probe_run(marks: dict, path: str, overrides: list[str]) -> None:
     marks["imports"] = time.time()
     for owner, name, label in ((lingmao.tracking.Tracker, "__init__", "tracking"),
                                (lingmao.engine, "load_corpus", "data"), (lingmao.engine, "GPT", "model"),
-                               (lingmao.engine, "build_optimizer", "optimizer"),
-                               (lingmao.engine, "duplicate_windows", "scan")):
+                               (lingmao.engine, "make_optimizer", "optimizer"),
+                               (lingmao.data.Prepared, "duplicate_windows", "scan")):
         if hasattr(owner, name):
             _mark_call(owner, name, marks, label)
 

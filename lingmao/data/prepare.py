@@ -55,6 +55,22 @@ class Prepared:
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.dir / "tokenizer.json")
 
+    def duplicate_windows(self, window: int, shingle: int) -> dict[str, int]:
+        """Exact and near-duplicate windows of the train split (textmetrics),
+        counted once per window size: a prepared corpus never changes, and the
+        scan of 23M tokens costs seconds at every start otherwise."""
+        from ..textmetrics import duplicate_windows
+
+        path = self.dir / f"duplicates_w{window}_s{shingle}.json"
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return json.loads(path.read_text(encoding="utf-8"))
+        counts = duplicate_windows(self.tokens("train"), window, shingle=shingle).as_dict()
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel jobs may count at once
+        with contextlib.suppress(OSError):  # a read-only cache: count again next time
+            tmp.write_text(json.dumps(counts), encoding="utf-8")
+            os.replace(tmp, path)
+        return counts
+
 
 def prepare(
     records: Iterable[dict],

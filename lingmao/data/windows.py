@@ -12,6 +12,12 @@ from torch.utils.data.distributed import DistributedSampler
 from .corpus import CorpusError
 
 
+def default_stride(stride: int | None, context_length: int) -> int:
+    """`data.stride`, or half a context when unset: each token is seen in two
+    windows, once late in one (much context) and once early in the next."""
+    return stride or max(1, context_length // 2)
+
+
 class TokenWindows(Dataset):
     """Window i covers tokens[i*stride : i*stride + context_length + 1]; x is its head, y its tail.
 
