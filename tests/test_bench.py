@@ -197,3 +197,140 @@ def test_benchmark_mode_prints_and_logs_to_mlflow(tmp_path):
     assert run.data.metrics["bench/samples_per_sec"] > 0 and run.data.metrics["bench/mfu"] > 0
     assert run.data.params["config.model.context_length"] == "32"
     assert len(client.get_metric_history(run.info.run_id, "bench/loss")) == 3
+
+
+# --- suite=speedrun ---
+
+
+def test_speedrun_contenders_are_chosen_by_name_baseline_first():
+    from dataclasses import fields
+
+    from lingmao.bench.options import BenchOptions
+    from lingmao.bench.speedrun import CONTENDERS, chosen
+
+    assert chosen("all") == list(CONTENDERS) and list(CONTENDERS)[0] == "baseline"
+    assert chosen("combined, muon") == ["baseline", "muon", "combined"]  # CONTENDERS order, baseline added
+    assert chosen("baseline") == ["baseline"]
+    with pytest.raises(OptionError, match=r"bench.contenders='muon,rotory': unknown rotory; choose 'all' or some "
+                                          r"of baseline, muon, rotary, qk_norm, relu2, vocab64, zero_init_proj"):
+        chosen("muon,rotory")
+    with pytest.raises(OptionError, match="empty"):
+        chosen(" , ")
+    help_text = next(f.metadata["help"] for f in fields(BenchOptions) if f.name == "contenders")
+    assert ",".join(CONTENDERS) in help_text  # the help names every contender there is
+
+
+def test_speedrun_refuses_a_bad_contender_before_any_work(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["suite=speedrun", "hardware=cpu", "model=tiny", "bench.contenders=muon,adam"]) == 2
+    err = capsys.readouterr().err
+    assert "error: bench.contenders='muon,adam': unknown adam; choose 'all' or some of baseline, muon" in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+class ScriptedLoop:
+    """Stands in for BareLoop in race(): training losses by step, nothing trained."""
+
+    def __init__(self, losses):
+        self.steps, self.losses = 0, losses
+        self.raw = self.plan = self.device = None
+
+    def step(self):
+        import torch
+
+        self.steps += 1
+        return torch.tensor(self.losses.get(self.steps, 1.0))
+
+
+def scripted_race(monkeypatch, val_by_step, target, losses=None, max_steps=10, eval_every=3):
+    from lingmao import engine
+    from lingmao.bench.speedrun import Contender, race
+    from lingmao.bench.suites import silent_tracker
+
+    loop = ScriptedLoop(losses or {})
+    monkeypatch.setattr(engine, "evaluate", lambda model, batches, plan, device, n, dist, nw: val_by_step[loop.steps])
+    return race(Contender("x", "", 1), loop, [], 1, max_steps, eval_every, target, silent_tracker())
+
+
+def test_speedrun_race_evaluates_on_schedule_and_stops_at_the_target(monkeypatch):
+    vals = {0: 9.0, 3: 8.0, 6: 7.0, 9: 6.5, 10: 6.4}
+    c = scripted_race(monkeypatch, vals, target=None)  # the baseline's full budget: evals at 0, every 3, the end
+    assert [(e.step, e.val_loss) for e in c.evals] == [(s, vals[s]) for s in (0, 3, 6, 9, 10)]
+    assert c.stopped == "budget" and len(c.step_seconds) == 10
+    assert [e.seconds for e in c.evals] == sorted(e.seconds for e in c.evals) and c.evals[0].seconds == 0.0
+    assert c.evals[-1].seconds == pytest.approx(c.train_seconds)
+    c = scripted_race(monkeypatch, vals, target=7.0)  # reached at step 6: no step after it
+    assert [e.step for e in c.evals] == [0, 3, 6] and c.stopped == "target" and len(c.step_seconds) == 6
+    c = scripted_race(monkeypatch, vals, target=7.0, losses={5: float("nan")})
+    assert c.stopped == "diverged" and len(c.step_seconds) == 5 and [e.step for e in c.evals] == [0, 3]
+
+
+def test_speedrun_summary_ratios_and_not_reached():
+    from lingmao.bench.speedrun import Contender, Eval, summarise, table
+
+    def contender(name, history, steps):
+        return Contender(name, "", 2_000_000, [Eval(*h) for h in history], [0.5] * steps)
+
+    base = contender("baseline", [(0, 0.0, 9.0), (4, 2.0, 8.0), (8, 4.0, 7.5)], 8)
+    fast = contender("muon", [(0, 0.0, 9.0), (4, 1.5, 7.4)], 4)
+    slow = contender("rotary", [(0, 0.0, 9.0), (4, 2.5, 7.9), (8, 5.0, 7.6)], 8)
+    rows = summarise([base, fast, slow], 7.5)
+    assert [r["ratio_seconds"] for r in rows] == [1.0, 0.375, None]
+    assert [r["ratio_steps"] for r in rows] == [1.0, 0.5, None]
+    assert (rows[1]["steps_to_target"], rows[1]["seconds_to_target"]) == (4, 1.5)
+    assert rows[2]["reached"] is False and (rows[2]["best_val_loss"], rows[2]["best_step"]) == (7.6, 8)
+    text = "\n".join(table(rows, 7.5, given=True))
+    assert "not reached (best 7.6000 at step 8)" in text and "0.375" in text
+    # A target the baseline never reaches leaves no ratio for anyone.
+    assert all(r["ratio_seconds"] is None for r in summarise([base, fast], 7.45))
+
+
+@pytest.fixture
+def restore_threads():
+    """main() sets torch's thread count from the plan; give it back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_speedrun_suite_runs_two_contenders_and_logs_them(tmp_path, monkeypatch, shared_cache, mlflow_db, capsys,
+                                                          restore_threads):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["suite=speedrun", *TINY, "hardware.threads=1", "bench.contenders=muon", "bench.max_steps=6",
+                 "bench.eval_every=2", "bench.eval_windows=4", f"bench.out={out}"]) == 0
+    text = capsys.readouterr().out
+    assert "target: the baseline's final val loss" in text
+    assert ("reproduce: python -m lingmao.bench suite=speedrun bench.max_steps=6 bench.eval_every=2 "
+            "bench.eval_windows=4 bench.contenders=baseline,muon hardware=cpu model=tiny") in text
+    r = json.loads((out / "results.json").read_text())["speedrun"]
+    rows = r["contenders"]
+    assert list(rows) == ["baseline", "muon"]
+    assert [line.split()[0] for line in text.splitlines() if line.startswith(("baseline ", "muon "))][-2:] == \
+        ["baseline", "muon"]  # the table's rows
+    base = rows["baseline"]
+    assert base["stopped"] == "budget" and base["last_step"] == 6 and r["target"] == base["last_val_loss"]
+    assert base["ratio_seconds"] == 1.0 and base["ratio_steps"] == 1.0
+    for row in rows.values():
+        history = row["history"]
+        assert [h[0] for h in history] == [0, 2, 4, 6][:len(history)]
+        assert [h[1] for h in history] == sorted(h[1] for h in history) and history[0][1] == 0.0
+        hit = next(h for h in history if h[2] <= r["target"]) if row["reached"] else None
+        assert row["reached"] == any(h[2] <= r["target"] for h in history)
+        if hit:
+            assert (row["steps_to_target"], row["seconds_to_target"]) == (hit[0], hit[1])
+            assert row["ratio_steps"] == hit[0] / base["steps_to_target"]
+            assert row["ratio_seconds"] == pytest.approx(hit[1] / base["seconds_to_target"])
+        if row["stopped"] == "target":  # stopped at its first eval at or below the target
+            assert history[-1] == hit and row["steps"] == hit[0]
+    assert (out / "speedrun.png").read_bytes()[:4] == b"\x89PNG"
+    client = MlflowClient(f"sqlite:///{mlflow_db}")
+    run, = client.search_runs([client.get_experiment_by_name("lingmao-bench").experiment_id])
+    assert run.data.metrics["speedrun/contenders/baseline/ratio_seconds"] == 1.0
+    logged = client.get_metric_history(run.info.run_id, "speedrun/muon/val_loss")
+    assert [(m.step, m.value) for m in sorted(logged, key=lambda m: m.step)] == \
+        [(h[0], pytest.approx(h[2])) for h in rows["muon"]["history"]]

@@ -1,4 +1,4 @@
-"""`python -m lingmao.bench hardware=X model=Y [suite=cpu|gpu] [bench.KEY=VALUE ...] [overrides ...]`."""
+"""`python -m lingmao.bench hardware=X model=Y [suite=cpu|gpu|speedrun] [bench.KEY=VALUE ...] [overrides ...]`."""
 
 from __future__ import annotations
 

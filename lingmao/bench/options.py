@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import get_type_hints
 
-SUITES = ("cpu", "gpu")
+SUITES = ("cpu", "gpu", "speedrun")
 
 
 @dataclass
@@ -25,6 +25,18 @@ class BenchOptions:
     parts: str = field(default="all", metadata={"help": "suite=cpu parts, comma-separated: "
                                                 "engine,data,startup,scaling,precision"})
     out: str = field(default="", metadata={"help": "suite output folder; empty: outputs/bench/DATE/TIME"})
+    # suite=speedrun
+    contenders: str = field(default="all", metadata={"help": "suite=speedrun contenders, comma-separated: "
+                                                      "baseline,muon,rotary,qk_norm,relu2,vocab64,"
+                                                      "zero_init_proj,combined (the baseline always runs)"})
+    max_steps: int = field(default=200, metadata={"help": "suite=speedrun: step budget per contender (the "
+                                                  "schedule's length, the same for all)"})
+    eval_every: int = field(default=20, metadata={"help": "suite=speedrun: steps between val-loss evals "
+                                                  "(off the training clock)"})
+    eval_windows: int = field(default=64, metadata={"help": "suite=speedrun: val windows per eval, the first "
+                                                    "non-overlapping ones of the val split"})
+    target: float = field(default=0.0, metadata={"help": "suite=speedrun: val loss to reach; 0: the "
+                                                 "baseline's final val loss"})
 
 
 class OptionError(ValueError):
@@ -75,7 +87,7 @@ def usage() -> str:
 
     keys = "\n".join(f"  bench.{f.name:<{width - 6}}  {f.metadata['help']} (default {shown(f.default)})"
                      for f in fields(BenchOptions))
-    return f"""usage: python -m lingmao.bench [suite=cpu|gpu] [bench.KEY=VALUE ...] [lingmao overrides ...]
+    return f"""usage: python -m lingmao.bench [suite=cpu|gpu|speedrun] [bench.KEY=VALUE ...] [lingmao overrides ...]
 
 Without suite=: benchmark mode. A short warm-up, then timed steps of the composed
 run (hardware=X model=Y ..., any lingmao override): samples/sec, tokens/sec, MFU,
@@ -84,6 +96,8 @@ step-time split, peak memory; printed and logged to MLflow (experiment lingmao-b
 suite=cpu  engine overhead, data wait, start-up, scaling, CPU precision (< 5 min on 2 cores)
 suite=gpu  MFU of small/medium/large with bf16, compile, fused AdamW, flash SDPA; fp16 +
            GradScaler; medium at context 512 against seed 000's RTX 4090 row (needs CUDA)
+suite=speedrun  time to a target val loss of optim=muon and each model switch (alone and
+           together) against the baseline as given: steps, train seconds, ratios, plot
 
 benchmark keys:
 {keys}"""

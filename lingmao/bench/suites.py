@@ -11,6 +11,9 @@
 
 `suite=gpu` measures MFU on a CUDA device (lingmao/bench/gpu.py).
 
+`suite=speedrun` times each speedrun switch to a target val loss against the
+baseline (issue 8 item 6, lingmao/bench/speedrun.py).
+
 Every part starts from the composed command line (hardware, data, optim, any
 override) and sets only what its question needs, and prints what it set.
 """
@@ -420,6 +423,11 @@ def suite_parts(name: str, plan, opts: BenchOptions) -> dict:
         from .gpu import gpu_suite
 
         return {"gpu": ("GPU", gpu_suite)}
+    if name == "speedrun":
+        from .speedrun import chosen, speedrun
+
+        chosen(opts.contenders)  # a bad name is refused before any work
+        return {"speedrun": ("6. time to quality (speedrun)", speedrun)}
     if plan.device != "cpu":
         raise OptionError(f"suite=cpu measures the CPU, but hardware={plan.preset} runs on {plan.device}: "
                           f"add hardware=cpu")
