@@ -76,7 +76,9 @@ class ModelConfig:
     dropout: float = 0.1
     mlp_ratio: int = 4
     moe: MoEConfig = field(default_factory=MoEConfig)
-    # Speedrun switches (modded-nanoGPT), off by default; see conf/model/*.yaml.
+    # Speedrun switches (modded-nanoGPT). These defaults are what a model had
+    # before the switch existed, so older checkpoints still resume
+    # (checkpoint.check_compatible); conf/model/*.yaml turn rotary on.
     rotary: bool = False
     qk_norm: bool = False
     mlp: str = "gelu"  # gelu | relu2

@@ -562,6 +562,8 @@ def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None) -> 
             p.step += 1
             p.epoch, p.epoch_windows = stream.epoch, stream.seen
             loss_acc += step_loss
+            if first_block and steps_in_block == 0:
+                tracker.start_sending()  # MLflow's imports now overlap training, not start-up
             steps_in_block += 1
             if bar:
                 bar.update(1)

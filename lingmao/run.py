@@ -35,9 +35,29 @@ def compact(x: float) -> str:
     return f"{x:g}"
 
 
-def run_name(cfg, plan) -> str:
-    """`t4x2-medium-lr3e-4`: preset, model and the LR the user set (before scaling)."""
-    return cfg.tracking.run_name or f"{plan.preset}-{cfg.model.name}-lr{compact(cfg.optim.lr)}"
+def run_name(cfg, plan, swept: str = "") -> str:
+    """`t4x2-medium-lr3e-4`: preset, model and the LR the user set (before
+    scaling); in a sweep, then what this job's sweep varies (`swept`)."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    return f"{plan.preset}-{cfg.model.name}-lr{compact(cfg.optim.lr)}" + (f" {swept}" if swept else "")
+
+
+def swept_values(job: list[str], sweep: list[str]) -> str:
+    """Of a job's overrides, those its sweep varies: the keys that carry a
+    sweep (`a,b`, range, interval...) in `sweep`, the multirun's overrides
+    and the sweeper's params. `optim.warmup=0 trainer.sample.top_k=50`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    try:
+        keys = {o.key_or_group for o in parser.parse_overrides(sweep) if o.is_sweep_override()}
+        keys.discard("optim.lr")  # already in the name
+        return " ".join(f"{o.key_or_group}={o.get_value_element_as_str()}" for o in parser.parse_overrides(job)
+                        if o.key_or_group in keys)
+    except HydraException:  # a sweeper's own syntax: the name goes without it
+        return ""
 
 
 def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None = None) -> dict | None:
@@ -65,7 +85,8 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
     uri = resolve_uri(cfg.tracking.uri, launch_dir)
     enabled = cfg.tracking.enabled and dist.main
     resume_id = checkpoint.resume_run_id(cfg.resume, run_dir / cfg.checkpoint.dir) if enabled else None
-    tracker = Tracker(uri, cfg.tracking.experiment_name, run_name(cfg, plan), enabled=enabled,
+    tracker = Tracker(uri, cfg.tracking.experiment_name, run_name(cfg, plan, (tags or {}).get("sweep.values", "")),
+                      enabled=enabled,
                       spool=run_dir / SPOOL_NAME, system_metrics=cfg.tracking.system_metrics, run_id=resume_id)
     tracker.set_tags({"hardware": plan.preset, "model": cfg.model.name, "data": cfg.data.source,
                       "experiment": cfg.experiment or "", "host": launch_host(),
@@ -219,6 +240,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if hc.mode.name == "MULTIRUN":
         sweep_dir = launch_dir / hc.sweep.dir
         tags.update({"sweep.id": sweep_id(sweep_dir), "sweep.dir": hc.sweep.dir, "sweep.job": hc.job.num})
+        launched = sweep_dir / "multirun.yaml"  # the multirun's command line, written before any job
+        sweep = list(OmegaConf.load(launched).hydra.overrides.task) if launched.is_file() else []
+        params = OmegaConf.to_container(hc.sweeper).get("params") or {}
+        tags["sweep.values"] = swept_values(list(hc.overrides.task), sweep + [f"{k}={v}" for k, v in params.items()])
         slot = job_slot(OmegaConf.to_container(hc.launcher), sweep_dir, hc.job.num)
         if slot is not None:
             number, threads, gpus = slot

@@ -44,6 +44,7 @@ _PARAMS = 100  # params per log_batch: MLflow's limit
 _QUEUE = 256  # records waiting for the sender before a log call blocks: bounded memory, nothing dropped
 _LOCKED_RETRIES = 8  # backoff 0.1 s doubling: ~25 s in all before a locked sqlite store counts as unreachable
 _UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+_OPEN_DELAY = 20.0  # seconds the sender waits for start_sending() before it opens the store anyway
 
 
 class TrackingError(RuntimeError):
@@ -248,9 +249,13 @@ class Tracker:
                  spool: Path | None = None, system_metrics: bool = False, run_id: str | None = None):
         """`run_id`: a run to continue (a resumed checkpoint's), if the store has it.
 
-        Returns at once: importing MLflow and opening the store and the run
-        (3 s of start-up here) happen on the sender thread while the corpus
-        and the model load; `run_id` and `experiment_id` wait for them."""
+        Returns at once. Importing MLflow and opening the store and the run
+        (~3 s here) happen on the sender thread once `start_sending()` is
+        called (the engine does after its first step) or _OPEN_DELAY has
+        passed: imports are Python and hold the GIL, so beside the model build
+        they would still delay the first step, while beside training (torch
+        kernels release the GIL) they cost it little. Records queue until
+        then; `run_id`, `experiment_id` and `end()` open at once and wait."""
         self.enabled = enabled
         self.uri = uri
         self.experiment = experiment
@@ -267,7 +272,8 @@ class Tracker:
         self._spooled = 0
         self._system = None
         self._want_system = system_metrics
-        self._started = threading.Event()
+        self._go = threading.Event()  # may open the store now
+        self._started = threading.Event()  # the store and the run are open, or the spool took over
         if not enabled:
             return
         self._start_ms = int(time.time() * 1000)
@@ -275,16 +281,23 @@ class Tracker:
         self._sender = threading.Thread(target=self._send_loop, name="lingmao-tracking", daemon=True)
         self._sender.start()
 
+    def start_sending(self) -> None:
+        """Open the store now (the time-critical start-up is over)."""
+        self._go.set()
+
+    def _wait_open(self) -> None:
+        if self.enabled:
+            self._go.set()
+            self._started.wait()
+
     @property
     def run_id(self) -> str | None:
-        if self.enabled:
-            self._started.wait()
+        self._wait_open()
         return self._run_id
 
     @property
     def experiment_id(self) -> str | None:
-        if self.enabled:
-            self._started.wait()
+        self._wait_open()
         return self._experiment_id
 
     def _open(self) -> None:
@@ -383,7 +396,7 @@ class Tracker:
         not be sent went."""
         if not self.enabled:
             return
-        self._started.wait()
+        self._wait_open()
         if self._system:
             self._system.stop()
         self.flush()
@@ -405,6 +418,7 @@ class Tracker:
     # -- the sender thread ----------------------------------------------------
 
     def _send_loop(self) -> None:
+        self._go.wait(_OPEN_DELAY)
         self._open()
         while (rec := self._queue.get()) is not None:
             t = time.perf_counter()

@@ -52,9 +52,11 @@ def test_tiny_run_learns_and_is_recorded(tmp_path, training_cache):
 
 @pytest.mark.slow
 def test_multirun_gives_one_run_per_job_in_one_experiment(tmp_path, training_cache):
-    run_cli(["-m", *TINY, "trainer.max_steps=10", "optim.lr=1e-3,3e-3"], tmp_path, training_cache)
+    run_cli(["-m", *TINY, "trainer.max_steps=10", "optim.lr=1e-3,3e-3", "optim.warmup=2"], tmp_path, training_cache)
     client, runs = runs_in(tmp_path / "mlflow.db")
     assert sorted(r.data.params["config.optim.lr"] for r in runs) == ["0.001", "0.003"]
+    # the name says what the sweep varies: here the LR, which the name always holds
+    assert sorted(r.info.run_name for r in runs) == ["cpu-tiny-lr1e-3", "cpu-tiny-lr3e-3"]
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["sweep.dir"] for r in runs}) == 1
     assert sorted(r.data.tags["sweep.job"] for r in runs) == ["0", "1"]
@@ -71,3 +73,15 @@ def test_user_error_is_one_clear_line(tmp_path, training_cache):
     assert proc.returncode == 2
     assert "error: hardware=t4x2 needs 2 cuda device(s)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_sweep_job_is_named_by_what_its_sweep_varies():
+    from lingmao.run import swept_values
+
+    multirun = ["experiment=repeater", "optim.lr=1e-3", "model=tiny,small", "trainer.eval_every=range(10,30,10)"]
+    preset = ["optim.warmup=0,2000"]  # a preset's hydra.sweeper.params
+    job = ["optim.warmup=0", "model=small", "trainer.eval_every=20", "experiment=repeater", "optim.lr=0.001"]
+    assert swept_values(job, multirun + preset) == "optim.warmup=0 model=small trainer.eval_every=20"
+    assert swept_values(job, ["optim.lr=1e-3,3e-3"]) == ""  # the LR is in the name already
+    assert swept_values(["optim.lr=0.0042"], ["optim.lr=tag(log, interval(1e-4, 1e-2))"]) == ""
+    assert swept_values(job, ["optim.warmup=0,2000", "broken=[1,"]) == ""  # unparseable: no suffix, no error

@@ -3,6 +3,7 @@ locks are retried, an unreachable store spools to JSONL that imports later."""
 
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -46,6 +47,7 @@ def test_everything_reaches_the_store_in_order(tmp_path, mlflow_db, monkeypatch)
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     uri = f"sqlite:///{mlflow_db}"
     tr = Tracker(uri, "lingmao", "cpu-tiny-lr3e-4", spool=tmp_path / SPOOL_NAME, system_metrics=True)
+    tr.start_sending()  # as the engine does after its first step
     tr.log_params({"config": {"optim": {"lr": 3e-4}}, "note": "x" * 7000})
     tr.set_tags({"hardware": "cpu", "sweep.job": 3})
     for step in range(1, 1001):  # more than one log_batch's worth before the flush
@@ -220,3 +222,25 @@ def test_training_runs_against_an_unreachable_store(tmp_path, shared_cache, fast
     assert any(r["op"] == "params" and r["params"]["config.model.name"] == "tiny" for r in records)
     assert (records[-1]["op"], records[-1]["status"]) == ("end", "FINISHED")
     assert json.loads((tmp_path / SPOOL_NAME).read_text().splitlines()[0])["uri"] == dead
+
+
+def test_the_store_opens_only_when_the_start_up_is_over(tmp_path, mlflow_db, monkeypatch):
+    import lingmao.tracking as tracking
+
+    opened = threading.Event()
+    real_open = Tracker._open
+    monkeypatch.setattr(Tracker, "_open", lambda self: (opened.set(), real_open(self)))
+    tr = Tracker(f"sqlite:///{mlflow_db}", "lingmao", "late", spool=tmp_path / SPOOL_NAME)
+    tr.log_metrics({"train/loss": 1.0}, 1)
+    tr.flush()  # queued, not sent: MLflow is not even imported yet
+    assert not opened.wait(0.3)
+    tr.start_sending()
+    assert opened.wait(10) and tr.run_id
+    tr.end()
+    assert history(MlflowClient(f"sqlite:///{mlflow_db}"), tr.run_id, "train/loss") == [(1, 1.0)]
+
+    opened.clear()  # a tracker nobody starts opens on its own after _OPEN_DELAY
+    monkeypatch.setattr(tracking, "_OPEN_DELAY", 0.2)
+    idle = Tracker(f"sqlite:///{mlflow_db}", "lingmao", "idle", spool=tmp_path / SPOOL_NAME)
+    assert opened.wait(10) and idle.run_id
+    idle.end()
