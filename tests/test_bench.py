@@ -122,8 +122,9 @@ def test_engine_overhead_same_losses_then_blocks_alternating_in_one_engine_run(t
 
 
 def test_bench_options_are_parsed_apart_from_overrides():
-    suite, opts, rest = parse_args(["suite=cpu", "bench.pairs=4", "bench.synthetic=true", "model=tiny"])
-    assert (suite, opts.pairs, opts.synthetic, rest) == ("cpu", 4, True, ["model=tiny"])
+    suite, opts, rest = parse_args(["suite=cpu", "bench.pairs=4", "bench.synthetic=true", "model=tiny",
+                                    "bench.engine_model=small"])
+    assert (suite, opts.pairs, opts.synthetic, opts.engine_model, rest) == ("cpu", 4, True, "small", ["model=tiny"])
     with pytest.raises(OptionError, match="bench.stepz is not a benchmark key; valid keys: bench.steps"):
         parse_args(["bench.stepz=3"])
     with pytest.raises(OptionError, match="must be > 0"):

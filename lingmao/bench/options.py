@@ -25,6 +25,8 @@ class BenchOptions:
     parts: str = field(default="all", metadata={"help": "suite=cpu parts, comma-separated: "
                                                 "engine,data,startup,scaling,precision"})
     out: str = field(default="", metadata={"help": "suite output folder; empty: outputs/bench/DATE/TIME"})
+    engine_model: str = field(default="tiny", metadata={"help": "suite=cpu engine overhead: the model preset "
+                                                        "(tiny: the shortest steps, where overhead shows most)"})
     # suite=speedrun
     contenders: str = field(default="all", metadata={"help": "suite=speedrun contenders, comma-separated: "
                                                       "baseline,muon,rotary,qk_norm,relu2,vocab64,"

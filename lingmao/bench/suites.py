@@ -139,8 +139,8 @@ def loss_check(cfg, plan, windows, vocab_size: int, steps: int, run_dir: Path) -
 def engine_overhead(s: Suite) -> dict:
     """The full engine (tracking to a scratch MLflow store, progress bar on)
     against the bare loop: same model, batch, precision, data and schedule.
-    model=tiny with accumulation 1: the shortest steps, where per-step
-    overhead shows most.
+    model=tiny (bench.engine_model) with accumulation 1: the shortest steps,
+    where per-step overhead shows most.
 
     One engine run serves every engine block: it logs once per block
     (trainer.log_every = a block's steps), and the bare blocks that the order
@@ -154,7 +154,7 @@ def engine_overhead(s: Suite) -> dict:
     from .measure import train_tokens
     from .stats import block_order, pair_up
 
-    cfg, plan = s.variant("tiny", **{"hardware.accumulation": 1})
+    cfg, plan = s.variant(s.opts.engine_model, **{"hardware.accumulation": 1})
     tokens, vocab, stride, _ = train_tokens(cfg, False, s.opts.vocab, 0)
     ctx = cfg.model.context_length
     windows = TokenWindows(tokens, ctx, stride)
@@ -200,7 +200,7 @@ def engine_overhead(s: Suite) -> dict:
     paired = pair_up(order, values)
     verdict = compare(paired)
     print(verdict.describe("engine/bare tokens/s"))
-    print(f"median tokens/s: engine {median(paired.a):,.0f}, bare {median(paired.b):,.0f} | model=tiny, "
+    print(f"median tokens/s: engine {median(paired.a):,.0f}, bare {median(paired.b):,.0f} | model={cfg.model.name}, "
           f"micro-batch {plan.micro_batch}, context {ctx}, {plan.precision}; {log_every} steps per engine block "
           f"(trainer.log_every), shortest block {min(spans):.2f} s")
     ratio = f"{verdict.ratio}" if verdict.conclusive else "inconclusive (the control moved)"
