@@ -643,6 +643,9 @@ def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None) -> 
         print(f"{'stopped' if status == 'KILLED' else 'done'}: step {p.step} in {wall:.1f}s | {val} | "
               f"{final.get('throughput/samples_per_sec', 0):.1f} samples/s | checkpoint {last_good}")
     if ddp:
+        # Leave together: a rank that tears its process group down while
+        # rank 0 still saves and sends can abort in gloo at exit.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     final["status"] = status
     return final
