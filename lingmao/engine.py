@@ -442,7 +442,7 @@ def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None) -> 
                 genres = per_genre_loss(raw, data.tokens("val"), val_docs, data.meta["genres"], ctx, device=device,
                                         batch_size=plan.micro_batch, max_docs_per_genre=genre_docs)
             m.update({f"val/loss_{g}": r["loss"] for g, r in genres.items()})
-            decodings = ["sampled"] + (["greedy"] * cfg.trainer.sample.greedy_baseline)
+            decodings = ["sampled", "greedy"] if cfg.trainer.sample.greedy_baseline else ["sampled"]
             samples = []
             for decoding in decodings:
                 out = sample(raw, tokenizer, cfg.trainer.sample, cfg.trainer.sample_tokens, device, cfg.seed,

@@ -73,16 +73,20 @@ class GPTConfig:
 ROPE_BASE = 10000.0  # RoFormer's (Su et al. 2021) base of the rotation frequencies
 
 
-def rotate(x: torch.Tensor, start: int) -> torch.Tensor:
-    """Rotary position embedding (Su et al. 2021) of x (B, H, T, head_dim)
-    whose first token sits at absolute position `start`: channel pair
-    (i, i + head_dim/2) turns by position * ROPE_BASE^(-2i/head_dim), so
-    q.k depends on the two positions only through their offset. Angles in
-    float32 whatever x's dtype: bf16 cannot hold position * frequency."""
-    T, hd = x.shape[-2], x.shape[-1]
-    inv_freq = ROPE_BASE ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    angles = torch.outer(torch.arange(start, start + T, device=x.device, dtype=torch.float32), inv_freq)
-    cos, sin = angles.cos(), angles.sin()
+def rope_angles(c: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (context_length, head_dim/2) of rotary position embedding
+    (Su et al. 2021): channel pair (i, i + head_dim/2) at position p turns by
+    p * ROPE_BASE^(-2i/head_dim), so q.k depends on the two positions only
+    through their offset. float32: bf16 cannot hold position * frequency.
+    Computed once per model, not per layer and step."""
+    hd = c.d_model // c.n_heads
+    inv_freq = ROPE_BASE ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    angles = torch.outer(torch.arange(c.context_length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, head_dim) turned by the angles of its T positions (cos, sin: (T, head_dim/2))."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
@@ -96,6 +100,10 @@ class Attention(nn.Module):
         self.dropout = c.dropout
         self.resid_dropout = nn.Dropout(c.dropout)
         self.rotary = c.rotary
+        if c.rotary:  # buffers follow .to(device); not persistent: nothing new in checkpoints
+            cos, sin = rope_angles(c)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         # QK-norm (Dehghani et al. 2023; Wortsman et al. 2023): bounded q.k keeps
         # the attention logits from growing until softmax saturates, which
         # tolerates higher LRs. A learned gain per channel lets heads sharpen.
@@ -112,7 +120,8 @@ class Attention(nn.Module):
             # the fused RMSNorm kernel; rotate then computes in float32 anyway.
             q, k = self.q_norm(q.float()), self.k_norm(k.float())
         if self.rotary:
-            q, k = rotate(q, start), rotate(k, start)
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         return q.to(v.dtype), k.to(v.dtype), v
 
     def forward(self, x: torch.Tensor, kv: tuple | None = None) -> torch.Tensor:

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from lingmao import checkpoint, run
 from lingmao.config import CONF_DIR, ConfigError, register, validate
-from lingmao.model import GPT, GPTConfig, KVCache, rotate
+from lingmao.model import GPT, GPTConfig, KVCache, rope_angles
+from lingmao.model import rotate as rope
 from lingmao.optim import MuonAdamW, build_optimizer, lr_factor
 
 register()
@@ -75,6 +76,12 @@ def test_rotary_replaces_the_learned_positions():
 def test_rotary_scores_depend_only_on_the_offset():
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    cos, sin = rope_angles(GPTConfig(vocab_size=V, d_model=16, n_heads=2, context_length=64))
+
+    def rotate(x, start):  # x's tokens at positions start, start + 1, ...
+        T = x.shape[-2]
+        return rope(x, cos[start:start + T], sin[start:start + T])
+
     scores = [rotate(q, s) @ rotate(k, s).transpose(-1, -2) for s in (0, 5, 37)]
     torch.testing.assert_close(scores[1], scores[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores[2], scores[0], atol=1e-5, rtol=1e-5)
