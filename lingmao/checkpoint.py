@@ -209,13 +209,6 @@ def find_resume(resume: str, folder: Folder, quiet: bool = False) -> tuple[Path,
     return path, load(path, mmap=True)
 
 
-def resume_run_id(resume: str, folder: Path, keep_last: int = 1) -> str | None:
-    """The MLflow run id stored in the checkpoint a run would resume from,
-    so the caller can reopen that run instead of starting another."""
-    found = find_resume(resume, Folder(folder, keep_last), quiet=True)
-    return (found[1].get("mlflow_run_id") or None) if found else None
-
-
 # Keys whose values make a checkpoint's weights or token stream mean something
 # else: the model's (but for its name and the training-only knobs below) and
 # every data setting that changes the tokens; the seed chooses the train/val

@@ -1,13 +1,63 @@
-"""Validation loss per genre (诗 词 文 赋 曲): one number hides which genre a
-model has learned and which it has not (seed 000's reason to balance genres)."""
+"""Evaluation during a run: the validation loss (all ranks together), the
+loss per genre (诗 词 文 赋 曲: one number hides which genre a model has
+learned and which it has not), and sampled continuations with their
+repetition metrics."""
 
 from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .data.tokenizer import EOS_ID
+from .generate import complete
+from .runtime import autocast
+from .textmetrics import mean_repetition
+
+
+@torch.no_grad()
+def evaluate(model, loader, plan, device, batches: int, dist, n_windows: int) -> float:
+    """Mean per-token loss over the first `batches` val batches of every rank
+    (a fixed set), summed over the ranks: the same number on every rank, and
+    the one a single process with all ranks' batch would get."""
+    model.eval()
+    total = torch.zeros(2, device=device)  # loss sum, token count
+    seen = 0
+    for i, (x, y) in enumerate(loader):
+        if i >= batches:
+            break
+        x, y = x.to(device), y.to(device)
+        with autocast(plan):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape).sum(1)
+        # Unshuffled, DistributedSampler gives rank r windows r, r + W, r + 2W, ...
+        # and pads the last ones with repeats from the start: leave those out.
+        index = dist.rank + (seen + torch.arange(len(y), device=device)) * dist.world_size
+        real = (index < n_windows).float()
+        total[0] += (loss * real).sum()
+        total[1] += real.sum() * y.shape[1]
+        seen += len(y)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(total)
+    model.train()
+    loss, count = total.tolist()
+    return loss / max(1.0, count)
+
+
+def sample(model, tokenizer, s, n_tokens: int, device, seed: int, greedy: bool = False) -> list[dict]:
+    """One continuation per prompt of `s` (trainer.sample), decoded as it
+    says, with its repetition metrics; `greedy`: argmax with no penalty, the
+    decoding most prone to loops."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    decoding = (dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0) if greedy else
+                dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty))
+    return [complete(model, tokenizer, prompt, 1, n_tokens, generator=g, **decoding)[0] for prompt in s.prompts]
 
 
 @torch.no_grad()
@@ -59,3 +109,67 @@ def per_genre_loss(model, tokens: np.ndarray, val_docs: np.ndarray, genres: list
     model.train(was_training)
     return {genres[g]: {"loss": loss_sum[g].item() / count[g].item(), "tokens": int(count[g]), "docs": int(taken[g])}
             for g in range(len(genres)) if count[g] > 0}
+
+
+@dataclass
+class ValData:
+    """What an eval reads: the val loader (every rank's share), and the flat
+    val split with its documents for the per-genre loss (rank 0)."""
+    loader: object
+    n_windows: int
+    tokens: np.ndarray
+    docs: np.ndarray
+    genres: list[str]
+    tokens_per_char: float
+
+
+class Evaluator:
+    """One eval: val loss, perplexity and bits per character on every rank;
+    on rank 0 also the loss per genre and samples (appended to
+    `samples_file`, so a resumed run keeps the earlier ones), printed in one
+    line and sent to the tracker."""
+
+    def __init__(self, raw, plan, device, dist, val: ValData, cfg, tokenizer, samples_file: Path, tracker,
+                 say: Callable[[str], None] = print):
+        self.raw, self.plan, self.device, self.dist, self.val = raw, plan, device, dist, val
+        self.trainer, self.seed, self.tokenizer = cfg.trainer, cfg.seed, tokenizer
+        self.context_length = cfg.model.context_length
+        self.samples_file, self.tracker, self.say = samples_file, tracker, say
+        # The per-genre loss costs about what the main eval does: eval_batches
+        # micro-batches of documents, shared among the genres.
+        self.genre_docs = max(16, self.trainer.eval_batches * plan.micro_batch // max(1, len(val.genres)))
+
+    def run(self, step: int) -> dict:
+        v = self.val
+        val = evaluate(self.raw, v.loader, self.plan, self.device, self.trainer.eval_batches, self.dist, v.n_windows)
+        m = {"val/loss": val, "val/perplexity": math.exp(min(val, 50)),
+             "val/bpc": val / math.log(2) * v.tokens_per_char}
+        if self.dist.main:
+            with autocast(self.plan):
+                genres = per_genre_loss(self.raw, v.tokens, v.docs, v.genres, self.context_length,
+                                        device=self.device, batch_size=self.plan.micro_batch,
+                                        max_docs_per_genre=self.genre_docs)
+            m.update({f"val/loss_{g}": r["loss"] for g, r in genres.items()})
+            samples = self._samples(step, m)
+            first = samples[0]["prompt"] + samples[0]["text"]
+            greedy = f" (greedy {m['samples/greedy_rep4']:.2f})" if "samples/greedy_rep4" in m else ""
+            self.say(f"step {step}: val/loss {val:.3f} ppl {m['val/perplexity']:.1f} bpc {m['val/bpc']:.3f} "
+                     f"rep4 {m['samples/rep4']:.2f}{greedy} | {first!r}")
+            self.tracker.log_metrics(m, step)
+            self.tracker.flush()
+        return m
+
+    def _samples(self, step: int, m: dict) -> list[dict]:
+        """Decode the prompts (and greedily, with trainer.sample.greedy_baseline), record their metrics in `m`."""
+        decodings = ["sampled", "greedy"] if self.trainer.sample.greedy_baseline else ["sampled"]
+        samples = []
+        for decoding in decodings:
+            out = sample(self.raw, self.tokenizer, self.trainer.sample, self.trainer.sample_tokens, self.device,
+                         self.seed, greedy=decoding == "greedy")
+            prefix = "samples/" if decoding == "sampled" else "samples/greedy_"
+            m.update({prefix + k: v for k, v in mean_repetition([s["text"] for s in out]).items()})
+            m[prefix + "new_tokens"] = sum(s["new_tokens"] for s in out) / len(out)  # <eos> ends a sample early
+            samples += [{"decoding": decoding, **s} for s in out]
+        with open(self.samples_file, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps({"step": step, **s}, ensure_ascii=False) + "\n" for s in samples)
+        return samples

@@ -1,4 +1,4 @@
-"""Night mode (seed 000): between 21:00 and 08:00 the run goes easier on the
+"""Night mode: between 21:00 and 08:00 the run goes easier on the
 machine — half the micro-batch (more accumulation, same effective batch), half
 the CUDA memory, half the CPU threads — and logs when it switches.
 

@@ -4,6 +4,7 @@ and the warmup + cosine schedule."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +33,23 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return max(floor, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+@dataclass
+class Schedule:
+    """The LR as a pure function of the step: a checkpoint stores this and
+    a resumed run continues on it."""
+    peak_lr: float
+    warmup: int
+    total_steps: int | None  # None: bounded by time or a signal only
+    min_lr_ratio: float
+
+    @classmethod
+    def for_run(cls, peak_lr: float, warmup: float, total_steps: int | None, min_lr_ratio: float) -> Schedule:
+        return cls(peak_lr, max(1, warmup_steps(warmup, total_steps or 0)), total_steps, min_lr_ratio)
+
+    def lr(self, step: int, scale: float = 1.0) -> float:
+        return self.peak_lr * scale * lr_factor(step, self.warmup, self.total_steps or 10**12, self.min_lr_ratio)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, exclude=()) -> list[dict]:

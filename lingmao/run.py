@@ -62,7 +62,8 @@ def swept_values(job: list[str], sweep: list[str]) -> str:
 
 def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None = None) -> dict | None:
     """Validate, plan, and (unless plan=true) train; returns the final metrics."""
-    from . import checkpoint, engine
+    from . import engine
+    from .distributed import Dist
     from .machine import detect
     from .plan import make_plan, runnable_plan
     from .tracking import SPOOL_NAME, Tracker, git_state, launch_host, resolve_uri, where
@@ -81,18 +82,20 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
         print(f"warning: {note}", file=sys.stderr)
     if plan.world_size > 1 and "RANK" not in os.environ:
         return _spawn(cfg, plan, launch_dir, run_dir, tags)
-    dist = engine.Dist.from_env()
+    dist = Dist.from_env()
+    # Everything that can refuse the run (the corpus, the checkpoint to
+    # resume) is checked before an MLflow run is created or reopened.
+    job = engine.prepare(cfg, plan, run_dir, dist)
     uri = resolve_uri(cfg.tracking.uri, launch_dir)
     enabled = cfg.tracking.enabled and dist.main
-    resume_id = checkpoint.resume_run_id(cfg.resume, run_dir / cfg.checkpoint.dir) if enabled else None
     tracker = Tracker(uri, cfg.tracking.experiment_name, run_name(cfg, plan, (tags or {}).get("sweep.values", "")),
-                      enabled=enabled,
-                      spool=run_dir / SPOOL_NAME, system_metrics=cfg.tracking.system_metrics, run_id=resume_id)
+                      enabled=enabled, spool=run_dir / SPOOL_NAME, system_metrics=cfg.tracking.system_metrics,
+                      run_id=job.resume_run_id if enabled else None)
     tracker.set_tags({"hardware": plan.preset, "model": cfg.model.name, "data": cfg.data.source,
                       "experiment": cfg.experiment or "", "host": launch_host(),
                       **git_state(launch_dir), **(tags or {})})
     try:
-        final = engine.train(cfg, plan, tracker, run_dir, dist)
+        final = engine.train(cfg, plan, tracker, run_dir, dist, job)
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -259,7 +262,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except Exception as e:
         from .checkpoint import CheckpointWriteError  # loaded by execute already: torch stays off --help's path
-        from .engine import NonFiniteError
+        from .nan_policy import NonFiniteError
 
         if not isinstance(e, (NonFiniteError, CheckpointWriteError)):
             raise

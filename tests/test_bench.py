@@ -244,12 +244,12 @@ class ScriptedLoop:
 
 
 def scripted_race(monkeypatch, val_by_step, target, losses=None, max_steps=10, eval_every=3):
-    from lingmao import engine
+    from lingmao import evaluation
     from lingmao.bench.speedrun import Contender, race
     from lingmao.bench.suites import silent_tracker
 
     loop = ScriptedLoop(losses or {})
-    monkeypatch.setattr(engine, "evaluate", lambda model, batches, plan, device, n, dist, nw: val_by_step[loop.steps])
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, batches, plan, device, n, dist, nw: val_by_step[loop.steps])
     return race(Contender("x", "", 1), loop, [], 1, max_steps, eval_every, target, silent_tracker())
 
 

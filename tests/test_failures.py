@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from lingmao import checkpoint, engine
+from lingmao import checkpoint
+from lingmao.nan_policy import NonFiniteError
 from lingmao.machine import detect
 from lingmao.optim import lr_factor, warmup_steps
 from lingmao.plan import make_plan
@@ -35,7 +36,7 @@ def poison_gradient(monkeypatch, attempt: int) -> None:
 def test_nan_stop_reports_step_lr_group_and_advice_and_keeps_the_last_checkpoint(tmp_path, mlflow_db, shared_cache,
                                                                                   monkeypatch):
     poison_gradient(monkeypatch, 3)
-    with pytest.raises(engine.NonFiniteError) as e:
+    with pytest.raises(NonFiniteError) as e:
         train_here(tmp_path, tmp_path / "run", "trainer.max_steps=8", "checkpoint.every_steps=2",
                    "tracking.run_name=nan")
     msg = str(e.value)
@@ -74,7 +75,7 @@ def test_nan_skip_drops_the_step_and_goes_on(tmp_path, shared_cache, monkeypatch
 
 
 def test_nan_skip_gives_up_when_every_step_is_non_finite(tmp_path, shared_cache):
-    with pytest.raises(engine.NonFiniteError, match="on_nan=skip: gave up after 10 non-finite steps in a row"):
+    with pytest.raises(NonFiniteError, match="on_nan=skip: gave up after 10 non-finite steps in a row"):
         train_here(tmp_path, tmp_path / "run", "trainer.max_steps=30", "trainer.on_nan=skip", "optim.lr=1e30",
                    "tracking.enabled=false")
 
@@ -91,7 +92,7 @@ def test_nan_rollback_reloads_the_last_checkpoint_with_a_lower_lr(tmp_path, shar
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["lr_scale"] == 0.25
 
     poison_gradient(monkeypatch, 1)  # before any checkpoint
-    with pytest.raises(engine.NonFiniteError, match="on_nan=rollback: nothing to roll back to; no checkpoint"):
+    with pytest.raises(NonFiniteError, match="on_nan=rollback: nothing to roll back to; no checkpoint"):
         train_here(tmp_path, tmp_path / "fresh", *args)
 
 

@@ -123,7 +123,7 @@ def test_avx512_bf16_without_amx_stays_fp32():
 
 
 def test_cuda_plan_exports_the_presets_allocator_settings_unless_the_user_set_them(monkeypatch):
-    from lingmao.engine import apply_runtime
+    from lingmao.runtime import apply_runtime
 
     plan = make_plan(make("hardware=rtx4090"), H100)
     assert plan.alloc_conf == "max_split_size_mb:128"

@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from conftest import LINES, _write_jsonl
-from lingmao import checkpoint, engine, run
+from lingmao import checkpoint, checkpointer, evaluation, run
+from lingmao.signals import Stopper
 from lingmao.config import CONF_DIR
 from lingmao.data.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -63,10 +64,27 @@ def cli_env(cache: Path, **extra) -> dict:
     return {**os.environ, "LINGMAO_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[1]), **extra}
 
 
-def start_cli(argv: list[str], tmp_path: Path, env: dict, name: str) -> subprocess.Popen:
+# The CLI in a process that SIGKILLs itself right after writing the checkpoint of step {step}.
+KILLED_AFTER_CHECKPOINT = """
+import os, signal, sys
+from lingmao import checkpointer, run
+save = checkpointer.Checkpointer.save
+def save_then_die(self, s, *args, **kwargs):
+    path = save(self, s, *args, **kwargs)
+    if s.step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+checkpointer.Checkpointer.save = save_then_die
+run.main()
+"""
+
+
+def start_cli(argv: list[str], tmp_path: Path, env: dict, name: str, kill_after: int | None = None) -> subprocess.Popen:
     """The CLI in a real process; output to files (a full pipe would block it)."""
     out, err = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
-    return subprocess.Popen([sys.executable, "-m", "lingmao.run", *argv], cwd=tmp_path, env=env, stdout=out, stderr=err)
+    program = ["-m", "lingmao.run"] if kill_after is None else \
+        ["-c", KILLED_AFTER_CHECKPOINT.format(step=kill_after)]
+    return subprocess.Popen([sys.executable, *program, *argv], cwd=tmp_path, env=env, stdout=out, stderr=err)
 
 
 def finish(proc: subprocess.Popen, tmp_path: Path, name: str) -> tuple[int, str, str]:
@@ -93,15 +111,15 @@ def write_poems(path: Path, n: int = 200, extra: str = "") -> Path:
 
 
 def scripted_val_losses(monkeypatch, values: list[float]) -> None:
-    """engine.evaluate returns these, one per call, in order."""
+    """The val loss of each eval, one per call, in order."""
     it = iter(values)
-    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: next(it))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: next(it))
 
 
 @pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(tmp_path, mlflow_db, shared_cache):
     args = [*COMMON, "trainer.max_steps=8", "checkpoint.every_steps=2", "hydra.run.dir=cut", "tracking.run_name=cut"]
-    rc, _, err = finish(start_cli(args, tmp_path, cli_env(shared_cache, LINGMAO_TEST_KILL_AT_STEP="4"), "cut"),
+    rc, _, err = finish(start_cli(args, tmp_path, cli_env(shared_cache), "cut", kill_after=4),
                         tmp_path, "cut")
     assert rc == -signal.SIGKILL, err[-2000:]
     folder = tmp_path / "cut" / "checkpoints"
@@ -111,7 +129,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(tmp_path, mlflow_db
     assert [s for s, _ in history(mlflow_db, "cut")] == [1, 2, 3, 4]
     assert [s for s, _ in history(mlflow_db, "cut", "val/loss")] == [2, 4]  # each checkpoint brings an eval
     # run.py reopens this run on resume: the checkpoint names it
-    assert checkpoint.resume_run_id("auto", folder) == killed[0].info.run_id
+    assert checkpoint.find_resume("auto", checkpoint.Folder(folder, 1))[1]["mlflow_run_id"] == killed[0].info.run_id
 
     rc, out, err = finish(start_cli(args, tmp_path, cli_env(shared_cache), "resumed"), tmp_path, "resumed")
     assert rc == 0, err[-2000:]
@@ -156,7 +174,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_marks_the_run_killed(tmp_path
 
 
 def test_second_signal_stops_at_once():
-    with engine.Stopper() as stopper:
+    with Stopper() as stopper:
         signal.raise_signal(signal.SIGINT)
         assert stopper.requested
         with pytest.raises(KeyboardInterrupt):
@@ -196,7 +214,7 @@ def test_checkpoints_hold_the_whole_state_and_keep_the_last_and_the_best(tmp_pat
 
 def test_every_minutes_checkpoints_each_carry_an_eval(tmp_path, shared_cache, monkeypatch):
     now = iter(range(0, 10**6, 61))  # every reading of the clock is 61 s after the last
-    monkeypatch.setattr(engine, "clock", lambda: next(now))
+    monkeypatch.setattr(checkpointer, "clock", lambda: next(now))
     train_here(tmp_path, tmp_path / "run", "trainer.max_steps=4", "checkpoint.every_minutes=1",
                "checkpoint.keep_last=9", "tracking.enabled=false")
     files = sorted((tmp_path / "run" / "checkpoints").glob("step*.pt"))
@@ -213,7 +231,6 @@ def test_resume_auto_skips_an_unreadable_checkpoint(tmp_path, capsys):
     path, state = checkpoint.find_resume("auto", folder)
     assert path.name == "step00000002.pt" and state["mlflow_run_id"] == "r2"
     assert "resume=auto skips" in capsys.readouterr().err
-    assert checkpoint.resume_run_id("auto", tmp_path) == "r2"
     assert checkpoint.find_resume("never", folder) is None
     with pytest.raises(checkpoint.ResumeError, match="resume=.*nope.pt: no such file; valid values are auto, never"):
         checkpoint.find_resume(str(tmp_path / "nope.pt"), folder)

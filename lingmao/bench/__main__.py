@@ -50,7 +50,7 @@ def benchmark_mode(cfg, plan, opts, tracker) -> None:
 
 
 def run(args: list[str]) -> None:
-    from ..engine import apply_runtime
+    from ..runtime import apply_runtime
     from ..machine import detect
     from ..plan import runnable_plan
     from .compose import Composer

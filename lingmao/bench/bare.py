@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.windows import TokenWindows, make_loader
-from ..engine import autocast, seed_everything
+from ..runtime import autocast, seed_everything
 from ..model import GPT, GPTConfig
 from ..optim import lr_factor, make_optimizer, set_lr, warmup_steps
 

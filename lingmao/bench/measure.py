@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import gc
 import re
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from ..data.windows import TokenWindows
+from ..runtime import peak_memory_bytes
 from .bare import BareLoop, Clock, NoClock, synthetic_tokens
 
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -45,16 +45,6 @@ def reset_peak_memory(device: torch.device) -> bool:
         return True
     except OSError:
         return False
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    with contextlib.suppress(OSError):
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
 
 
 def current_memory_bytes(device: torch.device) -> int:

@@ -113,7 +113,8 @@ def race(c: Contender, loop, val_batches, n_windows: int, max_steps: int, eval_e
          tracker) -> Contender:
     """Train `loop` to max_steps (or the target), timing each step and
     evaluating every `eval_every` steps off the clock."""
-    from ..engine import Dist, evaluate
+    from ..distributed import Dist
+    from ..evaluation import evaluate
 
     def run_eval() -> bool:
         start = time.perf_counter()

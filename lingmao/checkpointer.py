@@ -1,0 +1,83 @@
+"""Checkpointing a run and resuming it: what goes into a checkpoint, when
+one is due, restore, rollback. File-level I/O (atomic writes, safe loads,
+the folder's rolling files) is checkpoint.py's."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .step import TrainState
+
+clock = time.monotonic  # checkpoint.every_minutes is measured on it
+
+
+def restore(state: dict, raw, optimizer, scaler, device: torch.device) -> TrainState:
+    """Load a checkpoint's tensors and RNG states; return its TrainState."""
+    raw.load_state_dict(state["model"])
+    # The config's optimizer settings win over the checkpoint's (a resume may
+    # change weight decay or betas); the moments and step counts come from it.
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, s in zip(optimizer.param_groups, settings):
+        group.update(s)
+    if state["scaler"] and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    checkpoint.set_rng_state(state["rng"], device)
+    return TrainState(**state["progress"])
+
+
+class Checkpointer:
+    """The run's checkpoints: `resume_from` (found and checked before
+    anything else touches the run), `save`, `rollback`, and whether one is
+    due by time. Rank 0 writes; every rank loads."""
+
+    def __init__(self, folder: checkpoint.Folder, every_steps: int | None, every_minutes: float | None,
+                 meta: dict, main: bool):
+        self.folder, self.every_steps, self.every_minutes = folder, every_steps, every_minutes
+        self.meta = meta  # config, plan, tokenizer, schedule: the same in every checkpoint of the run
+        self.main = main
+        self.last_good: Path | None = None
+        self.saved_at = -1
+        self._last_time = clock()
+
+    def due(self, step: int) -> bool:
+        """By step count; `due_by_time` is the other half, a decision all ranks share."""
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def due_by_time(self) -> bool:
+        return bool(self.every_minutes) and clock() - self._last_time >= self.every_minutes * 60
+
+    def start(self, found: tuple[Path, dict] | None, raw, optimizer, scaler, device) -> TrainState:
+        """The state to start from: the checkpoint `found` (see
+        checkpoint.find_resume), loaded into the model, optimizer, scaler and
+        RNGs, or a fresh one."""
+        if found is None:
+            return TrainState()
+        path, state = found
+        s = restore(state, raw, optimizer, scaler, device)
+        self.last_good, self.saved_at = path, s.step
+        return s
+
+    def save(self, s: TrainState, tensors: dict, val: float | None, run_id: str | None) -> Path:
+        """Checkpoint the state after step s.step; `tensors`: model,
+        optimizer, scaler state dicts and RNG states."""
+        best = val is not None and val < s.best_saved_val
+        if best:
+            s.best_saved_val = val
+        path = self.folder.path / f"step{s.step:08d}.pt"
+        if self.main:
+            path = self.folder.write({"format": checkpoint.FORMAT, **tensors, "progress": asdict(s), "val_loss": val,
+                                      **self.meta, "mlflow_run_id": run_id or ""}, s.step, best)
+        self.last_good, self.saved_at, self._last_time = path, s.step, clock()
+        return path
+
+    def rollback(self, raw, optimizer, scaler, device, lr_scale: float) -> TrainState:
+        """Back to the last checkpoint, with the LR scaled by `lr_scale`."""
+        s = restore(checkpoint.load(self.last_good), raw, optimizer, scaler, device)
+        s.lr_scale = lr_scale
+        return s
