@@ -67,7 +67,11 @@ def save(state: dict, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            try:
+                torch.save(state, f)
+            except RuntimeError as e:  # torch's zip writer reports a full disk as "unexpected pos ..."
+                free = shutil.disk_usage(path.parent).free / 2**20
+                raise OSError(f"{str(e).splitlines()[0][:200]} ({free:.0f} MiB free on that disk)") from e
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

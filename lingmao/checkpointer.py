@@ -4,6 +4,10 @@ the folder's rolling files) is checkpoint.py's."""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +18,68 @@ from . import checkpoint
 from .step import TrainState
 
 clock = time.monotonic  # checkpoint.every_minutes is measured on it
+
+
+# Keys a resumed run may change and still be the same job: how long it
+# trains, how it evaluates, logs, checkpoints and is tracked, and the machine
+# it runs on. Any other difference makes it another job.
+RESUMABLE = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "trainer.eval_every",
+             "trainer.eval_batches", "trainer.log_every", "trainer.progress", "trainer.early_stop_patience",
+             "trainer.on_nan", "trainer.nan_lr_factor", "checkpoint.", "tracking.", "hardware.", "night_mode",
+             "night.", "resume", "plan", "experiment", "data.cache_dir", "data.on_bad_record", "data.paths")
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    out = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out or {prefix[:-1]: {}}
+
+
+def job_differences(saved: dict, now: dict) -> list[str]:
+    """The settings, outside RESUMABLE, in which config `now` differs from a checkpoint's `saved` one."""
+    a, b = _flat(saved), _flat(now)
+    return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(RESUMABLE)]
+
+
+class RunLock:
+    """An exclusive lock on a run's checkpoint folder, so two processes
+    (a requeued job while the old one still runs) never write over each
+    other's checkpoints. flock: the OS drops the lock when its holder dies,
+    so a dead process's lock is taken over without ceremony."""
+
+    def __init__(self, folder: Path):
+        folder = Path(folder)
+        # Beside the folder, not in it: the folder holds checkpoints only.
+        self.folder, self.path = folder, folder.parent / f".{folder.name}.lock"
+        self._file = None
+
+    def acquire(self) -> "RunLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "{}"
+            f.close()
+            h = json.loads(holder) if holder.startswith("{") else {}
+            raise checkpoint.ResumeError(
+                f"{self.folder} is in use by process {h.get('pid', '?')} on {h.get('host', '?')}: wait for "
+                f"it to end, or give this run another folder (hydra.run.dir=...)") from None
+        f.truncate(0)
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None
 
 
 def restore(state: dict, raw, optimizer, scaler, device: torch.device) -> TrainState:

@@ -14,6 +14,7 @@ step, checkpoint and stop.
 from __future__ import annotations
 
 import datetime
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint
-from .checkpointer import Checkpointer
+from .checkpointer import Checkpointer, RunLock, job_differences
 from .data import CorpusError, load_corpus
 from .data.prepare import Prepared
 from .data.stream import BatchStream
@@ -57,10 +58,19 @@ class Job:
     schedule: Schedule
     folder: checkpoint.Folder
     found: tuple[Path, dict] | None  # the checkpoint to resume from
+    same_job: bool  # `found` is of this job: continue its MLflow run
+    lock: RunLock | None  # rank 0's hold on the checkpoint folder
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock:
+            self.lock.release()
 
     @property
     def resume_run_id(self) -> str | None:
-        return (self.found[1].get("mlflow_run_id") or None) if self.found else None
+        return (self.found[1].get("mlflow_run_id") or None) if self.found and self.same_job else None
 
 
 def prepare(cfg, plan: Plan, run_dir: Path, dist: Dist | None = None) -> Job:
@@ -74,7 +84,7 @@ def prepare(cfg, plan: Plan, run_dir: Path, dist: Dist | None = None) -> Job:
               f"(data.on_bad_record={cfg.data.on_bad_record})", file=sys.stderr)
     ctx = cfg.model.context_length
     stride = default_stride(cfg.data.stride, ctx)
-    train_windows = TokenWindows(data.tokens("train"), ctx, stride)
+    train_windows = TokenWindows(data.tokens("train"), ctx, stride, "train")
     steps_per_epoch = len(train_windows) // (plan.micro_batch * dist.world_size * plan.accumulation)
     if steps_per_epoch < 1:
         raise CorpusError(f"the training split has {len(train_windows)} windows, fewer than one effective batch "
@@ -83,17 +93,43 @@ def prepare(cfg, plan: Plan, run_dir: Path, dist: Dist | None = None) -> Job:
     limits = [n for n in (t.max_steps, t.max_epochs and t.max_epochs * steps_per_epoch) if n]
     o = cfg.optim
     schedule = Schedule.for_run(plan.lr, o.warmup, min(limits) if limits else None, o.min_lr_ratio)
+    val_windows = TokenWindows(data.tokens("val"), ctx, ctx, "val")
     folder = checkpoint.Folder(run_dir / cfg.checkpoint.dir, cfg.checkpoint.keep_last)
+    lock = RunLock(folder.path).acquire() if dist.main else None
+    try:
+        found, same_job = _resume_point(cfg, folder, tokenizer_hash(data.tokenizer()), dist)
+    except BaseException:
+        lock and lock.release()
+        raise
+    return Job(cfg, plan, dist, run_dir, data, train_windows, val_windows, stride, steps_per_epoch, schedule, folder,
+               found, same_job, lock)
+
+
+def _resume_point(cfg, folder: checkpoint.Folder, tok_hash: str, dist: Dist) -> tuple[tuple | None, bool]:
+    """(the checkpoint to resume from, whether it is of this very job). A
+    checkpoint of another shape, tokenizer or token stream is refused;
+    resume=auto also refuses one of another job (another LR, seed...), whose
+    folder this run must not continue in. An explicit resume=FILE of another
+    job starts a new MLflow run from those weights."""
     found = checkpoint.find_resume(cfg.resume, folder, quiet=not dist.main)
-    if found:
-        checkpoint.check_compatible(found[1], cfg_dict(cfg), tokenizer_hash(data.tokenizer()), found[0])
-    return Job(cfg, plan, dist, run_dir, data, train_windows, TokenWindows(data.tokens("val"), ctx, ctx), stride,
-               steps_per_epoch, schedule, folder, found)
+    if found is None:
+        return None, False
+    path, state = found
+    now = cfg_dict(cfg)
+    checkpoint.check_compatible(state, now, tok_hash, path)
+    diffs = job_differences(state["config"], now)
+    if diffs and cfg.resume == "auto":
+        raise checkpoint.ResumeError(
+            f"resume=auto: {path} is a checkpoint of another job; it differs in: {'; '.join(diffs)}. Rerun with its "
+            f"settings to continue it, or use another run folder (hydra.run.dir=...) or resume=never")
+    return found, not diffs
 
 
 def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None, job: Job | None = None) -> dict:
     """Train per `cfg` and `plan`; returns the final metrics and `status`."""
-    job = job or prepare(cfg, plan, run_dir, dist)
+    if job is None:
+        with prepare(cfg, plan, run_dir, dist) as job:
+            return train(cfg, plan, tracker, run_dir, dist, job)
     try:
         return Run(job, tracker).loop()
     finally:
@@ -130,6 +166,10 @@ class Run:
                                    job.run_dir / "samples.jsonl", tracker, self.say)
         self.final: dict = {}
         self.val_at = -1  # step of the latest eval
+        saved_val = job.found[1].get("val_loss") if job.found else None
+        if saved_val is not None:  # the checkpoint's own eval: a finished run rerun adds no second one
+            self.final.update({"val/loss": saved_val, "val/perplexity": math.exp(min(saved_val, 50))})
+            self.val_at = self.state.step
         self.status = "FINISHED"
 
     # -- the loop ---------------------------------------------------------------

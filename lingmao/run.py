@@ -66,7 +66,6 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
     from .distributed import Dist
     from .machine import detect
     from .plan import make_plan, runnable_plan
-    from .tracking import SPOOL_NAME, Tracker, git_state, launch_host, resolve_uri, where
 
     validate(cfg)
     machine = detect()
@@ -85,7 +84,15 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
     dist = Dist.from_env()
     # Everything that can refuse the run (the corpus, the checkpoint to
     # resume) is checked before an MLflow run is created or reopened.
-    job = engine.prepare(cfg, plan, run_dir, dist)
+    with engine.prepare(cfg, plan, run_dir, dist) as job:
+        return _train(cfg, plan, job, launch_dir, run_dir, tags)
+
+
+def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -> dict:
+    from . import engine
+    from .tracking import SPOOL_NAME, Tracker, git_state, launch_host, resolve_uri, where
+
+    dist = job.dist
     uri = resolve_uri(cfg.tracking.uri, launch_dir)
     enabled = cfg.tracking.enabled and dist.main
     tracker = Tracker(uri, cfg.tracking.experiment_name, run_name(cfg, plan, (tags or {}).get("sweep.values", "")),
@@ -96,6 +103,12 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
                       **git_state(launch_dir), **(tags or {})})
     try:
         final = engine.train(cfg, plan, tracker, run_dir, dist, job)
+    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM: stop now, without a traceback
+        tracker.end("KILLED")
+        last = job.folder.path / "last.pt"
+        kept = f"the last checkpoint is {last}" if last.exists() else "no checkpoint was written"
+        print(f"stopped at once by a second signal; {kept}", file=sys.stderr)
+        raise SystemExit(130) from None
     except BaseException:
         tracker.end("FAILED")
         raise

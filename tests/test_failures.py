@@ -127,7 +127,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, mlflow_d
     ("notext.jsonl", b'{"body": "a"}\n', "notext.jsonl:1: text field 'text' is missing; keys are ['body']"),
     ("latin1.jsonl", '{"text": "café"}\n'.encode("latin-1"), "latin1.jsonl:1: not UTF-8"),
     ("cut.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 100)[:30], "cut.jsonl.gz: truncated or corrupt gzip file"),
-    ("small.jsonl", b'{"text": "a"}\n{"text": "b"}\n', "the corpus has 2 tokens; context length 32 needs at least 33"),
+    ("small.jsonl", b'{"text": "a"}\n{"text": "b"}\n', "the training split has 2 tokens; context length 32 needs at least 33"),
     ("few.jsonl", "".join(f'{{"text": "{c * 60}"}}\n' for c in "春夏秋冬").encode(),
      "fewer than one effective batch (32); lower hardware.batch / hardware.accumulation or add data"),
 ])

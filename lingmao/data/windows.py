@@ -25,15 +25,15 @@ class TokenWindows(Dataset):
     read, which is how make_loader uses it.
     """
 
-    def __init__(self, tokens: np.ndarray, context_length: int, stride: int):
+    def __init__(self, tokens: np.ndarray, context_length: int, stride: int, split: str | None = None):
         if not 1 <= stride <= context_length:
             raise CorpusError(f"data.stride={stride}: must be between 1 and the context length ({context_length})")
         n = len(tokens)
         if n < context_length + 1:
-            raise CorpusError(
-                f"the corpus has {n} tokens; context length {context_length} needs at least {context_length + 1}: "
-                "add data, lower model.context_length, or (for the validation split) raise data.val_fraction"
-            )
+            what = {"train": "the training split", "val": "the validation split"}.get(split, "the corpus")
+            fix = "raise data.val_fraction, add data" if split == "val" else "add data"
+            raise CorpusError(f"{what} has {n} tokens; context length {context_length} needs at least "
+                              f"{context_length + 1}: {fix}, or lower model.context_length")
         self.tokens = tokens
         self.context_length = context_length
         self.stride = stride
