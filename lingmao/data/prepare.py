@@ -141,15 +141,50 @@ def _hash01(text: str, seed: int, purpose: bytes) -> int:
 
 def _build(records: Iterable[dict], work: Path, s: dict, digest: str, progress: bool) -> None:
     t0 = time.perf_counter()
-    seed = s["seed"]
+    docs, read, dups, skipped = _normalise(records, s)
+    by_genre = _cap(docs, s)
+    genres = sorted(by_genre)
+    genre_of = {t: genre for genre in genres for t in by_genre[genre]}
+    ordered, n_val = _split(genre_of, s)
+    val, train = ordered[:n_val], ordered[n_val:]
+    tok = build_char_tokenizer(ordered)  # over every kept document
+    tok.save(str(work / "tokenizer.json"))
+    vocab_size = tok.get_vocab_size()
+    dtype = "uint16" if vocab_size < 2**16 else "uint32"
+    counts = _tokenize(tok, {"train": train, "val": val}, work, dtype, digest, progress,
+                       {g: i for i, g in enumerate(genres)}, genre_of)
+    meta = {
+        **s,
+        "vocab_size": vocab_size,
+        "dtype": dtype,
+        "tokenizer_sha256": tokenizer_hash(tok),
+        "genres": genres,  # val_docs.npy genre indices point into this list
+        "per_genre": {
+            g: {"records": read[g], "duplicates": dups[g], "docs": len(by_genre[g]),
+                "chars": sum(map(len, by_genre[g]))}
+            for g in genres
+        },
+        "records": sum(read.values()),
+        "skipped_records": skipped,
+        "duplicates_removed": sum(dups.values()),
+        **counts,
+        # bits per character = loss/ln2 * tokens/char (each doc's <eos> counts as a token, not a char)
+        "val_tokens_per_char": counts["tokens"]["val"] / counts["chars"]["val"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    (work / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
 
-    # 1. normalize script, drop empties, drop exact duplicates (first one seen keeps its genre)
+
+def _normalise(records: Iterable[dict], s: dict) -> tuple[dict[str, str], Counter, Counter, int]:
+    """Normalise the script, drop empties and exact duplicates (the first one
+    seen keeps its genre): ({text: genre} in first-seen order, records read
+    per genre, duplicates per genre, records skipped)."""
     convert = None
     if s["script"] == "simplified":
         from opencc import OpenCC
 
         convert = OpenCC("t2s").convert  # one converter: building it loads the dictionaries
-    docs: dict[str, str] = {}  # text -> genre; dict keeps first-seen order
+    docs: dict[str, str] = {}
     read: Counter[str] = Counter()
     dups: Counter[str] = Counter()
     skipped = 0
@@ -172,8 +207,12 @@ def _build(records: Iterable[dict], work: Path, s: dict, digest: str, progress: 
             f"data source {s['key']} gave no non-empty text ({skipped} records empty or skipped): "
             "check the paths / dataset name and the text field"
         )
+    return docs, read, dups, skipped
 
-    # 2. cap genres: keep the `cap` docs with the smallest seeded hash (a random sample)
+
+def _cap(docs: dict[str, str], s: dict) -> dict[str, list[str]]:
+    """Documents by genre, each capped genre keeping the `cap` documents with
+    the smallest seeded hash (a random sample)."""
     by_genre: dict[str, list[str]] = defaultdict(list)
     for text, genre in docs.items():
         by_genre[genre].append(text)
@@ -182,30 +221,30 @@ def _build(records: Iterable[dict], work: Path, s: dict, digest: str, progress: 
         raise CorpusError(f"data.genre_caps names {unknown}, not in this corpus; genres present: {sorted(by_genre)}")
     for genre, cap in s["genre_caps"].items():
         if len(by_genre[genre]) > cap:
-            by_genre[genre] = sorted(by_genre[genre], key=lambda t: _hash01(t, seed, b"cap"))[:cap]
-    genres = sorted(by_genre)
-    genre_of = {t: genre for genre in genres for t in by_genre[genre]}
+            by_genre[genre] = sorted(by_genre[genre], key=lambda t: _hash01(t, s["seed"], b"cap"))[:cap]
+    return by_genre
 
-    # 3. split by document hash (a different hash than the cap's, else capped genres
-    #    would put their sample mostly in val); order each split by hash too, which
-    #    shuffles genres together and makes the output independent of record order
-    u = {t: _hash01(t, seed, b"split") for t in genre_of}
+
+def _split(genre_of: dict[str, str], s: dict) -> tuple[list[str], int]:
+    """(documents in hash order, how many of the first are val). A different
+    hash than the cap's, else capped genres would put their sample mostly in
+    val; ordering each split by hash shuffles genres together and makes the
+    output independent of record order."""
+    u = {t: _hash01(t, s["seed"], b"split") for t in genre_of}
     if len(u) < 2:
         raise CorpusError(
             f"data source {s['key']} has {len(u)} document(s) after genre caps; need at least 2 to split train/val"
         )
     ordered = sorted(u, key=u.__getitem__)
     n_val = sum(1 for h in u.values() if h < s["val_fraction"] * 2**64)  # the prefix of `ordered`
-    n_val = min(max(n_val, 1), len(ordered) - 1)  # tiny corpora: still one document each side
-    val, train = ordered[:n_val], ordered[n_val:]
+    return ordered, min(max(n_val, 1), len(ordered) - 1)  # tiny corpora: still one document each side
 
-    # 4. tokenizer over every kept document
-    tok = build_char_tokenizer(ordered)
-    tok.save(str(work / "tokenizer.json"))
-    vocab_size = tok.get_vocab_size()
-    dtype = "uint16" if vocab_size < 2**16 else "uint32"
 
-    # 5. tokenize each split with `datasets` (batched, cached in the work dir)
+def _tokenize(tok: Tokenizer, splits: dict[str, list[str]], work: Path, dtype: str, digest: str, progress: bool,
+              genre_index: dict[str, int], genre_of: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Token ids of each split into work/<split>.bin (with `datasets`:
+    batched, cached in the work dir), the val documents' offsets and genres
+    into val_docs.npy; returns docs, tokens and chars per split."""
     import datasets
 
     bars_were_on = datasets.is_progress_bar_enabled()
@@ -216,7 +255,7 @@ def _build(records: Iterable[dict], work: Path, s: dict, digest: str, progress: 
 
     counts: dict[str, dict[str, int]] = {"docs": {}, "tokens": {}, "chars": {}}
     try:
-        for split, texts in (("train", train), ("val", val)):
+        for split, texts in splits.items():
             ds = datasets.Dataset.from_dict({"text": texts}).map(
                 encode,
                 batched=True,
@@ -232,10 +271,9 @@ def _build(records: Iterable[dict], work: Path, s: dict, digest: str, progress: 
             lengths = np.concatenate([c.value_lengths().to_numpy() for c in column.chunks]).astype(np.int64)
             ids.tofile(work / f"{split}.bin")
             if split == "val":
-                index = {g: i for i, g in enumerate(genres)}
                 starts = np.cumsum(lengths) - lengths
-                val_docs = np.stack([starts, np.array([index[genre_of[t]] for t in texts], dtype=np.int64)], axis=1)
-                np.save(work / "val_docs.npy", val_docs)
+                genres = np.array([genre_index[genre_of[t]] for t in texts], dtype=np.int64)
+                np.save(work / "val_docs.npy", np.stack([starts, genres], axis=1))
             counts["docs"][split] = len(texts)
             counts["tokens"][split] = int(ids.size)
             counts["chars"][split] = sum(map(len, texts))
@@ -244,24 +282,4 @@ def _build(records: Iterable[dict], work: Path, s: dict, digest: str, progress: 
         (datasets.enable_progress_bars if bars_were_on else datasets.disable_progress_bars)()
     for f in work.glob("tokens-*.arrow"):  # a duplicate of the .bin files once those exist
         f.unlink()
-
-    meta = {
-        **s,
-        "vocab_size": vocab_size,
-        "dtype": dtype,
-        "tokenizer_sha256": tokenizer_hash(tok),
-        "genres": genres,  # val_docs.npy genre indices point into this list
-        "per_genre": {
-            g: {"records": read[g], "duplicates": dups[g], "docs": len(by_genre[g]),
-                "chars": sum(map(len, by_genre[g]))}
-            for g in genres
-        },
-        "records": sum(read.values()),
-        "skipped_records": skipped,
-        "duplicates_removed": sum(dups.values()),
-        **counts,
-        # bits per character = loss/ln2 * tokens/char (each doc's <eos> counts as a token, not a char)
-        "val_tokens_per_char": counts["tokens"]["val"] / counts["chars"]["val"],
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    (work / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+    return counts
