@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .distributed import Dist, from_rank0, rank_seed
 from .step import TrainState
 
 clock = time.monotonic  # checkpoint.every_minutes is measured on it
@@ -82,8 +83,8 @@ class RunLock:
             self._file = None
 
 
-def restore(state: dict, raw, optimizer, scaler, device: torch.device) -> TrainState:
-    """Load a checkpoint's tensors and RNG states; return its TrainState."""
+def restore(state: dict, raw, optimizer, scaler, device: torch.device, rank: int = 0) -> TrainState:
+    """Load a checkpoint's tensors and this rank's RNG states; return its TrainState."""
     raw.load_state_dict(state["model"])
     # The config's optimizer settings win over the checkpoint's (a resume may
     # change weight decay or betas); the moments and step counts come from it.
@@ -93,7 +94,10 @@ def restore(state: dict, raw, optimizer, scaler, device: torch.device) -> TrainS
         group.update(s)
     if state["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
-    checkpoint.set_rng_state(state["rng"], device)
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    checkpoint.set_rng_state(ranks[rank] if rank < len(ranks) else state["rng"], device)
+    if rank >= len(ranks):  # more processes than the run that saved it had: a stream of its own
+        torch.manual_seed(rank_seed(state["config"]["seed"] + state["progress"]["step"], rank))
     return TrainState(**state["progress"])
 
 
@@ -118,14 +122,15 @@ class Checkpointer:
     def due_by_time(self) -> bool:
         return bool(self.every_minutes) and clock() - self._last_time >= self.every_minutes * 60
 
-    def start(self, found: tuple[Path, dict] | None, raw, optimizer, scaler, device) -> TrainState:
-        """The state to start from: the checkpoint `found` (see
-        checkpoint.find_resume), loaded into the model, optimizer, scaler and
-        RNGs, or a fresh one."""
+    def start(self, found: tuple[Path, dict] | None, raw, optimizer, scaler, device, dist: Dist) -> TrainState:
+        """The state to start from: rank 0's checkpoint `found` (see
+        checkpoint.find_resume), loaded on every rank into the model,
+        optimizer, scaler and RNGs, or a fresh one."""
+        found = from_rank0(found, dist)
         if found is None:
             return TrainState()
         path, state = found
-        s = restore(state, raw, optimizer, scaler, device)
+        s = restore(state, raw, optimizer, scaler, device, dist.rank)
         self.last_good, self.saved_at = path, s.step
         return s
 
@@ -142,8 +147,9 @@ class Checkpointer:
         self.last_good, self.saved_at, self._last_time = path, s.step, clock()
         return path
 
-    def rollback(self, raw, optimizer, scaler, device, lr_scale: float) -> TrainState:
-        """Back to the last checkpoint, with the LR scaled by `lr_scale`."""
-        s = restore(checkpoint.load(self.last_good), raw, optimizer, scaler, device)
+    def rollback(self, raw, optimizer, scaler, device, dist: Dist, lr_scale: float) -> TrainState:
+        """Back to the last checkpoint (rank 0 reads it), with the LR scaled by `lr_scale`."""
+        state = from_rank0(checkpoint.load(self.last_good) if dist.main else None, dist)
+        s = restore(state, raw, optimizer, scaler, device, dist.rank)
         s.lr_scale = lr_scale
         return s

@@ -86,6 +86,31 @@ class Parallel:
         return self.ddp.no_sync()
 
 
+def from_rank0(obj, dist: Dist):
+    """Rank 0's `obj` on every rank: what rank 0 read from its disk (a
+    checkpoint), so nodes without a shared filesystem start alike."""
+    if not dist.ddp:
+        return obj
+    box = [obj if dist.main else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj, dist: Dist) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.ddp:
+        return [obj]
+    out = [None] * dist.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank r's seed for what must differ between ranks (dropout masks);
+    rank 0 keeps `seed` itself, so one process draws what it always did."""
+    return seed if rank == 0 else (seed * 1_000_003 + rank) % 2**63
+
+
 def agree(flags: list, device: torch.device, ddp: bool) -> list[bool]:
     """Decisions every rank takes together (one rank stopping or skipping
     alone would leave the others waiting in the next all-reduce), read with

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import checkpoint
 from .checkpointer import Checkpointer, RunLock, job_differences
@@ -29,7 +30,7 @@ from .data.prepare import Prepared
 from .data.stream import BatchStream
 from .data.tokenizer import tokenizer_hash
 from .data.windows import TokenWindows, default_stride, make_loader
-from .distributed import Dist, Parallel, agree, finish, start
+from .distributed import Dist, Parallel, agree, finish, gather, rank_seed, start
 from .evaluation import Evaluator, ValData
 from .metrics import Meter
 from .nan_policy import NanPolicy, NonFiniteError, nonfinite_report  # noqa: F401 (NonFiniteError: the CLI's)
@@ -92,7 +93,7 @@ def prepare(cfg, plan: Plan, run_dir: Path, dist: Dist | None = None) -> Job:
     t = cfg.trainer
     limits = [n for n in (t.max_steps, t.max_epochs and t.max_epochs * steps_per_epoch) if n]
     o = cfg.optim
-    schedule = Schedule.for_run(plan.lr, o.warmup, min(limits) if limits else None, o.min_lr_ratio)
+    schedule = Schedule.for_run(plan.lr, o.warmup, min(limits) if limits else None, o.min_lr_ratio, t.max_time)
     val_windows = TokenWindows(data.tokens("val"), ctx, ctx, "val")
     folder = checkpoint.Folder(run_dir / cfg.checkpoint.dir, cfg.checkpoint.keep_last)
     lock = RunLock(folder.path).acquire() if dist.main else None
@@ -111,7 +112,9 @@ def _resume_point(cfg, folder: checkpoint.Folder, tok_hash: str, dist: Dist) -> 
     resume=auto also refuses one of another job (another LR, seed...), whose
     folder this run must not continue in. An explicit resume=FILE of another
     job starts a new MLflow run from those weights."""
-    found = checkpoint.find_resume(cfg.resume, folder, quiet=not dist.main)
+    if not dist.main:  # rank 0's checkpoint reaches the others (Checkpointer.start): disks need not be shared
+        return None, False
+    found = checkpoint.find_resume(cfg.resume, folder)
     if found is None:
         return None, False
     path, state = found
@@ -152,7 +155,9 @@ class Run:
         self.checkpointer = Checkpointer(job.folder, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes, {
             "schedule": asdict(job.schedule), "config": cfg_dict(cfg), "plan": plan.as_dict(),
             "tokenizer_hash": tokenizer_hash(self.tokenizer), "tokenizer": self.tokenizer.to_str()}, dist.main)
-        self.state = self.checkpointer.start(job.found, self.raw, self.optimizer, self.scaler, self.device)
+        if dist.rank:  # the same initial weights on every rank, other dropout masks
+            torch.manual_seed(rank_seed(cfg.seed, dist.rank))
+        self.state = self.checkpointer.start(job.found, self.raw, self.optimizer, self.scaler, self.device, dist)
         self.resumed, self.started_at = job.found is not None, self.state.step
         self.model = Parallel(self.raw, plan, dist, self.device)
         self.train_step = TrainStep(self.model, self.optimizer, self.scaler, cfg, plan, self.device, dist.ddp)
@@ -177,17 +182,19 @@ class Run:
     def loop(self) -> dict:
         s, t, total = self.state, self.cfg.trainer, self.job.schedule.total_steps
         self.record_start()
-        start = time.perf_counter()
+        start, before = time.perf_counter(), s.seconds  # a resumed run counts the time of the earlier ones
         with Stopper() as stopper:
             while total is None or s.step < total:
                 chunks = self.night_chunks(s.step)
-                stats = self.train_step.step(self.stream, self.job.schedule.lr(s.step, s.lr_scale), chunks)
+                lr = self.job.schedule.lr(s.step, s.lr_scale, s.seconds)
+                stats = self.train_step.step(self.stream, lr, chunks)
                 if not stats.applied:
                     self.non_finite(stats)
                     s = self.state  # a rollback replaced it
                     continue
                 self.nan.good_step()
                 s.step += 1
+                s.seconds = before + time.perf_counter() - start
                 s.epoch, s.epoch_windows = self.stream.epoch, self.stream.seen
                 self.meter.add(stats)
                 if s.step == self.started_at + 1:
@@ -196,7 +203,7 @@ class Run:
                     self.bar.update(1)
                 if s.step % t.log_every == 0 or s.step == total:
                     self.log(stats)
-                out_of_time = bool(t.max_time) and time.perf_counter() - start >= t.max_time
+                out_of_time = bool(t.max_time) and s.seconds >= t.max_time
                 stop, out_of_time, due_by_time = agree(
                     [stopper.requested, out_of_time, self.checkpointer.due_by_time()], self.device, self.dist.ddp)
                 # Early stopping counts the evals eval_every schedules; a checkpoint
@@ -243,7 +250,7 @@ class Run:
             print(f"warning: {report}\n  trainer.on_nan=skip: step dropped", file=sys.stderr)
             return
         lr_scale = s.lr_scale * self.cfg.trainer.nan_lr_factor
-        self.state = ck.rollback(self.raw, self.optimizer, self.scaler, self.device, lr_scale)
+        self.state = ck.rollback(self.raw, self.optimizer, self.scaler, self.device, self.dist, lr_scale)
         self.stream = self._stream()
         self.meter.drop()
         self.val_at = -1
@@ -276,8 +283,9 @@ class Run:
         val = self.final.get("val/loss") if self.val_at == s.step else None
         if self.dist.main:
             self.tracker.flush(wait=True)  # the metrics up to this step survive whatever the checkpoint survives
+        rngs = gather(checkpoint.rng_state(self.device), self.dist)  # each rank draws its own dropout masks
         tensors = {"model": checkpoint.model_state(self.raw), "optimizer": self.optimizer.state_dict(),
-                   "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(self.device)}
+                   "scaler": self.scaler.state_dict(), "rng": rngs[0], **({"rng_ranks": rngs} if self.dist.ddp else {})}
         self.checkpointer.save(s, tensors, val, self.tracker.run_id)
         self.nan.saved()
 

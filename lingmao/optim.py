@@ -23,33 +23,56 @@ def scaled_lr(lr: float, base_batch: int, effective_batch: int, rule: str) -> fl
 
 
 def warmup_steps(warmup: float, max_steps: int) -> int:
-    """`warmup` < 1 is a fraction of the run (seed 000: 10%), >= 1 a step count."""
+    """`warmup` < 1 is a fraction of the run, >= 1 a step count."""
     return int(warmup * max_steps) if warmup < 1 else int(warmup)
 
 
+def cosine(progress: float, floor: float) -> float:
+    """From 1 at progress 0 to `floor` at progress 1 (and after), the form
+    nanoGPT and torchtitan use: floor + (1 - floor) * (1 + cos(pi p)) / 2.
+    Clamping a plain cosine at the floor instead would sit flat at it for
+    the last ~20% of a run."""
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
-    """Seed 000's lr_lambda: linear warmup, then cosine decay, never below `floor`."""
+    """Linear warmup over `warmup` steps, then cosine decay to `floor` at step `total`."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(floor, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    return cosine((step - warmup) / max(1, total - warmup), floor)
 
 
 @dataclass
 class Schedule:
-    """The LR as a pure function of the step: a checkpoint stores this and
-    a resumed run continues on it."""
+    """The LR as a function of the step, or of the training time when only
+    `trainer.max_time` bounds the run (so a 30-minute run reaches the floor
+    at 30 minutes). A checkpoint stores it; a resumed run continues on it."""
     peak_lr: float
-    warmup: int
+    warmup: int  # steps
     total_steps: int | None  # None: bounded by time or a signal only
     min_lr_ratio: float
+    max_time: float | None = None  # seconds; the clock of the schedule when total_steps is None
+    warmup_time: float = 0.0  # seconds of warmup on that clock
 
     @classmethod
-    def for_run(cls, peak_lr: float, warmup: float, total_steps: int | None, min_lr_ratio: float) -> Schedule:
+    def for_run(cls, peak_lr: float, warmup: float, total_steps: int | None, min_lr_ratio: float,
+                max_time: float | None = None) -> Schedule:
+        if total_steps is None and max_time:
+            by_time = warmup < 1
+            return cls(peak_lr, 0 if by_time else int(warmup), None, min_lr_ratio, max_time,
+                       warmup * max_time if by_time else 0.0)
         return cls(peak_lr, max(1, warmup_steps(warmup, total_steps or 0)), total_steps, min_lr_ratio)
 
-    def lr(self, step: int, scale: float = 1.0) -> float:
-        return self.peak_lr * scale * lr_factor(step, self.warmup, self.total_steps or 10**12, self.min_lr_ratio)
+    def lr(self, step: int, scale: float = 1.0, seconds: float = 0.0) -> float:
+        """At `step`, after `seconds` of training; `scale`: on_nan=rollback's cuts."""
+        if self.total_steps is not None or not self.max_time:
+            return self.peak_lr * scale * lr_factor(step, self.warmup, self.total_steps or 10**12, self.min_lr_ratio)
+        if step < self.warmup:
+            return self.peak_lr * scale * (step + 1) / self.warmup
+        if seconds < self.warmup_time:
+            return self.peak_lr * scale * max(seconds, 1e-3) / self.warmup_time
+        w = self.warmup_time
+        return self.peak_lr * scale * cosine((seconds - w) / max(1e-9, self.max_time - w), self.min_lr_ratio)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, exclude=()) -> list[dict]:

@@ -38,6 +38,7 @@ class TrainState:
     best_val: float = math.inf  # lowest val loss of a scheduled eval (early stopping)
     evals_since_best: int = 0
     best_saved_val: float = math.inf  # lowest val loss of a saved checkpoint (best.pt)
+    seconds: float = 0.0  # wall time trained, over every process of the run (trainer.max_time counts it)
 
     def count_eval(self, val: float, patience: int | None) -> bool:
         """Early stopping: True once `patience` evals in a row brought no improvement."""

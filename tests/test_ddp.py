@@ -34,3 +34,54 @@ def test_two_gloo_processes_match_one_process_with_double_batch(tmp_path, traini
     assert train2 == pytest.approx(train1, rel=1e-5, abs=1e-5)
     assert val2 == pytest.approx(val1, rel=1e-5, abs=1e-5)
     assert train1[-1] < train1[0]
+
+
+def two_nodes(args: list[str], folders: list, cache, store):
+    """One job as two torchrun "nodes" on this machine, one process each,
+    each in its own run folder (no shared filesystem between them)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LINGMAO_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
+    procs = []
+    for node, folder in enumerate(folders):
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "lingmao.run",
+               *args, f"hydra.run.dir={folder}", f"tracking.uri=sqlite:///{store}"]
+        procs.append(subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    return outs
+
+
+@pytest.mark.slow
+def test_two_nodes_without_a_shared_disk_resume_alike_with_their_own_dropout(tmp_path, training_cache):
+    import torch
+
+    from lingmao import checkpoint
+
+    base = [a for a in COMMON if not a.startswith(("model.dropout", "trainer.max_steps"))] + [
+        "model.dropout=0.1", "hardware.batch=2", "hardware.threads=1", "checkpoint.every_steps=2"]
+    store = tmp_path / "mlflow.db"
+    two_nodes(base + ["trainer.max_steps=4", "tracking.run_name=cut"], [tmp_path / "a0", tmp_path / "a1"],
+              training_cache, store)
+    assert not (tmp_path / "a1" / "checkpoints").exists() or not list((tmp_path / "a1" / "checkpoints").iterdir())
+    out = two_nodes(base + ["trainer.max_steps=8", "tracking.run_name=cut"], [tmp_path / "a0", tmp_path / "a1"],
+                    training_cache, store)
+    assert "resuming from" in out[0]
+    two_nodes(base + ["trainer.max_steps=8", "tracking.run_name=full"], [tmp_path / "b0", tmp_path / "b1"],
+              training_cache, store)
+    _, cut, _ = losses(store, "cut")
+    _, full, _ = losses(store, "full")
+    assert cut == pytest.approx(full, rel=1e-6)  # node 1 continued from node 0's checkpoint, not from scratch
+    state = checkpoint.load(tmp_path / "b0" / "checkpoints" / "last.pt")
+    ranks = state["rng_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # dropout masks differ

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from lingmao.model import GPT, GPTConfig
-from lingmao.optim import lr_factor, param_groups, scaled_lr, warmup_steps
+from lingmao.optim import Schedule, lr_factor, param_groups, scaled_lr, warmup_steps
 
 
 def test_sqrt_scaling_matches_seed_000_example():
-    # seed 000: base 5e-5 at batch 16 -> batch 64 gives about 1e-4
+    # square-root scaling: 5e-5 at batch 16 -> about 1e-4 at batch 64
     assert scaled_lr(5e-5, 16, 64, "sqrt") == pytest.approx(1e-4)
     assert scaled_lr(5e-5, 16, 64, "linear") == pytest.approx(2e-4)
     assert scaled_lr(5e-5, 16, 64, "none") == 5e-5
@@ -17,12 +17,24 @@ def test_sqrt_scaling_matches_seed_000_example():
 def test_schedule_warms_up_then_decays_to_the_floor():
     total, warm = 1000, warmup_steps(0.1, 1000)
     assert warm == 100
-    f = [lr_factor(s, warm, total, 0.1) for s in range(total)]
+    f = [lr_factor(s, warm, total, 0.1) for s in range(total + 1)]
     assert f[0] == pytest.approx(0.01) and f[99] == pytest.approx(1.0)
     assert all(a <= b for a, b in zip(f[:100], f[1:100]))
-    assert all(a >= b for a, b in zip(f[100:], f[101:]))
-    assert min(f[100:]) == pytest.approx(0.1)
-    assert f[100 + 450] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)), abs=0.01)
+    assert all(a > b for a, b in zip(f[100:], f[101:]))  # decays at every step: never flat at the floor
+    assert f[total] == pytest.approx(0.1) and f[total - 1] > 0.1  # the floor at the last step, not before
+    assert f[100 + 450] == pytest.approx(0.1 + 0.9 * 0.5, abs=0.01)  # floor + (1 - floor) * cos at half-way
+
+
+def test_a_run_bounded_by_time_decays_by_time():
+    s = Schedule.for_run(1.0, 0.1, None, 0.1, max_time=1800.0)
+    assert s.lr(0, seconds=0.0) < 0.01 and s.lr(500, seconds=90.0) == pytest.approx(0.5)
+    assert s.lr(900, seconds=180.0) == pytest.approx(1.0)
+    assert s.lr(5000, seconds=990.0) == pytest.approx(0.55)
+    assert s.lr(9000, seconds=1800.0) == pytest.approx(0.1)
+    by_time = [s.lr(10**6, seconds=t) for t in range(180, 1801, 60)]
+    assert all(a > b for a, b in zip(by_time, by_time[1:]))
+    steps = Schedule.for_run(1.0, 0.1, 1000, 0.1)  # with a step budget the clock plays no part
+    assert steps.lr(550, seconds=5.0) == steps.lr(550, seconds=5000.0) == pytest.approx(0.55, abs=0.01)
 
 
 def test_warmup_as_step_count():

@@ -227,3 +227,17 @@ def test_poisoned_step_still_reported_after_the_split(tmp_path, shared_cache, mo
 
     with pytest.raises(NonFiniteError, match="grad of tok_emb.weight"):
         train_here(tmp_path, tmp_path / "run", "trainer.max_steps=3", "tracking.enabled=false")
+
+
+def test_a_run_bounded_only_by_time_ends_at_the_lr_floor(tmp_path, shared_cache):
+    from lingmao import plan as plan_module
+    from lingmao.machine import detect
+
+    args = ["trainer.max_steps=null", "trainer.max_time=8", "optim.min_lr_ratio=0.1", "tracking.enabled=false",
+            "trainer.eval_every=100000"]
+    final = train_here(tmp_path, tmp_path / "run", *args)
+    peak = plan_module.make_plan(configure(*args), detect()).lr
+    assert final["step"] > 5
+    assert final["lr"] < 0.2 * peak  # cosine by time: near the floor (0.1 x peak) when the time is up
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["progress"]["seconds"] >= 8.0 and state["schedule"]["max_time"] == 8.0
