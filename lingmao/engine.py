@@ -31,7 +31,7 @@ from .data.stream import BatchStream
 from .data.tokenizer import tokenizer_hash
 from .data.windows import TokenWindows, default_stride, make_loader
 from .distributed import Dist, Parallel, agree, finish, gather, rank_seed, start
-from .evaluation import Evaluator, ValData
+from .evaluation import Evaluator, ValData, corpus_verse_form
 from .metrics import Meter
 from .nan_policy import NanPolicy, NonFiniteError, nonfinite_report  # noqa: F401 (NonFiniteError: the CLI's)
 from .night import NightMode
@@ -305,12 +305,14 @@ class Run:
         if not self.dist.main:
             return
         job, tracker, data = self.job, self.tracker, self.job.data
+        v = self.evaluator.val
+        form = corpus_verse_form(v.tokens, v.docs, v.genres, self.tokenizer)  # what samples/form is read against
         if not (self.resumed and job.resume_run_id == tracker.run_id):  # a resumed run already has its params
             tracker.log_params({"config": cfg_dict(self.cfg), "plan": self.plan.as_dict(),
                                 "model": {"params": self.raw.num_params(), "active_params": self.raw.active_params(),
                                           "vocab_size": data.vocab_size},
                                 "data": {"stride": job.stride, "train_windows": len(job.train_windows),
-                                         "steps_per_epoch": job.steps_per_epoch}})
+                                         "steps_per_epoch": job.steps_per_epoch, "verse_form": form}})
         if self.resumed:
             tracker.set_tags({"resumed_from": str(self.checkpointer.last_good), "resumed_at_step": self.state.step})
         tracker.log_dict(self.plan.as_dict(), "plan.json")
@@ -320,7 +322,8 @@ class Run:
         ctx = self.cfg.model.context_length
         dup = data.duplicate_windows(ctx, shingle=min(32, ctx))
         tracker.log_metrics({f"data/{k}": v for k, v in dup.items()}, self.state.step)
-        print(f"corpus: {dup['exact']} exact and {dup['near']} near-duplicate windows of {dup['windows']}")
+        print(f"corpus: {dup['exact']} exact and {dup['near']} near-duplicate windows of {dup['windows']}"
+              + (f"; {form:.0%} of its 诗 lines have 5 or 7 characters (samples/form's reference)" if form else ""))
         total = job.schedule.total_steps
         print(f"model {self.raw.num_params() / 1e6:.2f}M params | vocab {data.vocab_size} | "
               f"{len(job.train_windows)} train windows | {total or '∞'} steps")

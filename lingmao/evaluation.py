@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .data.tokenizer import EOS_ID
 from .generate import complete
 from .runtime import autocast
-from .textmetrics import mean_repetition
+from .textmetrics import POEM_LINE_LENGTHS, mean_repetition, verse_form
 
 
 @torch.no_grad()
@@ -111,6 +111,19 @@ def per_genre_loss(model, tokens: np.ndarray, val_docs: np.ndarray, genres: list
             for g in range(len(genres)) if count[g] > 0}
 
 
+def corpus_verse_form(tokens: np.ndarray, docs: np.ndarray, genres: list[str], tokenizer, genre: str = "诗",
+                      max_docs: int = 2000) -> float | None:
+    """`verse_form` of the corpus's own `genre` documents in the val split
+    (the first `max_docs`): the reference samples/form is read against."""
+    if genre not in genres:
+        return None
+    g = genres.index(genre)
+    ends = np.append(docs[1:, 0], len(tokens))
+    texts = [tokenizer.decode(np.asarray(tokens[start:end], dtype=np.int64).tolist())
+             for (start, kind), end in zip(docs.tolist(), ends.tolist()) if kind == g][:max_docs]
+    return verse_form(texts)
+
+
 @dataclass
 class ValData:
     """What an eval reads: the val loader (every rank's share), and the flat
@@ -168,6 +181,10 @@ class Evaluator:
                          self.seed, greedy=decoding == "greedy")
             prefix = "samples/" if decoding == "sampled" else "samples/greedy_"
             m.update({prefix + k: v for k, v in mean_repetition([s["text"] for s in out]).items()})
+            # Lines of verse: the samples that continue a 5- or 7-character line (a 诗 prompt)
+            form = verse_form([s["prompt"] + s["text"] for s in out if len(s["prompt"]) in POEM_LINE_LENGTHS])
+            if form is not None:
+                m[prefix + "form"] = form
             m[prefix + "new_tokens"] = sum(s["new_tokens"] for s in out) / len(out)  # <eos> ends a sample early
             samples += [{"decoding": decoding, **s} for s in out]
         with open(self.samples_file, "a", encoding="utf-8") as f:

@@ -1,4 +1,5 @@
-"""Repetition in text: how much a generated sample loops, and how much a corpus repeats itself.
+"""Text metrics: how much a generated sample loops, whether it keeps the
+line lengths of verse, and how much a corpus repeats itself.
 
 Counted over characters: in classical Chinese one character is one word-ish
 unit and one token of lingmao's tokenizer. Pure functions, no torch.
@@ -43,6 +44,27 @@ def mean_repetition(texts: list[str]) -> dict[str, float]:
     """`repetition` averaged over samples (each sample weighs the same)."""
     per_text = [repetition(t) for t in texts]
     return {k: sum(r[k] for r in per_text) / len(per_text) for k in per_text[0]} if per_text else {}
+
+
+LINE_ENDS = "。，！？；\n"
+POEM_LINE_LENGTHS = (5, 7)  # 五言 and 七言: the line lengths of regulated verse
+
+
+def lines(text: str) -> list[str]:
+    """The text's lines, split at the punctuation that ends a line of verse."""
+    for mark in LINE_ENDS[1:]:
+        text = text.replace(mark, LINE_ENDS[0])
+    return [line.strip() for line in text.split(LINE_ENDS[0]) if line.strip()]
+
+
+def verse_form(texts: list[str]) -> float | None:
+    """Share of the lines of `texts` that have 5 or 7 characters: near the
+    corpus's own share for a model that writes 诗 in form, near 0 for
+    prose or loops. None when there are no lines."""
+    all_lines = [line for t in texts for line in lines(t)]
+    if not all_lines:
+        return None
+    return sum(len(line) in POEM_LINE_LENGTHS for line in all_lines) / len(all_lines)
 
 
 @dataclass

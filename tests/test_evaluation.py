@@ -60,3 +60,16 @@ def test_max_docs_per_genre_takes_the_first_ones():
     got = per_genre_loss(model, tokens, val_docs, GENRES, 8, max_docs_per_genre=2)
     assert got["诗"]["docs"] == 2 and got["诗"]["tokens"] == 14 and got["词"]["docs"] == 1
     assert math.isfinite(got["诗"]["loss"])
+
+
+def test_every_eval_logs_verse_form_beside_rep4_and_the_corpus_reference(tmp_path, mlflow_db, shared_cache):
+    from mlflow.tracking import MlflowClient
+
+    from test_resume import mlflow_runs, train_here
+
+    final = train_here(tmp_path, tmp_path / "run", "trainer.max_steps=2", "tracking.run_name=form")
+    assert 0.0 <= final["samples/form"] <= 1.0 and "samples/rep4" in final
+    _, runs = mlflow_runs(mlflow_db, "form")
+    reference = float(runs[0].data.params["data.verse_form"])
+    assert reference > 0.9  # the fixture corpus is five- and seven-character verse
+    assert MlflowClient(f"sqlite:///{mlflow_db}").get_metric_history(runs[0].info.run_id, "samples/form")

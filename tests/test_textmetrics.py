@@ -48,3 +48,12 @@ def test_duplicate_windows_of_fresh_text_and_small_chunks_agree():
     assert duplicate_windows(tokens, 128, chunk_tokens=1000) == whole  # chunking changes nothing
     with pytest.raises(ValueError, match="shingle"):
         duplicate_windows(tokens, 16, shingle=32)
+
+
+def test_verse_form_counts_five_and_seven_character_lines():
+    from lingmao.textmetrics import lines, verse_form
+
+    assert lines("床前明月光，疑是地上霜。\n举头望明月！") == ["床前明月光", "疑是地上霜", "举头望明月"]
+    assert verse_form(["床前明月光，疑是地上霜。", "子曰：学而时习之，不亦说乎？"]) == pytest.approx(2 / 4)
+    assert verse_form(["君不见黄河之水天上来，奔流到海不复回。"]) == pytest.approx(1 / 2)  # 9 and 7 characters
+    assert verse_form(["", "。。"]) is None
