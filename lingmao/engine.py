@@ -25,6 +25,7 @@ import torch
 
 from . import checkpoint
 from .checkpointer import Checkpointer, RunLock, job_differences
+from .console import interactive
 from .data import CorpusError, load_corpus
 from .data.prepare import Prepared
 from .data.stream import BatchStream
@@ -264,6 +265,10 @@ class Run:
             if self.bar:
                 self.bar.set_postfix(loss=f"{m['train/loss']:.3f}", lr=f"{m['lr']:.2e}",
                                      sps=f"{m['throughput/samples_per_sec']:.1f}", refresh=False)
+            elif self.cfg.trainer.progress:  # not a terminal: a plain line instead of bar frames
+                total = self.job.schedule.total_steps
+                print(f"step {self.state.step}{f'/{total}' if total else ''} | train/loss {m['train/loss']:.3f} | "
+                      f"lr {m['lr']:.2e} | {m['throughput/samples_per_sec']:.1f} samples/s", flush=True)
         self.final.update(m)
 
     def evaluate(self, scheduled: bool) -> bool:
@@ -315,15 +320,19 @@ class Run:
                                          "steps_per_epoch": job.steps_per_epoch, "verse_form": form}})
         if self.resumed:
             tracker.set_tags({"resumed_from": str(self.checkpointer.last_good), "resumed_at_step": self.state.step})
+        tracker.set_tags({f"genre.{ascii_name}": g for g, ascii_name in self.evaluator.genre_names.items()})
         tracker.log_dict(self.plan.as_dict(), "plan.json")
         tracker.log_dict(data.meta, "corpus.json")
         tracker.log_artifact(data.dir / "tokenizer.json")
-        # A corpus that repeats itself teaches a model to repeat.
+        # A corpus that repeats itself teaches a model to repeat. Counted over
+        # non-overlapping context-length windows: a property of the corpus,
+        # so a tag of the run, not a metric that changes with the step.
         ctx = self.cfg.model.context_length
         dup = data.duplicate_windows(ctx, shingle=min(32, ctx))
-        tracker.log_metrics({f"data/{k}": v for k, v in dup.items()}, self.state.step)
-        print(f"corpus: {dup['exact']} exact and {dup['near']} near-duplicate windows of {dup['windows']}"
-              + (f"; {form:.0%} of its 诗 lines have 5 or 7 characters (samples/form's reference)" if form else ""))
+        tracker.set_tags({f"data.duplicates.{k}": v for k, v in dup.items()})
+        print(f"corpus: {dup['windows']} blocks of {ctx} tokens, {dup['exact']} of them exact and {dup['near']} near "
+              f"duplicates of earlier ones" +
+              (f"; {form:.0%} of its 诗 lines have 5 or 7 characters (samples/form's reference)" if form else ""))
         total = job.schedule.total_steps
         print(f"model {self.raw.num_params() / 1e6:.2f}M params | vocab {data.vocab_size} | "
               f"{len(job.train_windows)} train windows | {total or '∞'} steps")
@@ -363,7 +372,7 @@ class Run:
                        data.meta["genres"], data.meta.get("val_tokens_per_char", 1.0))
 
     def _progress_bar(self):
-        if not (self.dist.main and self.cfg.trainer.progress):
+        if not (self.dist.main and self.cfg.trainer.progress and interactive()):
             return None
         from tqdm.auto import tqdm
 

@@ -111,6 +111,22 @@ def per_genre_loss(model, tokens: np.ndarray, val_docs: np.ndarray, genres: list
             for g in range(len(genres)) if count[g] > 0}
 
 
+# ASCII metric names for the genres (val/loss_shi): MLflow's charts and
+# viewers without a CJK font show them; the Chinese name is in the run's
+# `genre.<name>` tags.
+GENRE_NAMES = {"诗": "shi", "词": "ci", "文": "wen", "赋": "fu", "曲": "qu", "其他": "other"}
+
+
+def genre_metric_names(genres: list[str]) -> dict[str, str]:
+    """{genre: its ASCII metric name}: the table's, the genre itself if
+    already ASCII, else `genre<i>` by its index in the corpus."""
+    out = {}
+    for i, g in enumerate(genres):
+        ascii_name = g if g.isascii() and g.replace("_", "").isalnum() else f"genre{i}"
+        out[g] = GENRE_NAMES.get(g, ascii_name)
+    return out
+
+
 def corpus_verse_form(tokens: np.ndarray, docs: np.ndarray, genres: list[str], tokenizer, genre: str = "诗",
                       max_docs: int = 2000) -> float | None:
     """`verse_form` of the corpus's own `genre` documents in the val split
@@ -151,6 +167,7 @@ class Evaluator:
         # The per-genre loss costs about what the main eval does: eval_batches
         # micro-batches of documents, shared among the genres.
         self.genre_docs = max(16, self.trainer.eval_batches * plan.micro_batch // max(1, len(val.genres)))
+        self.genre_names = genre_metric_names(val.genres)
 
     def run(self, step: int) -> dict:
         v = self.val
@@ -162,7 +179,7 @@ class Evaluator:
                 genres = per_genre_loss(self.raw, v.tokens, v.docs, v.genres, self.context_length,
                                         device=self.device, batch_size=self.plan.micro_batch,
                                         max_docs_per_genre=self.genre_docs)
-            m.update({f"val/loss_{g}": r["loss"] for g, r in genres.items()})
+            m.update({f"val/loss_{self.genre_names[g]}": r["loss"] for g, r in genres.items()})
             samples = self._samples(step, m)
             first = samples[0]["prompt"] + samples[0]["text"]
             greedy = f" (greedy {m['samples/greedy_rep4']:.2f})" if "samples/greedy_rep4" in m else ""

@@ -8,6 +8,7 @@ cores and GPUs, see `slot_resources`), Optuna, submitit (SLURM).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -63,6 +64,7 @@ def swept_values(job: list[str], sweep: list[str]) -> str:
 def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None = None) -> dict | None:
     """Validate, plan, and (unless plan=true) train; returns the final metrics."""
     from . import engine
+    from .console import RunLog
     from .distributed import Dist
     from .machine import detect
     from .plan import make_plan, runnable_plan
@@ -84,7 +86,7 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
     dist = Dist.from_env()
     # Everything that can refuse the run (the corpus, the checkpoint to
     # resume) is checked before an MLflow run is created or reopened.
-    with engine.prepare(cfg, plan, run_dir, dist) as job:
+    with RunLog(run_dir) if dist.main else contextlib.nullcontext(), engine.prepare(cfg, plan, run_dir, dist) as job:
         return _train(cfg, plan, job, launch_dir, run_dir, tags)
 
 
@@ -101,8 +103,11 @@ def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -
     tracker.set_tags({"hardware": plan.preset, "model": cfg.model.name, "data": cfg.data.source,
                       "experiment": cfg.experiment or "", "host": launch_host(),
                       **git_state(launch_dir), **(tags or {})})
+    for f in sorted((run_dir / ".hydra").glob("*.yaml")):  # the composed config, as Hydra wrote it
+        tracker.log_artifact(f, "hydra")
     try:
         final = engine.train(cfg, plan, tracker, run_dir, dist, job)
+        tracker.log_artifact(run_dir / "run.log")
     except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM: stop now, without a traceback
         tracker.end("KILLED")
         last = job.folder.path / "last.pt"

@@ -1,0 +1,29 @@
+"""What a run leaves for its reader: run.log in the run folder, plain lines
+when not on a terminal, ASCII metric names, corpus statistics as tags,
+the composed Hydra config as artifacts."""
+
+from mlflow.tracking import MlflowClient
+
+from test_resume import _keep_torch_threads, cli, mlflow_runs  # noqa: F401
+
+
+def test_a_cli_run_leaves_a_log_plain_progress_lines_and_a_readable_record(tmp_path, mlflow_db, shared_cache,
+                                                                           monkeypatch, capsys):
+    args = ["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "trainer.max_steps=4",
+            "trainer.log_every=2", "trainer.eval_every=4", f"hydra.run.dir={tmp_path / 'run'}",
+            "tracking.run_name=record"]
+    assert cli(args, tmp_path, monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "step 2/4 | train/loss " in out and "\r" not in out  # pytest's stderr is no terminal: no bar frames
+    log = (tmp_path / "run" / "run.log").read_text(encoding="utf-8")
+    assert "step 4/4 | train/loss " in log and "done: step 4" in log
+    _, runs = mlflow_runs(mlflow_db, "record")
+    run = runs[0]
+    assert "val/loss_shi" in run.data.metrics and not [k for k in run.data.metrics if not k.isascii()]
+    assert run.data.tags["genre.shi"] == "诗"
+    assert not [k for k in run.data.metrics if k.startswith("data/")]  # corpus counts are tags
+    assert int(run.data.tags["data.duplicates.windows"]) > 0
+    client = MlflowClient(f"sqlite:///{mlflow_db}")
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "hydra")} >= {"hydra/config.yaml",
+                                                                                   "hydra/overrides.yaml"}
+    assert "run.log" in {a.path for a in client.list_artifacts(run.info.run_id)}
