@@ -65,6 +65,7 @@ class Parallel:
 
     def __init__(self, raw: torch.nn.Module, plan: Plan, dist: Dist, device: torch.device):
         self.raw = raw
+        raw.activation_checkpointing = plan.activation_checkpointing
         self.ddp = None
         module = raw
         if dist.ddp:
@@ -75,8 +76,8 @@ class Parallel:
             module = self.ddp
         self.module = torch.compile(module, mode=plan.compile_mode) if plan.compile else module
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
+    def __call__(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.module(x, **kwargs)
 
     def sync_gradients(self, last_micro_step: bool):
         """Gradients are all-reduced on the last micro-step of an optimizer

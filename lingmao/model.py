@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -262,6 +263,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.padded_vocab, bias=False)
         self.head.weight = self.tok_emb.weight  # weight tying (Press & Wolf, 2017)
+        self.activation_checkpointing = False  # set by the engine from the plan: training memory for compute
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
@@ -323,7 +325,10 @@ class GPT(nn.Module):
                 "drop_rate": torch.stack([m.drop_rate for m in layers]).mean(),
                 "load": torch.stack([m.load for m in layers]).mean(0)}
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
+                loss_chunk: int = 0) -> torch.Tensor:
+        """Logits (B, T, vocab), or with `targets` the sum of the tokens'
+        cross-entropy, `loss_chunk` tokens of logits at a time (0: all at once)."""
         T = idx.shape[1]
         start = cache.pos if cache is not None else 0
         if start + T > self.config.context_length:
@@ -334,10 +339,19 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else (cache.k[i], cache.v[i], start))
+            if self.activation_checkpointing and self.training and cache is None:
+                # Keep only each block's input; recompute its inside in backward
+                # (the saved RNG state gives dropout the same masks again).
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, None if cache is None else (cache.k[i], cache.v[i], start))
         if cache is not None:
             cache.pos += T
-        logits = self.head(self.ln_f(x))
+        x = self.ln_f(x)
+        if targets is not None:
+            return token_loss_sum(x.flatten(0, 1), self.head.weight, targets.flatten(), self.config.vocab_size,
+                                  loss_chunk)
+        logits = self.head(x)
         # Only real tokens: the padded rows never enter the softmax, so they
         # cannot be sampled, win an argmax, or take probability from the loss.
         c = self.config
@@ -373,6 +387,24 @@ class GPT(nn.Module):
                 if done.all():
                     break
         return idx
+
+
+def _loss_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    logits = F.linear(h, weight)[:, :vocab_size]
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def token_loss_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                   chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of the head's logits for hidden states h (N, C).
+    With `chunk`, `chunk` tokens at a time, each chunk's logits recomputed in
+    backward instead of kept: the fp32 logits of a whole batch (N x 13.5k
+    for our vocabulary, a third of the small model's training memory at
+    batch 16) never exist at once, for one more head matmul per token."""
+    if not chunk or chunk >= len(targets):
+        return _loss_sum(h, weight, targets, vocab_size)
+    return sum(checkpoint(_loss_sum, h[i:i + chunk], weight, targets[i:i + chunk], vocab_size, use_reentrant=False)
+               for i in range(0, len(targets), chunk))
 
 
 # --- sampling: logits of the next token -> the next token ---

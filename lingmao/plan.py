@@ -69,6 +69,8 @@ class Plan:
     est_step_seconds: float
     est_tokens_per_sec: float
     notes: list[str] = field(default_factory=list)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    loss_chunk: int = 0  # tokens of logits at a time in the training loss (0: the whole micro-batch)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -108,8 +108,12 @@ class TrainStep:
         the effective batch's token count, so every token weighs the same
         under accumulation and night-mode splits."""
         with autocast(self.plan):
-            logits = self.model(x)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum") / tokens
+            if self.plan.loss_chunk:
+                ce = self.model(x, targets=y, loss_chunk=self.plan.loss_chunk) / tokens
+            else:
+                logits = self.model(x)
+        if not self.plan.loss_chunk:
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum") / tokens
         moe = self.raw.moe_stats()
         # Switch Transformer load balancing, one share per piece like the loss
         loss = ce + self.aux_loss_weight * moe["aux_loss"] / pieces if moe else ce
