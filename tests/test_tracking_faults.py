@@ -188,3 +188,34 @@ def test_two_sigterms_stop_a_wait_on_a_hung_store(tmp_path, hung_server):
         time.sleep(0.3)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 3 and out.strip() == "interrupted", err
+
+
+def test_training_against_a_hung_server_checkpoints_and_spools_every_step(tmp_path, shared_cache, hung_server,
+                                                                        monkeypatch):
+    """End to end in-process: the checkpoints are written on time and the
+    spool holds every step's metrics."""
+    from hydra import compose, initialize_config_dir
+
+    import lingmao.tracking
+    from lingmao.config import CONF_DIR
+    from lingmao.run import execute
+
+    class Bounded(Tracker):  # the run's tracker, with a short bound
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "timeout": 2.0})
+
+    monkeypatch.setattr(lingmao.tracking, "Tracker", Bounded)
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "hardware.accumulation=1",
+            "trainer.max_steps=6", "trainer.eval_every=3", "trainer.log_every=1", "trainer.eval_batches=2",
+            "checkpoint.every_steps=3", "trainer.progress=false", f"tracking.uri={hung_server}",
+            "tracking.system_metrics=false"])
+    t = time.monotonic()
+    final = execute(cfg, tmp_path, tmp_path)
+    assert final["step"] == 6 and time.monotonic() - t < 120
+    assert {p.name for p in (tmp_path / "checkpoints").glob("step*.pt")} >= {"step00000003.pt", "step00000006.pt"}
+    records = read_spool(tmp_path / SPOOL_NAME)
+    assert steps_in(records) == list(range(1, 7))
+    assert (records[-1]["op"], records[-1]["status"]) == ("end", "FINISHED")
