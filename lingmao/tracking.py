@@ -211,12 +211,14 @@ class Tracker:
                           context: str = "training", profile: dict | None = None,
                           source_type: str | None = None) -> None:
         """Record the corpus as the run's dataset input (the UI's Datasets
-        column): `digest` identifies its content, `source` where it came from
-        (a path, URL or hub id), `profile` any summary numbers."""
+        column): `digest` identifies its content (MLflow keeps 36 characters),
+        `source` where it came from (a path, an http(s):// URL, hf://NAME for
+        the Hugging Face hub), `profile` any summary numbers."""
         if not self.enabled:
             return
-        if source_type is None:
-            source_type = "http" if source.startswith(("http://", "https://")) else "local"
+        if source_type is None:  # MLflow's names: its HuggingFaceDatasetSource says "hugging_face"
+            scheme = source.split("://")[0] if "://" in source else "local"
+            source_type = {"https": "http", "hf": "hugging_face"}.get(scheme, scheme)
         prof = {**({"num_records": n_records} if n_records is not None else {}), **(profile or {})}
         self._put({"op": "dataset", "dataset": {"name": name, "digest": digest[:36], "source": source,
                                                 "source_type": source_type, "context": context, "profile": prof}})

@@ -275,9 +275,13 @@ def test_the_corpus_is_logged_as_a_dataset_input(tmp_path, mlflow_db, monkeypatc
     tr = Tracker(uri, "lingmao", "data", spool=tmp_path / SPOOL_NAME)
     tr.log_input_dataset("poems-zh", "3fa2c1d0e9b8a7f6", "hf://chinese-poetry", n_records=1200,
                          profile={"train_tokens": 52000})
+    tr.log_input_dataset("val", "0123456789abcdef" * 3, str(tmp_path / "val.jsonl"), context="eval")
     tr.end()
-    (inp,) = MlflowClient(uri).get_run(tr.run_id).inputs.dataset_inputs
-    assert (inp.dataset.name, inp.dataset.digest, inp.dataset.source_type) == ("poems-zh", "3fa2c1d0e9b8a7f6", "local")
+    inputs = MlflowClient(uri).get_run(tr.run_id).inputs.dataset_inputs
+    inp, val = sorted(inputs, key=lambda i: i.dataset.name)
+    assert (inp.dataset.name, inp.dataset.digest, inp.dataset.source_type) == \
+        ("poems-zh", "3fa2c1d0e9b8a7f6", "hugging_face")
+    assert (val.dataset.source_type, len(val.dataset.digest), val.tags[0].value) == ("local", 36, "eval")
     assert json.loads(inp.dataset.profile) == {"num_records": 1200, "train_tokens": 52000}
     assert json.loads(inp.dataset.source) == {"uri": "hf://chinese-poetry"}
     assert [(t.key, t.value) for t in inp.tags] == [("mlflow.data.context", "training")]
