@@ -5,11 +5,12 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lingmao import tracking
+from lingmao import tracking_store
 from lingmao.run import compact
 from lingmao.tracking import SPOOL_NAME, Tracker, TrackingError, import_spool, main, read_spool, sweep_id
 
@@ -134,7 +135,7 @@ def test_store_lost_mid_run_continues_the_same_run_on_import(tmp_path, mlflow_db
 
 
 def test_locked_sqlite_is_retried_other_errors_are_not(monkeypatch):
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(tracking_store.time, "sleep", lambda s: None)
     calls = []
 
     def locked_twice():
@@ -143,7 +144,7 @@ def test_locked_sqlite_is_retried_other_errors_are_not(monkeypatch):
             raise RuntimeError("(sqlite3.OperationalError) database is locked")
         return "ok"
 
-    assert tracking._retry_locked(locked_twice) == "ok" and len(calls) == 3
+    assert tracking_store._retry_locked(locked_twice) == "ok" and len(calls) == 3
 
     def always_locked():
         calls.append(1)
@@ -151,8 +152,8 @@ def test_locked_sqlite_is_retried_other_errors_are_not(monkeypatch):
 
     calls.clear()
     with pytest.raises(RuntimeError, match="locked"):
-        tracking._retry_locked(always_locked)
-    assert len(calls) == tracking._LOCKED_RETRIES + 1
+        tracking_store._retry_locked(always_locked)
+    assert len(calls) == tracking_store._LOCKED_RETRIES + 1
 
     def other():
         calls.append(1)
@@ -160,7 +161,7 @@ def test_locked_sqlite_is_retried_other_errors_are_not(monkeypatch):
 
     calls.clear()
     with pytest.raises(ValueError):
-        tracking._retry_locked(other)
+        tracking_store._retry_locked(other)
     assert len(calls) == 1
 
 
@@ -244,3 +245,63 @@ def test_the_store_opens_only_when_the_start_up_is_over(tmp_path, mlflow_db, mon
     idle = Tracker(f"sqlite:///{mlflow_db}", "lingmao", "idle", spool=tmp_path / SPOOL_NAME)
     assert opened.wait(10) and idle.run_id
     idle.end()
+
+
+def test_a_fresh_store_opens_quietly_and_the_run_names_its_source(tmp_path, capfd, monkeypatch):
+    """MLflow's INFO lines (creating the tables of a new sqlite store) would
+    land in the middle of the progress bar; the run gets MLflow's standard
+    source tags and lingmao's version."""
+    import importlib.metadata
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    tr = Tracker(uri, "lingmao", "quiet", spool=tmp_path / SPOOL_NAME, system_metrics=True)
+    assert tr.run_id
+    tr.end()
+    err = capfd.readouterr().err
+    assert "Creating initial MLflow database tables" not in err and " INFO " not in err
+    tags = MlflowClient(uri).get_run(tr.run_id).data.tags
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] and tags["mlflow.user"]
+    assert tags["lingmao.version"] == importlib.metadata.version("lingmao")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(tracking_store.__file__).parent,
+                          capture_output=True, text=True).stdout.strip()
+    assert tags.get("mlflow.source.git.commit") == (head or None)
+
+
+def test_the_corpus_is_logged_as_a_dataset_input(tmp_path, mlflow_db, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{mlflow_db}"
+    tr = Tracker(uri, "lingmao", "data", spool=tmp_path / SPOOL_NAME)
+    tr.log_input_dataset("poems-zh", "3fa2c1d0e9b8a7f6", "hf://chinese-poetry", n_records=1200,
+                         profile={"train_tokens": 52000})
+    tr.log_input_dataset("val", "0123456789abcdef" * 3, str(tmp_path / "val.jsonl"), context="eval")
+    tr.end()
+    inputs = MlflowClient(uri).get_run(tr.run_id).inputs.dataset_inputs
+    inp, val = sorted(inputs, key=lambda i: i.dataset.name)
+    assert (inp.dataset.name, inp.dataset.digest, inp.dataset.source_type) == \
+        ("poems-zh", "3fa2c1d0e9b8a7f6", "hugging_face")
+    assert (val.dataset.source_type, len(val.dataset.digest), val.tags[0].value) == ("local", 36, "eval")
+    assert json.loads(inp.dataset.profile) == {"num_records": 1200, "train_tokens": 52000}
+    assert json.loads(inp.dataset.source) == {"uri": "hf://chinese-poetry"}
+    assert [(t.key, t.value) for t in inp.tags] == [("mlflow.data.context", "training")]
+    assert not tr.offline and not tr.errors
+
+
+def test_params_changed_on_resume_are_kept_beside_the_first_ones(tmp_path, mlflow_db, monkeypatch):
+    """MLflow refuses to change a param; a resumed run whose lr changed keeps
+    the value it started with and records the new one under the resume step."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{mlflow_db}"
+    first = Tracker(uri, "lingmao", "resumed", spool=tmp_path / SPOOL_NAME)
+    first.log_params({"optim": {"lr": 3e-4}, "seed": 1})
+    first.end()
+    for lr, resumed_key in ((1e-3, "resumed.40.optim.lr"), (2e-3, "resumed.40.optim.lr.2")):
+        again = Tracker(uri, "lingmao", "resumed", spool=tmp_path / SPOOL_NAME, run_id=first.run_id)
+        again.log_params({"optim": {"lr": lr}, "seed": 1, "trainer": {"max_steps": 80}}, step=40)
+        again.end()
+        assert again.run_id == first.run_id and not again.offline and not again.errors
+        params = MlflowClient(uri).get_run(first.run_id).data.params
+        assert params["optim.lr"] == "0.0003" and params[resumed_key] == str(lr)
+        assert params["seed"] == "1" and params["trainer.max_steps"] == "80"
+    assert "resumed.40.seed" not in params  # unchanged keys are not repeated

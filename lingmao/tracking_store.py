@@ -1,0 +1,155 @@
+"""MLflow stores: where one is, whether it answers, its experiments and
+its runs' pages; the quiet, retried calls that the tracker and the spool
+import share."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import random
+import re
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+_LOCKED_RETRIES = 8  # backoff 0.1 s doubling: ~25 s in all before a locked sqlite store counts as unreachable
+_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+class TrackingError(RuntimeError):
+    """A user-facing problem with a store or a spool; the message says what to do."""
+
+
+def resolve_uri(uri: str | None, launch_dir: Path) -> str:
+    """Default `sqlite:///<launch dir>/mlflow.db`, made absolute so Hydra jobs,
+    which each run in their own folder, all share one store."""
+    if not uri:
+        return f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_absolute():
+            return f"sqlite:///{(launch_dir / path).resolve()}"
+    if "://" not in uri:  # a plain folder: MLflow's file store
+        return str((launch_dir / uri).resolve())
+    return uri
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines ("Creating initial MLflow database tables", "Skip
+    logging GPU metrics") would land in the middle of the progress bar; its
+    warnings and errors still show. Call after MLflow is imported: its import
+    sets its loggers' levels."""
+    for name in ("mlflow", "alembic"):
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logger.level, logging.WARNING))
+
+
+class _QuietLocked(logging.Filter):
+    """MLflow logs a full traceback for every sqlite 'database is locked'
+    before raising it; `_retry_locked` retries those, so the traceback is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "database is locked" not in record.getMessage()
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_QuietLocked())
+
+
+def _retry_locked(fn, *args, **kwargs):
+    """Parallel jobs write into one sqlite file. Writers queue on MLflow's 20 s
+    busy timeout, but a transaction that read before it writes (log_batch reads
+    the run first) gets 'database is locked' at once when waiting could
+    deadlock (SQLite docs, sqlite3_busy_handler). Its write was rolled back:
+    retry with exponential backoff and jitter."""
+    for attempt in range(_LOCKED_RETRIES + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if "database is locked" not in str(e) or attempt == _LOCKED_RETRIES:
+                raise
+            time.sleep(0.1 * 2 ** attempt * (1 + random.random()))
+
+
+def ensure_store(uri: str) -> None:
+    """Create (migrate) a sqlite store once, under a file lock: parallel jobs
+    that each find no store race on its schema migration and break it."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        from mlflow.tracking import MlflowClient
+
+        quiet_mlflow()
+        MlflowClient(uri).search_experiments(max_results=1)
+
+
+def unreachable(uri: str, timeout: float = 3.0) -> str | None:
+    """Why an HTTP tracking server does not answer, or None if it does.
+    MLflow's client retries an unreachable server for minutes before failing;
+    one GET of /health (every `mlflow server` serves it) tells in seconds."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered, if not on /health (a proxy, say): the client will tell more
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLError):
+            return None  # it answered; MLflow's client has its own TLS settings (MLFLOW_TRACKING_INSECURE_TLS, ...)
+        return str(reason)
+    return None
+
+
+def artifact_root(uri: str, experiment: str) -> str | None:
+    """Where a new experiment in a sqlite store keeps its artifacts: beside the
+    store. MLflow's default is the current folder at creation, that is inside
+    the first Hydra job's output folder, which every later run would write into."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a server decides; a file store keeps them inside itself
+    db = Path(uri[len("sqlite:///"):])
+    return (db.parent / "mlartifacts" / re.sub(r"[^\w.-]+", "_", experiment)).as_uri()
+
+
+def experiment_id(client, name: str) -> str:
+    """Get or create; a parallel job may create it between our get and create."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return _retry_locked(client.create_experiment, name,
+                                 artifact_location=artifact_root(client.tracking_uri, name),
+                                 tags={"mlflow.experimentKind": "custom_model_development"})
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it "
+                            f"(mlflow experiments restore --experiment-id {exp.experiment_id}) "
+                            f"or choose another with tracking.experiment_name=NAME")
+    return exp.experiment_id
+
+
+def ui_url(uri: str, exp_id: str, search: str = "") -> str:
+    """The experiment's runs with their charts. MLflow 3 opens an experiment on
+    its GenAI view; this page holds the training runs. `search` is a run filter
+    (MLflow search syntax), kept in the URL's `searchFilter`."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else _UI
+    query = {"searchFilter": search} if search else {}
+    query["compareRunsMode"] = "CHART"
+    return f"{base}/#/experiments/{exp_id}/runs?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}"
+
+
+def where(uri: str, exp_id: str, search: str = "") -> str:
+    """How to look: a server's own URL, or the `mlflow ui` command for a local store."""
+    url = ui_url(uri, exp_id, search)
+    if uri.startswith(("http://", "https://")):
+        return f"open {url}"
+    return f"mlflow ui --backend-store-uri {uri}  then open {url}"
