@@ -163,6 +163,7 @@ class TrackingConfig:
     experiment_name: str = "lingmao"
     run_name: Optional[str] = None
     system_metrics: bool = True  # CPU/RAM/disk/network (and GPU with nvidia-ml-py) every 10 s
+    timeout: float = 30.0  # seconds any wait on the store may last; then the spool takes the records
 
 
 @dataclass

@@ -312,12 +312,18 @@ class Run:
         job, tracker, data = self.job, self.tracker, self.job.data
         v = self.evaluator.val
         form = corpus_verse_form(v.tokens, v.docs, v.genres, self.tokenizer)  # what samples/form is read against
-        if not (self.resumed and job.resume_run_id == tracker.run_id):  # a resumed run already has its params
-            tracker.log_params({"config": cfg_dict(self.cfg), "plan": self.plan.as_dict(),
-                                "model": {"params": self.raw.num_params(), "active_params": self.raw.active_params(),
-                                          "vocab_size": data.vocab_size},
-                                "data": {"stride": job.stride, "train_windows": len(job.train_windows),
-                                         "steps_per_epoch": job.steps_per_epoch, "verse_form": form}})
+        # On resume the settings that changed are kept beside the first ones (resumed.<step>.<key>).
+        tracker.log_params({"config": cfg_dict(self.cfg), "plan": self.plan.as_dict(),
+                            "model": {"params": self.raw.num_params(), "active_params": self.raw.active_params(),
+                                      "vocab_size": data.vocab_size},
+                            "data": {"stride": job.stride, "train_windows": len(job.train_windows),
+                                     "steps_per_epoch": job.steps_per_epoch, "verse_form": form}},
+                           step=self.state.step)
+        d = self.cfg.data
+        source = {"poetry": "npm:chinese-poetry", "hf": f"hf://{d.hf_name}"}.get(d.source, ",".join(d.paths))
+        tracker.log_input_dataset(d.source, data.dir.name, source, n_records=data.meta["records"],
+                                  profile={"train_tokens": data.meta["tokens"]["train"],
+                                           "val_tokens": data.meta["tokens"]["val"]})
         if self.resumed:
             tracker.set_tags({"resumed_from": str(self.checkpointer.last_good), "resumed_at_step": self.state.step})
         tracker.set_tags({f"genre.{ascii_name}": g for g, ascii_name in self.evaluator.genre_names.items()})

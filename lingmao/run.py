@@ -26,6 +26,7 @@ from .data import CorpusError
 register()
 
 USER_ERRORS = (ConfigError, CorpusError)  # bad input: exit 2
+SECOND_SIGNAL_WAIT = 3.0  # seconds a run stopped by a second signal still gives the tracking store
 
 
 def compact(x: float) -> str:
@@ -99,7 +100,7 @@ def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -
     enabled = cfg.tracking.enabled and dist.main
     tracker = Tracker(uri, cfg.tracking.experiment_name, run_name(cfg, plan, (tags or {}).get("sweep.values", "")),
                       enabled=enabled, spool=run_dir / SPOOL_NAME, system_metrics=cfg.tracking.system_metrics,
-                      run_id=job.resume_run_id if enabled else None)
+                      run_id=job.resume_run_id if enabled else None, timeout=cfg.tracking.timeout)
     tracker.set_tags({"hardware": plan.preset, "model": cfg.model.name, "data": cfg.data.source,
                       "experiment": cfg.experiment or "", "host": launch_host(),
                       **git_state(launch_dir), **(tags or {})})
@@ -109,6 +110,7 @@ def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -
         final = engine.train(cfg, plan, tracker, run_dir, dist, job)
         tracker.log_artifact(run_dir / "run.log")
     except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM: stop now, without a traceback
+        tracker.timeout = min(tracker.timeout, SECOND_SIGNAL_WAIT)  # what the store has not taken by then is spooled
         tracker.end("KILLED")
         last = job.folder.path / "last.pt"
         kept = f"the last checkpoint is {last}" if last.exists() else "no checkpoint was written"

@@ -27,3 +27,15 @@ def test_a_cli_run_leaves_a_log_plain_progress_lines_and_a_readable_record(tmp_p
     assert {a.path for a in client.list_artifacts(run.info.run_id, "hydra")} >= {"hydra/config.yaml",
                                                                                    "hydra/overrides.yaml"}
     assert "run.log" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_the_corpus_is_a_dataset_input_and_a_resume_records_what_changed(tmp_path, mlflow_db, shared_cache):
+    from test_resume import train_here
+
+    train_here(tmp_path, tmp_path / "run", "trainer.max_steps=2", "tracking.run_name=resumed")
+    train_here(tmp_path, tmp_path / "run", "trainer.max_steps=4", "tracking.run_name=resumed")
+    _, runs = mlflow_runs(mlflow_db, "resumed")
+    run = MlflowClient(f"sqlite:///{mlflow_db}").get_run(runs[0].info.run_id)
+    assert run.data.params["config.trainer.max_steps"] == "2"
+    assert run.data.params["resumed.2.config.trainer.max_steps"] == "4"
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["poetry"]
