@@ -104,6 +104,9 @@ def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -
     tracker.set_tags({"hardware": plan.preset, "model": cfg.model.name, "data": cfg.data.source,
                       "experiment": cfg.experiment or "", "host": launch_host(),
                       **git_state(launch_dir), **(tags or {})})
+    if dist.main:
+        look = f"{uri} (its link is printed at the end; mlflow ui --backend-store-uri {uri})" if enabled else "off"
+        print(banner(cfg, plan, job, run_dir, look), flush=True)
     for f in sorted((run_dir / ".hydra").glob("*.yaml")):  # the composed config, as Hydra wrote it
         tracker.log_artifact(f, "hydra")
     try:
@@ -125,6 +128,24 @@ def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -
     if final["status"] == "KILLED":
         raise SystemExit(130)
     return final
+
+
+def banner(cfg, plan, job, run_dir: Path, look: str) -> str:
+    """What the run will do, in a few lines, before it does it."""
+    o, t = cfg.optim, cfg.trainer
+    ratio = f"{plan.effective_batch}/{o.base_batch}"
+    rule = {"sqrt": f"x sqrt({ratio})", "linear": f"x {ratio}", "none": "(no scaling)"}[o.lr_scaling]
+    limits = [f"{job.schedule.total_steps} steps" if job.schedule.total_steps else "",
+              f"{t.max_time:g} s" if t.max_time else ""]
+    start = f", resuming at step {job.found[1]['progress']['step']}" if job.found else ""
+    return "\n".join([
+        f"lingmao | {plan.preset_reason} | {plan.device} x {plan.world_size}, {plan.precision} "
+        f"({plan.precision_reason}){', compiled' if plan.compile else ''}",
+        f"  batch {plan.micro_batch} x accumulation {plan.accumulation} x {plan.world_size} process(es) = "
+        f"{plan.effective_batch} windows of {plan.context_length} tokens per step",
+        f"  lr {compact(o.lr)} {rule} = {compact(plan.lr)}, warmup + cosine to {o.min_lr_ratio:g}x | "
+        f"{' and '.join(x for x in limits if x) or 'until stopped'}{start}",
+        f"  run folder {run_dir} | MLflow: {look}"])
 
 
 def _worker(rank: int, cfg_yaml: str, plan_world: int, port: int, launch_dir: str, run_dir: str, tags) -> None:
