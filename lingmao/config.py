@@ -128,6 +128,8 @@ LABEL = matches(r"[\w.-]+", "a name of letters, digits, '_', '.' or '-'")
 def each(rule: Rule, count: int | None = None, min_count: int = 0) -> Rule:
     """A list whose every item passes `rule` (for a dict: every value)."""
     def ok(v, cfg):
+        if isinstance(v, (str, int, float)):
+            return False
         items = list(v.values()) if isinstance(v, Mapping) else list(v)
         return (count is None or len(items) == count) and len(items) >= min_count and all(
             rule.ok(x, cfg) for x in items)
@@ -296,11 +298,11 @@ RULES: dict[str, Rule] = {
 # Conditions on several keys at once: (what is wrong, when).
 NEEDS: list[tuple[str, Callable[[Any], bool]]] = [
     ("data=jsonl needs data.paths, e.g. 'data.paths=[corpus.jsonl]'",
-     lambda c: c.data.source == "jsonl" and not c.data.paths),
+     lambda c: _get(c, "data.source") == "jsonl" and not _get(c, "data.paths")),
     ("data=hf needs data.hf_name (a dataset name or a local path)",
-     lambda c: c.data.source == "hf" and not c.data.hf_name),
+     lambda c: _get(c, "data.source") == "hf" and not _get(c, "data.hf_name")),
     ("set one of trainer.max_steps, trainer.max_epochs, trainer.max_time",
-     lambda c: c.trainer.max_steps is None and c.trainer.max_epochs is None and c.trainer.max_time is None),
+     lambda c: all(_get(c, f"trainer.{k}") is None for k in ("max_steps", "max_epochs", "max_time"))),
 ]
 
 
