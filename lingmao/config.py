@@ -11,6 +11,7 @@ and from an installed wheel alike.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import math
 import re
 import typing
@@ -253,8 +254,8 @@ RULES: dict[str, Rule] = {
     "optim.weight_decay": NON_NEGATIVE,
     "optim.warmup": NON_NEGATIVE,
     "optim.min_lr_ratio": interval("[0, 1]"),
-    # Not 0 (no step can move the weights) nor negative (steps uphill); clipping off: inf.
-    "optim.grad_clip": POSITIVE,
+    # Not 0 (no step moves the weights) nor negative (steps go uphill); inf: no clipping.
+    "optim.grad_clip": interval("(0, inf]"),
     "optim.muon_lr": POSITIVE,
     "optim.muon_momentum": FRACTION,
     "optim.muon_weight_decay": NON_NEGATIVE,
@@ -345,14 +346,35 @@ def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
     return out
 
 
+def schema_at(section: str) -> type | None:
+    """The schema dataclass of a dotted section ("" is the whole run), or None."""
+    node: type = RunConfig
+    for part in filter(None, section.split(".")):
+        hint = typing.get_type_hints(node).get(part)
+        if not is_dataclass(hint):
+            return None
+        node = hint
+    return node
+
+
+def valid_keys(full_key: str, keys: list[str] | None = None) -> str:
+    """What to say of an unknown key: the closest valid one and the valid
+    keys of its section (`keys` for a section outside the schema)."""
+    section, _, leaf = full_key.rpartition(".")
+    schema = schema_at(section)
+    keys = [f.name for f in fields(schema)] if schema is not None else list(keys or [])
+    guess = difflib.get_close_matches(leaf, keys, n=1)
+    hint = f"did you mean {f'{section}.' if section else ''}{guess[0]}? " if guess else ""
+    return f"{hint}valid {f'keys of {section}' if section else 'top-level keys'}: {', '.join(keys)}"
+
+
 def validate(cfg: Any) -> None:
     """Every key's value against RULES and NEEDS, and no appended unknown key;
     one ConfigError listing every problem, each naming its key."""
     if hasattr(cfg, "keys"):
         unknown = _unknown_keys(cfg, RunConfig)
         if unknown:
-            raise ConfigError(f"unknown key(s): {', '.join(unknown)}; valid top-level keys: "
-                              f"{', '.join(f.name for f in fields(RunConfig))}")
+            raise ConfigError("unknown key(s): " + "; ".join(f"{key} ({valid_keys(key)})" for key in unknown))
     found = problems(cfg)
     if found:
         raise ConfigError("; ".join(found))

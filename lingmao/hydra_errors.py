@@ -7,12 +7,11 @@ to append the key with `+key=`, which lingmao refuses (config.validate).
 
 from __future__ import annotations
 
-import difflib
 import typing
 from dataclasses import fields, is_dataclass
 from types import CodeType, TracebackType
 
-from .config import CONF_DIR, EXPERIMENTS_DIR, RunConfig
+from .config import CONF_DIR, EXPERIMENTS_DIR, schema_at, valid_keys
 
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
@@ -32,37 +31,15 @@ def groups() -> dict[str, list[str]]:
     return out
 
 
-def _schema_at(section: str) -> type | None:
-    """The schema dataclass of a dotted section ("" is the whole run)."""
-    node: type = RunConfig
-    for part in filter(None, section.split(".")):
-        hint = typing.get_type_hints(node).get(part)
-        if not is_dataclass(hint):
-            return None
-        node = hint
-    return node
-
-
-def _keys_of(section: str, parent) -> list[str]:
-    schema = _schema_at(section)
-    if schema is not None:
-        return [f.name for f in fields(schema)]
-    return list(parent.keys()) if hasattr(parent, "keys") else []
-
-
 def unknown_key(full_key: str, parent) -> str:
-    section, _, leaf = full_key.rpartition(".")
-    keys = _keys_of(section, parent)
-    guess = difflib.get_close_matches(leaf, keys, n=1)
-    hint = f" (did you mean {f'{section}.' if section else ''}{guess[0]}?)" if guess else ""
-    where = f"keys of {section}" if section else "top-level keys"
-    extra = f"; or a preset group: {', '.join(g for g in groups() if '/' not in g)}" if not section else ""
-    return f"{full_key}: no such key{hint}; valid {where}: {', '.join(keys)}{extra}"
+    top = "" if "." in full_key else f"; or a preset group: {', '.join(g for g in groups() if '/' not in g)}"
+    keys = list(parent.keys()) if hasattr(parent, "keys") else []
+    return f"{full_key}: no such key; {valid_keys(full_key, keys)}{top}"
 
 
 def _type_words(full_key: str) -> str:
     section, _, leaf = full_key.rpartition(".")
-    schema = _schema_at(section)
+    schema = schema_at(section)
     hint = typing.get_type_hints(schema).get(leaf) if schema is not None else None
     if hint is None:
         return ""

@@ -12,7 +12,7 @@ the future; here every attention call is causal.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -21,16 +21,13 @@ import torch.nn.functional as F
 from .config import check_model, fill_absent, value_when_absent
 
 
-# GPTConfig's fields and the keys of the run config's `model` section they hold.
-_MODEL_KEYS = {"d_model": "d_model", "n_heads": "n_heads", "n_layers": "n_layers",
-               "context_length": "context_length", "dropout": "dropout", "mlp_ratio": "mlp_ratio",
-               "moe_experts": "moe.experts", "moe_top_k": "moe.top_k", "moe_capacity_factor": "moe.capacity_factor",
-               "rotary": "rotary", "qk_norm": "qk_norm", "mlp": "mlp", "vocab_multiple": "vocab_multiple",
-               "zero_init_proj": "zero_init_proj"}
+def _key(name: str) -> str:
+    """The run config's `model` key a GPTConfig field holds: moe_top_k is moe.top_k."""
+    return name.replace("moe_", "moe.", 1)
 
 
 def _unset(name: str):
-    return value_when_absent(f"model.{_MODEL_KEYS[name]}")
+    return value_when_absent(f"model.{_key(name)}")
 
 
 @dataclass
@@ -61,9 +58,9 @@ class GPTConfig:
 
     def __post_init__(self):
         section: dict = {"moe": {}}
-        for name, key in _MODEL_KEYS.items():
-            *parent, leaf = key.split(".")
-            (section[parent[0]] if parent else section)[leaf] = getattr(self, name)
+        for f in fields(self)[1:]:  # all but vocab_size
+            *parent, leaf = _key(f.name).split(".")
+            (section[parent[0]] if parent else section)[leaf] = getattr(self, f.name)
         check_model(section)
 
     @property
@@ -77,12 +74,7 @@ class GPTConfig:
         the plain dict a checkpoint stores (a key it lacks takes its value
         from before the key existed)."""
         m = fill_absent(m, "model")
-        values = {}
-        for name, key in _MODEL_KEYS.items():
-            node = m
-            for part in key.split("."):
-                node = node[part]
-            values[name] = node
+        values = {f.name: m["moe"][f.name[4:]] if f.name.startswith("moe_") else m[f.name] for f in fields(cls)[1:]}
         return cls(vocab_size=vocab_size, **values)
 
 

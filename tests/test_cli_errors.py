@@ -22,7 +22,7 @@ def lingmao_run(tmp_path, *args, env=None):
 
 
 @pytest.mark.parametrize("override, says", [
-    ("trainer.max_step=5", ["trainer.max_step: no such key (did you mean trainer.max_steps?)",
+    ("trainer.max_step=5", ["trainer.max_step: no such key; did you mean trainer.max_steps?",
                             "valid keys of trainer: max_steps, max_epochs"]),
     ("trainer.max_steps=abc", ["trainer.max_steps:", "'abc'", "takes an integer or null"]),
     ("hardware=4090", ["hardware=4090: not a preset of hardware; choose one of: auto, cpu, m1, rtx3060, rtx4090"]),

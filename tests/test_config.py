@@ -49,6 +49,9 @@ def test_unknown_key_is_rejected_by_name():
 def test_appended_unknown_key_is_rejected_by_validate():
     with pytest.raises(ConfigError, match=r"trainer\.max_stpes"):
         validate(make("+trainer.max_stpes=3"))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\): model\.n_head \(did you mean model\.n_heads\? "
+                                          r"valid keys of model: name, d_model, n_heads"):
+        validate(make("+model.n_head=3"))
 
 
 def test_unknown_key_in_group_is_rejected():
@@ -219,6 +222,10 @@ def test_an_unknown_experiment_value_lists_the_experiments():
     cfg.experiment = "quickstartt"
     with pytest.raises(ConfigError, match=r"experiment='quickstartt' is not valid; choose one of: .*quickstart"):
         validate(cfg)
+
+
+def test_gradient_clipping_can_be_turned_off_with_inf():
+    validate(make("optim.grad_clip=inf"))
 
 
 def test_every_problem_is_reported_at_once_on_one_line():
