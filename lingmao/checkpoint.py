@@ -35,13 +35,12 @@ import random
 import shutil
 import sys
 import zipfile
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, fill_absent
 
 FORMAT = 1
 # What torch.load raises for a truncated, corrupt or foreign file.
@@ -231,9 +230,6 @@ def _flat(node: dict, prefix: str) -> dict:
     return out
 
 
-_MODEL_DEFAULTS = {k: v for k, v in _flat({"model": asdict(ModelConfig())}, "").items() if k not in _FREE_KEYS}
-
-
 def _bound_settings(cfg: dict) -> dict:
     flat = _flat({"seed": cfg.get("seed"), "model": cfg.get("model", {}), "data": cfg.get("data", {})}, "")
     return {k: v for k, v in flat.items() if k not in _FREE_KEYS}
@@ -242,9 +238,8 @@ def _bound_settings(cfg: dict) -> dict:
 def check_compatible(state: dict, cfg: dict, tokenizer_hash: str, path: Path) -> None:
     """Refuse a checkpoint from another model shape, tokenizer or token
     stream, listing every difference."""
-    saved, now = _bound_settings(state["config"]), _bound_settings(cfg)
-    for key, default in _MODEL_DEFAULTS.items():  # keys added since the checkpoint was written held their default
-        saved.setdefault(key, default)
+    # A key added since the checkpoint was written: the value it had before it existed.
+    saved, now = _bound_settings(fill_absent(state["config"])), _bound_settings(cfg)
     diffs = [f"  {k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}"
              for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if state["tokenizer_hash"] != tokenizer_hash:

@@ -40,9 +40,11 @@ def _flat(node, prefix: str = "") -> dict:
 
 
 def job_differences(saved: dict, now: dict) -> list[str]:
-    """The settings, outside RESUMABLE, in which config `now` differs from a checkpoint's `saved` one."""
+    """The settings, outside RESUMABLE, in which config `now` differs from a
+    checkpoint's `saved` one. A key the checkpoint lacks came after it (its
+    shape-bearing keys are checkpoint.check_compatible's): not a difference."""
     a, b = _flat(saved), _flat(now)
-    return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+    return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(a)
             if a.get(k) != b.get(k) and not k.startswith(RESUMABLE)]
 
 

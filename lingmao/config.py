@@ -1,17 +1,27 @@
-"""Typed schema of a run, and where its YAML lives.
+"""A run's config: where its YAML lives, the schema (lingmao/schema.py), and
+the valid values of every key (`RULES`, checked by `validate`).
 
-The dataclasses are registered in Hydra's ConfigStore as `lingmao_schema`,
-the first entry of conf/config.yaml's defaults list, so an unknown key or a
-wrong type fails at compose time naming the key. `experiments/*.yaml` are
-registered as the `experiment` group (package `_global_`), which works from the
-repository and from an installed wheel alike.
+The schema is registered in Hydra's ConfigStore as `lingmao_schema`, the first
+entry of conf/config.yaml's defaults list, so an unknown key or a wrong type
+fails at compose time naming the key. `experiments/*.yaml` are registered as
+the `experiment` group (package `_global_`), which works from the repository
+and from an installed wheel alike.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+import datetime as dt
+import difflib
+import math
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Iterator
+
+from .schema import (CheckpointConfig, DataConfig, HardwareConfig, ModelConfig, MoEConfig,  # noqa: F401 (re-exported)
+                     NightConfig, OptimConfig, RunConfig, SampleConfig, TrackingConfig, TrainerConfig)
 
 _PKG = Path(__file__).resolve().parent
 
@@ -29,266 +39,353 @@ CONF_DIR = _find("conf")
 EXPERIMENTS_DIR = _find("experiments")
 
 
-@dataclass
-class HardwareConfig:
-    # Optional everywhere so `auto` can leave a key to the detected preset; the
-    # plan checks that every key has a value once the preset is resolved.
-    name: str = "auto"
-    device: Optional[str] = None  # cpu | cuda | mps
-    devices: Optional[int] = None
-    memory_gb: Optional[float] = None
-    peak_tflops: Optional[float] = None
-    compute_capability: Optional[float] = None
-    precision: Optional[str] = None  # auto | bf16 | fp16 | fp32
-    batch: Optional[Any] = None  # micro-batch per device: int, or "auto"
-    accumulation: Optional[int] = None
-    num_workers: Optional[int] = None
-    pin_memory: Optional[bool] = None
-    persistent_workers: Optional[bool] = None
-    prefetch_factor: Optional[int] = None
-    compile: Optional[bool] = None
-    compile_mode: Optional[str] = None
-    tf32: Optional[bool] = None
-    cudnn_benchmark: Optional[bool] = None
-    alloc_conf: Optional[str] = None
-    threads: Optional[int] = None
-    ddp_backend: Optional[str] = None
-    fallback: bool = False  # run on what exists when the preset's device is absent
-
-
-@dataclass
-class MoEConfig:
-    # Seed 004's use_moe; defaults are MiniMind's (4 experts, top 2, aux 0.01)
-    # but with experts 0 (off), and the Switch Transformer's capacity 1.25.
-    experts: int = 0  # 0: a dense MLP in every block
-    top_k: int = 2
-    capacity_factor: float = 1.25
-    aux_loss_weight: float = 0.01
-
-
-@dataclass
-class ModelConfig:
-    name: str = "small"
-    d_model: int = 512
-    n_heads: int = 8
-    n_layers: int = 8
-    context_length: int = 512
-    dropout: float = 0.1
-    mlp_ratio: int = 4
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    # Speedrun switches (modded-nanoGPT). These defaults are what a model had
-    # before the switch existed, so older checkpoints still resume
-    # (checkpoint.check_compatible); conf/model/*.yaml turn rotary on.
-    rotary: bool = False
-    qk_norm: bool = False
-    mlp: str = "gelu"  # gelu | relu2
-    vocab_multiple: int = 1
-    zero_init_proj: bool = False
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adamw"
-    lr: float = 5e-5
-    base_batch: int = 16
-    lr_scaling: str = "sqrt"
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    warmup: float = 0.1
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    fused: Optional[bool] = None
-    # optim=muon only: Muon for the blocks' matrices, at its own LR (at base_batch)
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0
-
-
-@dataclass
-class DataConfig:
-    source: str = "poetry"  # poetry | jsonl | hf
-    paths: List[str] = field(default_factory=list)
-    text_field: str = "text"
-    hf_name: str = ""
-    hf_split: str = "train"
-    hf_config: Optional[str] = None
-    script: str = "simplified"
-    genre_caps: Dict[str, int] = field(default_factory=dict)
-    val_fraction: float = 0.02
-    stride: Optional[int] = None
-    cache_dir: Optional[str] = None
-    on_bad_record: str = "error"
-
-
-@dataclass
-class SampleConfig:
-    """Decoding of the generation test at every eval."""
-    temperature: float = 0.8
-    top_k: int = 50  # 0: off
-    top_p: float = 1.0  # 1.0: off
-    repetition_penalty: float = 1.0  # 1.0: off; seed 004: 1.2
-    prompts: List[str] = field(default_factory=lambda: ["床前明月光", "明月几时有", "子曰"])
-    greedy_baseline: bool = False  # also decode greedily, no penalty: samples/greedy_rep4 ...
-
-
-@dataclass
-class TrainerConfig:
-    max_steps: Optional[int] = 1000
-    max_epochs: Optional[int] = None
-    max_time: Optional[float] = None
-    eval_every: int = 100
-    eval_batches: int = 20
-    log_every: int = 10
-    sample_tokens: int = 48
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    progress: bool = True
-    on_nan: str = "stop"  # stop | skip | rollback, for a non-finite loss or gradient (fp16: the GradScaler's)
-    nan_lr_factor: float = 0.5  # on_nan=rollback multiplies the LR by this
-    early_stop_patience: Optional[int] = None  # scheduled evals without a val/loss improvement; None: off
-
-
-@dataclass
-class CheckpointConfig:
-    dir: str = "checkpoints"
-    every_steps: Optional[int] = None
-    every_minutes: Optional[float] = 30.0
-    keep_last: int = 2
-
-
-@dataclass
-class TrackingConfig:
-    enabled: bool = True
-    uri: Optional[str] = None
-    experiment_name: str = "lingmao"
-    run_name: Optional[str] = None
-    system_metrics: bool = True  # CPU/RAM/disk/network (and GPU with nvidia-ml-py) every 10 s
-    timeout: float = 30.0  # seconds any wait on the store may last; then the spool takes the records
-
-
-@dataclass
-class NightConfig:
-    start: str = "21:00"  # seed 000: 晚上9点至早上8点
-    end: str = "08:00"
-
-
-@dataclass
-class RunConfig:
-    seed: int = 1337
-    plan: bool = False
-    resume: str = "auto"
-    experiment: Optional[str] = None
-    night_mode: bool = False
-    night: NightConfig = field(default_factory=NightConfig)
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-
-_SCHEMAS = {c.__name__: c for c in (HardwareConfig, ModelConfig, OptimConfig, DataConfig, TrainerConfig,
-                                    CheckpointConfig, TrackingConfig, NightConfig,
-                                    MoEConfig, SampleConfig)}
-
-# Values a key may take; checked by `validate` so the message can list them.
-CHOICES = {
-    "hardware.device": ("cpu", "cuda", "mps"),
-    "hardware.precision": ("auto", "bf16", "fp16", "fp32"),
-    "hardware.ddp_backend": ("nccl", "gloo"),
-    "optim.name": ("adamw", "muon"),
-    "optim.lr_scaling": ("sqrt", "linear", "none"),
-    "model.mlp": ("gelu", "relu2"),
-    "data.source": ("poetry", "jsonl", "hf"),
-    "data.script": ("simplified", "keep"),
-    "data.on_bad_record": ("error", "skip"),
-}
-
-
 class ConfigError(ValueError):
     """A config value that composes but cannot run; the message names the key."""
+
+
+# -- the schema's keys -----------------------------------------------------------
+
+def schema_keys(schema: type = RunConfig, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, type, dataclass field) of every leaf key of `schema`."""
+    hints = typing.get_type_hints(schema)
+    for f in fields(schema):
+        if is_dataclass(hints[f.name]):
+            yield from schema_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name], f
+
+
+def _optional(tp: Any) -> bool:
+    return tp is Any or type(None) in typing.get_args(tp)
+
+
+_LEAVES = {key: (tp, f) for key, tp, f in schema_keys()}
+
+
+def value_when_absent(key: str) -> Any:
+    """What a stored config that lacks `key` means: the value from before the
+    key existed for one `added_later`, else its default."""
+    f = _LEAVES[key][1]
+    if "absent" in f.metadata:
+        return f.metadata["absent"]
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def fill_absent(node: Mapping, prefix: str = "") -> dict:
+    """A stored config section (a checkpoint's, a plain dict or a DictConfig)
+    as a dict, with the keys `added_later` than it filled with the value they
+    had before they existed. `prefix` is the section's dotted key, e.g. "model"."""
+    if is_dataclass(node):
+        node = asdict(node)
+    out = {k: (fill_absent(v, f"{prefix}.{k}".lstrip(".")) if isinstance(v, Mapping) else v)
+           for k, v in node.items()}
+    dot = f"{prefix}." if prefix else ""
+    for key, (_, f) in _LEAVES.items():
+        rest = key[len(dot):]
+        if key.startswith(dot) and "." not in rest and "absent" in f.metadata and rest not in out:
+            out[rest] = f.metadata["absent"]
+    return out
+
+
+# -- rules: what each key may be -------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    ok: Callable[[Any, Any], bool]  # (value, whole config) -> valid?
+    valid: Callable[[Any], str]  # whole config -> what is valid, e.g. "must be > 0"
+
+
+def interval(text: str) -> Rule:
+    """A number in an interval written as in mathematics: "[0, 1)", "(0, inf)"."""
+    lo_b, lo, hi, hi_b = re.fullmatch(r"([\[(])\s*(\S+),\s*(\S+)\s*([\])])", text).groups()
+    lo, hi = float(lo), float(hi)
+
+    def ok(v, _):
+        return (isinstance(v, (int, float)) and not isinstance(v, bool)
+                and (lo <= v if lo_b == "[" else lo < v) and (v <= hi if hi_b == "]" else v < hi))
+
+    if math.isinf(hi):
+        words = f"must be {'>=' if lo_b == '[' else '>'} {lo:g}"
+    else:
+        words = f"must be in {text}"
+    return Rule(ok, lambda _: words)
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = interval("(0, inf)"), interval("[0, inf)"), interval("[0, 1)")
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda v, _: v in choices, lambda _: f"is not valid; choose one of: {', '.join(choices)}")
+
+
+def matches(pattern: str, what: str) -> Rule:
+    return Rule(lambda v, _: isinstance(v, str) and re.fullmatch(pattern, v) is not None, lambda _: f"must be {what}")
+
+
+TEXT = matches(r"\S(.*\S)?", "non-empty text on one line")
+LABEL = matches(r"[\w.-]+", "a name of letters, digits, '_', '.' or '-'")
+
+
+def each(rule: Rule, count: int | None = None, min_count: int = 0) -> Rule:
+    """A list whose every item passes `rule` (for a dict: every value)."""
+    def ok(v, cfg):
+        if isinstance(v, (str, int, float)):
+            return False
+        items = list(v.values()) if isinstance(v, Mapping) else list(v)
+        return (count is None or len(items) == count) and len(items) >= min_count and all(
+            rule.ok(x, cfg) for x in items)
+
+    size = f"{count} values" if count else "at least one value" if min_count else "values"
+    return Rule(ok, lambda cfg: f"must be {size}, each {rule.valid(cfg).removeprefix('must be ')}")
+
+
+def _hhmm(v, _) -> bool:
+    try:
+        dt.datetime.strptime(v, "%H:%M")
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _names(folder: Path) -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in folder.glob("*.yaml")))
+
+
+# MLflow's tracking stores (mlflow.tracking._tracking_service.utils registers
+# them): a folder path or file:, http(s): for a server, databricks /
+# databricks-uc / uc:, and SQLAlchemy's postgresql, mysql, sqlite, mssql, each
+# with an optional +driver. Plugins add schemes through entry points.
+_DB_SCHEMES = ("postgresql", "mysql", "sqlite", "mssql")
+URI_HELP = ("a folder path, file:///path, sqlite:///path.db, http(s)://host[:port], databricks[://profile], "
+            "databricks-uc, uc:URL, or postgresql|mysql|mssql[+driver]://...")
+
+
+def tracking_uri_ok(uri: Any, _=None) -> bool:
+    if not isinstance(uri, str) or not uri.strip():
+        return False
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    if uri in ("databricks", "databricks-uc") or not m or len(m.group(1)) == 1:  # a path (C:\ on Windows)
+        return True
+    scheme, rest = m.group(1).lower(), uri[m.end():]
+    if scheme.split("+")[0] in _DB_SCHEMES:
+        return scheme.count("+") <= 1 and rest.startswith("//") and (scheme != "sqlite" or len(rest) > 3)
+    if scheme in ("http", "https"):
+        return re.match(r"//[^/\s]+", rest) is not None
+    if scheme in ("file", "databricks", "databricks-uc", "uc"):
+        return bool(rest)
+    from importlib.metadata import entry_points
+
+    return scheme in {e.name for e in entry_points(group="mlflow.tracking_store")}
+
+
+def _batch_ok(v, _) -> bool:
+    return v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0)
 
 
 def _get(cfg: Any, dotted: str) -> Any:
     node = cfg
     for part in dotted.split("."):
-        node = getattr(node, part)
+        node = node[part] if isinstance(node, Mapping) else getattr(node, part)
     return node
+
+
+def _heads(c) -> tuple[int, int]:
+    d, h = _get(c, "model.d_model"), _get(c, "model.n_heads")
+    return (d, h) if isinstance(h, int) and h > 0 else (d, 0)
+
+
+def _experts(c) -> int:
+    return _get(c, "model.moe.experts")
+
+
+def _context(c) -> int:
+    return _get(c, "model.context_length")
+
+
+# Every numeric and string key of the schema, with what it may be; a test
+# checks that no key of the schema is missing here. None passes wherever the
+# schema makes the key Optional (null: off, or left to the hardware preset).
+RULES: dict[str, Rule] = {
+    "seed": interval("[0, 4294967295]"),  # numpy's generators take 32-bit seeds
+    "resume": TEXT,  # auto | never | a checkpoint file (checked when the run resumes)
+    "experiment": one_of(*_names(EXPERIMENTS_DIR)),
+    "night.start": Rule(_hhmm, lambda _: "must be a time as HH:MM, e.g. 21:00"),
+    "night.end": Rule(_hhmm, lambda _: "must be a time as HH:MM, e.g. 08:00"),
+    "hardware.name": one_of(*_names(CONF_DIR / "hardware")),
+    "hardware.device": one_of("cpu", "cuda", "mps"),
+    "hardware.devices": POSITIVE,
+    "hardware.memory_gb": NON_NEGATIVE,
+    "hardware.peak_tflops": NON_NEGATIVE,
+    "hardware.compute_capability": NON_NEGATIVE,
+    "hardware.precision": one_of("auto", "bf16", "fp16", "fp32"),
+    "hardware.batch": Rule(_batch_ok, lambda _: "must be a positive integer or 'auto'"),
+    "hardware.accumulation": POSITIVE,
+    "hardware.num_workers": NON_NEGATIVE,
+    "hardware.prefetch_factor": POSITIVE,
+    "hardware.compile_mode": one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "hardware.alloc_conf": matches(r"(\w+:[\w.]+(,\w+:[\w.]+)*)?", "empty or key:value[,key:value...]"),
+    "hardware.threads": NON_NEGATIVE,
+    "hardware.ddp_backend": one_of("nccl", "gloo"),
+    "model.name": LABEL,
+    "model.n_heads": POSITIVE,
+    "model.d_model": Rule(lambda v, c: isinstance(v, int) and v > 0 and v % max(_heads(c)[1], 1) == 0,
+                          lambda c: f"must be > 0 and divisible by model.n_heads={_heads(c)[1]}"),
+    "model.n_layers": POSITIVE,
+    "model.context_length": POSITIVE,
+    "model.dropout": FRACTION,
+    "model.mlp_ratio": POSITIVE,
+    "model.moe.experts": NON_NEGATIVE,  # 0: a dense MLP
+    "model.moe.top_k": Rule(lambda v, c: isinstance(v, int) and v >= 1 and (_experts(c) <= 0 or v <= _experts(c)),
+                            lambda c: f"must be in 1..model.moe.experts ({_experts(c)})" if _experts(c) > 0
+                            else "must be >= 1"),
+    "model.moe.capacity_factor": POSITIVE,
+    "model.moe.aux_loss_weight": NON_NEGATIVE,
+    "model.rotary": Rule(lambda v, c: not v or not _heads(c)[1] or _heads(c)[0] // _heads(c)[1] % 2 == 0,
+                         lambda c: "needs an even head size; model.d_model/model.n_heads = "
+                                   f"{_heads(c)[0] // max(_heads(c)[1], 1)}"),
+    "model.mlp": one_of("gelu", "relu2"),  # model.ACTIVATIONS
+    "model.vocab_multiple": POSITIVE,  # 1: no padding
+    "optim.name": one_of("adamw", "muon"),
+    "optim.lr": POSITIVE,
+    "optim.base_batch": POSITIVE,
+    "optim.lr_scaling": one_of("sqrt", "linear", "none"),
+    "optim.betas": each(FRACTION, count=2),
+    "optim.eps": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.warmup": NON_NEGATIVE,
+    "optim.min_lr_ratio": interval("[0, 1]"),
+    # Not 0 (no step moves the weights) nor negative (steps go uphill); inf: no clipping.
+    "optim.grad_clip": interval("(0, inf]"),
+    "optim.muon_lr": POSITIVE,
+    "optim.muon_momentum": FRACTION,
+    "optim.muon_weight_decay": NON_NEGATIVE,
+    "data.source": one_of("poetry", "jsonl", "hf"),
+    "data.paths": each(TEXT),
+    "data.text_field": TEXT,
+    "data.hf_name": matches(r"(\S(.*\S)?)?", "a dataset name or a local path on one line"),
+    "data.hf_split": TEXT,
+    "data.hf_config": TEXT,
+    "data.script": one_of("simplified", "keep"),
+    "data.genre_caps": each(NON_NEGATIVE),
+    "data.val_fraction": interval("(0, 1)"),
+    "data.stride": Rule(lambda v, c: isinstance(v, int) and 0 < v <= _context(c),
+                        lambda c: f"must be in 1..model.context_length ({_context(c)})"),
+    "data.cache_dir": TEXT,
+    "data.on_bad_record": one_of("error", "skip"),
+    "trainer.max_steps": POSITIVE,
+    "trainer.max_epochs": POSITIVE,
+    "trainer.max_time": POSITIVE,
+    "trainer.eval_every": POSITIVE,
+    "trainer.eval_batches": POSITIVE,
+    "trainer.log_every": POSITIVE,
+    "trainer.sample_tokens": POSITIVE,
+    "trainer.sample.temperature": NON_NEGATIVE,  # 0: greedy
+    "trainer.sample.top_k": NON_NEGATIVE,  # 0: off
+    "trainer.sample.top_p": interval("(0, 1]"),  # 1: off
+    "trainer.sample.repetition_penalty": POSITIVE,  # 1: off
+    "trainer.sample.prompts": each(TEXT, min_count=1),
+    "trainer.on_nan": one_of("stop", "skip", "rollback"),
+    "trainer.nan_lr_factor": interval("(0, 1)"),
+    "trainer.early_stop_patience": POSITIVE,
+    "checkpoint.dir": TEXT,
+    "checkpoint.every_steps": POSITIVE,
+    "checkpoint.every_minutes": POSITIVE,
+    "checkpoint.keep_last": POSITIVE,
+    "tracking.uri": Rule(tracking_uri_ok, lambda _: f"is not a store MLflow opens; use {URI_HELP}"),
+    "tracking.experiment_name": TEXT,
+    "tracking.run_name": TEXT,
+    "tracking.timeout": POSITIVE,
+}
+
+# Conditions on several keys at once: (what is wrong, when).
+NEEDS: list[tuple[str, Callable[[Any], bool]]] = [
+    ("data=jsonl needs data.paths, e.g. 'data.paths=[corpus.jsonl]'",
+     lambda c: _get(c, "data.source") == "jsonl" and not _get(c, "data.paths")),
+    ("data=hf needs data.hf_name (a dataset name or a local path)",
+     lambda c: _get(c, "data.source") == "hf" and not _get(c, "data.hf_name")),
+    ("set one of trainer.max_steps, trainer.max_epochs, trainer.max_time",
+     lambda c: all(_get(c, f"trainer.{k}") is None for k in ("max_steps", "max_epochs", "max_time"))),
+]
+
+
+def _show(v: Any) -> str:
+    """A value as the user typed it on the command line: true, 0.5, 'x'."""
+    return str(v).lower() if isinstance(v, bool) else repr(v)
+
+
+def problems(cfg: Any, section: str = "") -> list[str]:
+    """What is wrong with `cfg` (a DictConfig, a RunConfig or nested dicts),
+    one message per key; `section` ("model") checks only that part's keys."""
+    out = []
+    for key, rule in RULES.items():
+        if not key.startswith(section):
+            continue
+        try:
+            value, optional = _get(cfg, key), _optional(_LEAVES[key][0])
+        except (KeyError, AttributeError):  # a section from elsewhere (GPTConfig) need not hold every key
+            if section:
+                continue
+            raise
+        if value is None and not optional:
+            out.append(f"{key}=null {rule.valid(cfg)}")
+        elif value is not None and not rule.ok(value, cfg):
+            out.append(f"{key}={_show(value)} {rule.valid(cfg)}{' (or null)' if optional else ''}")
+    if not section:
+        out += [message for message, wrong in NEEDS if wrong(cfg)]
+    return out
 
 
 def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
     """Keys added with `+key=...`, which Hydra lets past the typed schema."""
-    known = {f.name: f.type for f in fields(schema)}
+    hints = typing.get_type_hints(schema)
     out = []
     for key in node.keys():
-        if key not in known:
+        if key not in hints:
             out.append(f"{prefix}{key}")
-        elif is_dataclass(_SCHEMAS.get(known[key])):
-            out += _unknown_keys(node[key], _SCHEMAS[known[key]], f"{prefix}{key}.")
+        elif is_dataclass(hints[key]):
+            out += _unknown_keys(node[key], hints[key], f"{prefix}{key}.")
     return out
 
 
+def schema_at(section: str) -> type | None:
+    """The schema dataclass of a dotted section ("" is the whole run), or None."""
+    node: type = RunConfig
+    for part in filter(None, section.split(".")):
+        hint = typing.get_type_hints(node).get(part)
+        if not is_dataclass(hint):
+            return None
+        node = hint
+    return node
+
+
+def valid_keys(full_key: str, keys: list[str] | None = None) -> str:
+    """What to say of an unknown key: the closest valid one and the valid
+    keys of its section (`keys` for a section outside the schema)."""
+    section, _, leaf = full_key.rpartition(".")
+    schema = schema_at(section)
+    keys = [f.name for f in fields(schema)] if schema is not None else list(keys or [])
+    guess = difflib.get_close_matches(leaf, keys, n=1)
+    hint = f"did you mean {f'{section}.' if section else ''}{guess[0]}? " if guess else ""
+    return f"{hint}valid {f'keys of {section}' if section else 'top-level keys'}: {', '.join(keys)}"
+
+
 def validate(cfg: Any) -> None:
-    """Checks Hydra's typing cannot express: unknown appended keys, choices
-    and positive numbers."""
+    """Every key's value against RULES and NEEDS, and no appended unknown key;
+    one ConfigError listing every problem, each naming its key."""
     if hasattr(cfg, "keys"):
         unknown = _unknown_keys(cfg, RunConfig)
         if unknown:
-            raise ConfigError(f"unknown key(s): {', '.join(unknown)}; valid top-level keys: "
-                              f"{', '.join(f.name for f in fields(RunConfig))}")
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value is not None and value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
-    positive = ["optim.lr", "model.d_model", "model.n_heads", "model.n_layers", "model.context_length",
-                "trainer.eval_every", "trainer.log_every", "checkpoint.keep_last", "optim.base_batch",
-                "model.vocab_multiple", "optim.muon_lr"]
-    for key in ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "checkpoint.every_steps"):
-        if _get(cfg, key) is not None:
-            positive.append(key)
-    for key in ("hardware.accumulation", "hardware.devices"):
-        if _get(cfg, key) is not None:
-            positive.append(key)
-    for key in positive:
-        value = _get(cfg, key)
-        if not value > 0:
-            raise ConfigError(f"{key}={value!r} must be > 0")
-    batch = cfg.hardware.batch
-    if batch is not None and batch != "auto" and not (isinstance(batch, int) and batch > 0):
-        raise ConfigError(f"hardware.batch={batch!r} must be a positive integer or 'auto'")
-    if cfg.model.d_model % cfg.model.n_heads:
-        raise ConfigError(f"model.d_model={cfg.model.d_model} must be divisible by model.n_heads={cfg.model.n_heads}")
-    if not 0 <= cfg.model.dropout < 1:
-        raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
-    if cfg.model.rotary and (cfg.model.d_model // cfg.model.n_heads) % 2:
-        raise ConfigError(f"model.rotary=true needs an even head size; model.d_model/model.n_heads = "
-                          f"{cfg.model.d_model // cfg.model.n_heads}")
-    if not 0 <= cfg.optim.muon_momentum < 1 or cfg.optim.muon_weight_decay < 0:
-        raise ConfigError(f"optim.muon_momentum={cfg.optim.muon_momentum} must be in [0, 1) and "
-                          f"optim.muon_weight_decay={cfg.optim.muon_weight_decay} >= 0")
-    moe = cfg.model.moe
-    if moe.experts < 0 or (moe.experts and not 1 <= moe.top_k <= moe.experts):
-        raise ConfigError(f"model.moe: experts={moe.experts}, top_k={moe.top_k}; need experts >= 0 and "
-                          f"1 <= top_k <= experts when experts > 0")
-    if moe.capacity_factor <= 0 or moe.aux_loss_weight < 0:
-        raise ConfigError("model.moe.capacity_factor must be > 0 and model.moe.aux_loss_weight >= 0")
-    sm = cfg.trainer.sample
-    if not (0 < sm.top_p <= 1 and sm.repetition_penalty > 0 and sm.top_k >= 0 and sm.prompts):
-        raise ConfigError(f"trainer.sample: top_p={sm.top_p} must be in (0, 1], repetition_penalty="
-                          f"{sm.repetition_penalty} > 0, top_k={sm.top_k} >= 0, prompts not empty")
-    if not 0 < cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
-    stride = cfg.data.stride
-    if stride is not None and not 0 < stride <= cfg.model.context_length:
-        raise ConfigError(f"data.stride={stride} must be in 1..model.context_length ({cfg.model.context_length})")
-    if cfg.data.source == "jsonl" and not cfg.data.paths:
-        raise ConfigError("data=jsonl needs data.paths, e.g. 'data.paths=[corpus.jsonl]'")
-    if cfg.data.source == "hf" and not cfg.data.hf_name:
-        raise ConfigError("data=hf needs data.hf_name (a dataset name or a local path)")
-    if cfg.trainer.max_steps is None and cfg.trainer.max_epochs is None and cfg.trainer.max_time is None:
-        raise ConfigError("set one of trainer.max_steps, trainer.max_epochs, trainer.max_time")
+            raise ConfigError("unknown key(s): " + "; ".join(f"{key} ({valid_keys(key)})" for key in unknown))
+    found = problems(cfg)
+    if found:
+        raise ConfigError("; ".join(found))
+
+
+def check_model(model: Mapping) -> None:
+    """`model` (the run config's model section, as a mapping) against RULES."""
+    found = problems({"model": model}, "model.")
+    if found:
+        raise ConfigError("; ".join(found))
 
 
 def register() -> None:

@@ -1,9 +1,9 @@
 """A decoder-only GPT: pre-norm blocks, causal SDPA, tied embeddings, an
 optional mixture-of-experts feed-forward, and cached generation.
 
-Switches from the modded-nanoGPT speedrun line of work, all off by default:
-rotary positions, q/k normalisation, a ReLU-squared MLP, a padded vocabulary
-and zero-initialised output projections (`model.*` in conf/model/).
+Switches from the modded-nanoGPT speedrun line of work (`model.*`, defaults
+in lingmao/schema.py): rotary positions (on by default), q/k normalisation, a
+ReLU-squared MLP, a padded vocabulary and zero-initialised output projections.
 
 Seed 002's model was an `nn.TransformerEncoder` with no causal mask, so it saw
 the future; here every attention call is causal.
@@ -12,45 +12,57 @@ the future; here every attention call is causal.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .config import check_model, fill_absent, value_when_absent
+
+
+def _key(name: str) -> str:
+    """The run config's `model` key a GPTConfig field holds: moe_top_k is moe.top_k."""
+    return name.replace("moe_", "moe.", 1)
+
+
+def _unset(name: str):
+    return value_when_absent(f"model.{_key(name)}")
+
 
 @dataclass
 class GPTConfig:
+    """The run config's `model` section, flat, plus the vocabulary size.
+
+    A field left out means what it means in a checkpoint whose config lacks
+    it (config.value_when_absent): the schema's default, except that a switch
+    added later is as it was before it existed. So GPTConfig(vocab_size=V) is
+    the plain GPT-2-style model (learned positions); model=small, the run a
+    bare `python -m lingmao.run` trains, is from_model_config(ModelConfig(), V).
+    The values are checked by config.RULES, as the CLI's are."""
     vocab_size: int
-    d_model: int = 512
-    n_heads: int = 8
-    n_layers: int = 8
-    context_length: int = 512
-    dropout: float = 0.1
-    mlp_ratio: int = 4
-    moe_experts: int = 0  # 0: a dense MLP in every block
-    moe_top_k: int = 2
-    moe_capacity_factor: float = 1.25
-    rotary: bool = False  # rotary positions on q and k instead of the learned pos_emb
-    qk_norm: bool = False  # RMSNorm of q and k per head before attention
-    mlp: str = "gelu"  # the MLP's activation: a key of ACTIVATIONS
-    vocab_multiple: int = 1  # embedding/head rows padded to a multiple of this
-    zero_init_proj: bool = False  # attention/MLP output projections start at zero
+    d_model: int = _unset("d_model")
+    n_heads: int = _unset("n_heads")
+    n_layers: int = _unset("n_layers")
+    context_length: int = _unset("context_length")
+    dropout: float = _unset("dropout")
+    mlp_ratio: int = _unset("mlp_ratio")
+    moe_experts: int = _unset("moe_experts")  # 0: a dense MLP in every block
+    moe_top_k: int = _unset("moe_top_k")
+    moe_capacity_factor: float = _unset("moe_capacity_factor")
+    rotary: bool = _unset("rotary")  # rotary positions on q and k instead of the learned pos_emb
+    qk_norm: bool = _unset("qk_norm")  # RMSNorm of q and k per head before attention
+    mlp: str = _unset("mlp")  # the MLP's activation: a key of ACTIVATIONS
+    vocab_multiple: int = _unset("vocab_multiple")  # embedding/head rows padded to a multiple of this
+    zero_init_proj: bool = _unset("zero_init_proj")  # attention/MLP output projections start at zero
 
     def __post_init__(self):
-        if self.mlp not in ACTIVATIONS:
-            raise ValueError(f"model.mlp={self.mlp!r} is not valid; choose one of: {', '.join(ACTIVATIONS)}")
-        if self.vocab_multiple < 1:
-            raise ValueError(f"model.vocab_multiple={self.vocab_multiple} must be >= 1 (1: no padding)")
-        if self.rotary and (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"model.rotary needs an even head size; d_model/n_heads = {self.d_model // self.n_heads}")
-        if self.moe_experts < 0:
-            raise ValueError(f"model.moe.experts={self.moe_experts} must be >= 0 (0: no MoE)")
-        if self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts:
-            raise ValueError(f"model.moe.top_k={self.moe_top_k} must be in 1..model.moe.experts ({self.moe_experts})")
-        if self.moe_experts and not self.moe_capacity_factor > 0:
-            raise ValueError(f"model.moe.capacity_factor={self.moe_capacity_factor} must be > 0")
+        section: dict = {"moe": {}}
+        for f in fields(self)[1:]:  # all but vocab_size
+            *parent, leaf = _key(f.name).split(".")
+            (section[parent[0]] if parent else section)[leaf] = getattr(self, f.name)
+        check_model(section)
 
     @property
     def padded_vocab(self) -> int:
@@ -59,16 +71,12 @@ class GPTConfig:
 
     @classmethod
     def from_model_config(cls, m, vocab_size: int) -> GPTConfig:
-        """From a run config's `model` node: a DictConfig, or the plain dict a
-        checkpoint stores (older checkpoints lack the speedrun switches: they
-        were off then, so a missing one takes its default)."""
-        moe = m["moe"]
-        return cls(vocab_size=vocab_size, d_model=m["d_model"], n_heads=m["n_heads"], n_layers=m["n_layers"],
-                   context_length=m["context_length"], dropout=m["dropout"], mlp_ratio=m["mlp_ratio"],
-                   moe_experts=moe["experts"], moe_top_k=moe["top_k"], moe_capacity_factor=moe["capacity_factor"],
-                   rotary=m.get("rotary", cls.rotary), qk_norm=m.get("qk_norm", cls.qk_norm),
-                   mlp=m.get("mlp", cls.mlp), vocab_multiple=m.get("vocab_multiple", cls.vocab_multiple),
-                   zero_init_proj=m.get("zero_init_proj", cls.zero_init_proj))
+        """From a run config's `model` section: a ModelConfig, a DictConfig, or
+        the plain dict a checkpoint stores (a key it lacks takes its value
+        from before the key existed)."""
+        m = fill_absent(m, "model")
+        values = {f.name: m["moe"][f.name[4:]] if f.name.startswith("moe_") else m[f.name] for f in fields(cls)[1:]}
+        return cls(vocab_size=vocab_size, **values)
 
 
 ROPE_BASE = 10000.0  # RoFormer's (Su et al. 2021) base of the rotation frequencies

@@ -331,7 +331,27 @@ class SweepSummary(Callback):
 
 
 def main() -> None:
-    _hydra_main()
+    """The CLI. Hydra's own errors (an unknown key, a wrong type, a missing
+    preset) come out as one `error:` line saying what is valid, exit 2.
+    HYDRA_FULL_ERROR=1 (Hydra's documented switch) makes Hydra raise them
+    instead of printing them; set by the user, it keeps Hydra's full report."""
+    from .hydra_errors import explain
+
+    asked = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except Exception as e:
+        message = None if asked == "1" else explain(e, sys.argv[1:], _hydra_main.__wrapped__.__code__)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if asked is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = asked
 
 
 if __name__ == "__main__":

@@ -32,9 +32,12 @@ def resolve_uri(uri: str | None, launch_dir: Path) -> str:
         path = Path(uri[len("sqlite:///"):])
         if not path.is_absolute():
             return f"sqlite:///{(launch_dir / path).resolve()}"
-    if "://" not in uri:  # a plain folder: MLflow's file store
-        return str((launch_dir / uri).resolve())
-    return uri
+    # A plain folder is MLflow's file store; anything with a scheme of two or
+    # more letters (file:, databricks://..., uc:) or a bare profile name
+    # (databricks, databricks-uc) is a store MLflow resolves itself.
+    if uri in ("databricks", "databricks-uc") or re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", uri):
+        return uri
+    return str((launch_dir / uri).resolve())
 
 
 def quiet_mlflow() -> None:

@@ -49,6 +49,9 @@ def test_unknown_key_is_rejected_by_name():
 def test_appended_unknown_key_is_rejected_by_validate():
     with pytest.raises(ConfigError, match=r"trainer\.max_stpes"):
         validate(make("+trainer.max_stpes=3"))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\): model\.n_head \(did you mean model\.n_heads\? "
+                                          r"valid keys of model: name, d_model, n_heads"):
+        validate(make("+model.n_head=3"))
 
 
 def test_unknown_key_in_group_is_rejected():
@@ -99,3 +102,176 @@ def test_clip_presets_set_grad_clip():
 def test_balanced_data_preset_has_seed_caps():
     caps = make("data=poetry_balanced").data.genre_caps
     assert dict(caps) == {"诗": 50000, "词": 30000, "文": 20000, "赋": 10000}
+
+
+# -- every key has a rule -----------------------------------------------------
+
+from lingmao.config import RULES, NEEDS, schema_keys, tracking_uri_ok  # noqa: E402
+
+
+def _needs_a_rule(tp) -> bool:
+    """Numbers, text, lists and maps of them, and Any: every type but bool."""
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if typing.get_origin(tp) is typing.Union else tp
+    return base is not bool
+
+
+def test_every_numeric_and_text_key_of_the_schema_has_a_rule():
+    keys = {key for key, tp, _ in schema_keys() if _needs_a_rule(tp)}
+    assert keys - set(RULES) == set(), "keys with no rule in config.RULES"
+    assert set(RULES) - {key for key, _, _ in schema_keys()} == set(), "rules for keys the schema lacks"
+
+
+def test_every_rule_refuses_something():
+    """No rule that lets everything through: each refuses one of these values."""
+    cfg = make()
+    bad = [-1, -0.5, "", "x y\nz", [-1], [""], {"x": -1}]
+    typed = {key: tp for key, tp, _ in schema_keys()}
+    for key, rule in RULES.items():
+        if not _needs_a_rule(typed[key]):  # a switch whose rule is about other keys (model.rotary)
+            continue
+        assert not all(rule.ok(v, cfg) for v in bad), f"{key}: its rule accepts every value tried"
+
+
+def test_the_default_config_passes_every_rule():
+    validate(make())
+    from dataclasses import asdict
+
+    from lingmao.config import problems, RunConfig
+
+    assert problems(RunConfig()) == []
+    assert problems(asdict(RunConfig())) == []
+
+
+# -- rule families: each override below composed and ran before ----------------
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be > 0"),  # ascended the gradient
+    ("optim.grad_clip=0", "optim.grad_clip=0.0 must be > 0"),  # froze training
+    ("optim.weight_decay=-1", "optim.weight_decay=-1.0 must be >= 0"),
+    ("optim.eps=0", "optim.eps=0.0 must be > 0"),
+    ("optim.warmup=-5", "optim.warmup=-5.0 must be >= 0"),
+    ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio=1.5 must be in [0, 1]"),
+    ("optim.base_batch=0", "optim.base_batch=0 must be > 0"),
+    ("model.mlp_ratio=0", "model.mlp_ratio=0 must be > 0"),
+    ("model.moe.aux_loss_weight=-0.1", "model.moe.aux_loss_weight=-0.1 must be >= 0"),
+    ("trainer.sample_tokens=0", "trainer.sample_tokens=0 must be > 0"),
+    ("trainer.eval_batches=0", "trainer.eval_batches=0 must be > 0"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0 must be > 0 (or null)"),
+    ("trainer.max_time=-1", "trainer.max_time=-1.0 must be > 0 (or null)"),
+    ("trainer.sample.temperature=-1", "trainer.sample.temperature=-1.0 must be >= 0"),
+    ("trainer.sample.repetition_penalty=0", "trainer.sample.repetition_penalty=0.0 must be > 0"),
+    ("hardware=cpu hardware.num_workers=-1", "hardware.num_workers=-1 must be >= 0 (or null)"),
+    ("hardware=cpu hardware.threads=-2", "hardware.threads=-2 must be >= 0 (or null)"),
+    ("hardware=cpu hardware.memory_gb=-8", "hardware.memory_gb=-8.0 must be >= 0 (or null)"),
+    ("hardware=rtx3060 hardware.prefetch_factor=0", "hardware.prefetch_factor=0 must be > 0 (or null)"),
+    ("seed=-1", "seed=-1 must be in [0, 4294967295]"),
+    ("data.val_fraction=1", "data.val_fraction=1.0 must be in (0, 1)"),
+    ("+data.genre_caps.ci=-5", "data.genre_caps={'ci': -5} must be values, each >= 0"),
+    # Checked by the engine only once training had started:
+    ("trainer.nan_lr_factor=1", "trainer.nan_lr_factor=1.0 must be in (0, 1)"),
+    ("trainer.early_stop_patience=0", "trainer.early_stop_patience=0 must be > 0 (or null)"),
+    ("checkpoint.every_minutes=0", "checkpoint.every_minutes=0.0 must be > 0 (or null)"),
+])
+def test_numbers_out_of_range_name_the_key_and_the_range(override, message):
+    with pytest.raises(ConfigError) as e:
+        validate(make(*override.split()))
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.betas=[0.9,1.0]", "optim.betas=[0.9, 1.0] must be 2 values, each in [0, 1)"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9] must be 2 values"),
+    ("trainer.sample.prompts=[]", "trainer.sample.prompts=[] must be at least one value"),
+    ("data=jsonl data.paths=['']", "data.paths=[''] must be values, each non-empty text"),
+])
+def test_lists_name_the_key_and_what_each_item_may_be(override, message):
+    with pytest.raises(ConfigError) as e:
+        validate(make(*override.split()))
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.on_nan=explode", "trainer.on_nan='explode' is not valid; choose one of: stop, skip, rollback"),
+    ("hardware=cpu hardware.compile_mode=fast", "hardware.compile_mode='fast' is not valid; choose one of: default,"),
+    ("hardware=cpu hardware.ddp_backend=mpi", "hardware.ddp_backend='mpi' is not valid; choose one of: nccl, gloo"),
+    ("hardware.name=rtx5090", "hardware.name='rtx5090' is not valid; choose one of: auto, cpu"),
+    ("data.on_bad_record=ignore", "data.on_bad_record='ignore' is not valid; choose one of: error, skip"),
+    ("experiment=quickstart experiment=quickstart", None),  # a real one passes
+    ("night.start=25:00", "night.start='25:00' must be a time as HH:MM"),
+    ("night.end=8h", "night.end='8h' must be a time as HH:MM"),
+    ("hardware=rtx3060 hardware.alloc_conf=garbage", "hardware.alloc_conf='garbage' must be empty or key:value"),
+    (("tracking.experiment_name=' '",), "tracking.experiment_name=' ' must be non-empty text"),
+    ("checkpoint.dir=''", "checkpoint.dir='' must be non-empty text"),
+    (("model.name='my model'",), "model.name='my model' must be a name of letters"),
+])
+def test_text_keys_name_the_key_and_the_choices(override, message):
+    cfg = make(*(override if isinstance(override, tuple) else override.split()))
+    if message is None:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert message in str(e.value)
+
+
+def test_an_unknown_experiment_value_lists_the_experiments():
+    cfg = make()
+    cfg.experiment = "quickstartt"
+    with pytest.raises(ConfigError, match=r"experiment='quickstartt' is not valid; choose one of: .*quickstart"):
+        validate(cfg)
+
+
+def test_gradient_clipping_can_be_turned_off_with_inf():
+    validate(make("optim.grad_clip=inf"))
+
+
+def test_every_problem_is_reported_at_once_on_one_line():
+    with pytest.raises(ConfigError) as e:
+        validate(make("optim.grad_clip=0", "optim.weight_decay=-1"))
+    assert "optim.grad_clip" in str(e.value) and "optim.weight_decay" in str(e.value) and "\n" not in str(e.value)
+
+
+GOOD_URIS = ["mlruns", "./runs/mlruns", "/abs/mlruns", "C:\\runs\\mlruns", "file:///tmp/mlruns", "file:/tmp/mlruns",
+             "sqlite:///mlflow.db", "sqlite:////abs/mlflow.db", "http://localhost:5000", "https://mlflow.example.com",
+             "databricks", "databricks://profile", "databricks-uc", "uc:http://localhost:8080",
+             "postgresql://u:p@host/db", "postgresql+psycopg2://host/db", "mysql+pymysql://host/db",
+             "mssql+pyodbc://host/db"]
+BAD_URIS = ["htp://localhost:5000", "sqlite:/mlflow.db", "sqlite://", "http://", "postgres://host/db",
+            "postgresql+a+b://host/db", "s3://bucket/runs", "ftp://host/runs", " ", "mlflow:5000"]
+
+
+@pytest.mark.parametrize("uri", GOOD_URIS)
+def test_tracking_uris_mlflow_opens_are_accepted(uri):
+    cfg = make()
+    cfg.tracking.uri = uri
+    validate(cfg)
+
+
+@pytest.mark.parametrize("uri", BAD_URIS)
+def test_other_tracking_uris_are_refused_with_the_schemes(uri):
+    cfg = make()
+    cfg.tracking.uri = uri
+    with pytest.raises(ConfigError, match=r"tracking\.uri=.* is not a store MLflow opens; use a folder path, "
+                                          r"file:///path, sqlite:///path.db, http\(s\)://"):
+        validate(cfg)
+
+
+def test_the_uri_schemes_are_mlflows():
+    """Where a URI's scheme decides, MLflow's own lookup of its tracking
+    stores agrees with the rule."""
+    from mlflow.tracking._tracking_service.utils import _get_tracking_scheme
+
+    scheme_level = [u for u in GOOD_URIS + BAD_URIS if u.strip() and u not in
+                    ("sqlite:/mlflow.db", "sqlite://", "http://", "postgresql+a+b://host/db", "mlflow:5000")]
+    for uri in scheme_level:
+        assert (_get_tracking_scheme(uri) != "None") == tracking_uri_ok(uri), uri
+
+
+def test_needs_cover_settings_of_several_keys():
+    assert [m for m, wrong in NEEDS if wrong(make("data=jsonl"))] == \
+        ["data=jsonl needs data.paths, e.g. 'data.paths=[corpus.jsonl]'"]
+    with pytest.raises(ConfigError, match="set one of trainer.max_steps"):
+        validate(make("trainer.max_steps=null"))

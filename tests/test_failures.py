@@ -169,8 +169,8 @@ def test_bad_data_on_resume_leaves_the_checkpoint_alone(tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize("override, rc, message", [
-    ("model=huge", 1, "Could not find 'model/huge'"),
-    ("trainer.bogus=1", 1, "Key 'bogus' not in 'TrainerConfig'"),
+    ("model=huge", 2, "error: model=huge: Could not find 'model/huge'; choose one of: large, medium, small, tiny"),
+    ("trainer.bogus=1", 2, "error: trainer.bogus: no such key; valid keys of trainer: max_steps"),
     ("+trainer.bogus=1", 2, "error: unknown key(s): trainer.bogus"),
     ("hardware.batch=0", 2, "error: hardware.batch=0 must be a positive integer or 'auto'"),
     ("hardware.batch=-4", 2, "error: hardware.batch=-4 must be a positive integer or 'auto'"),

@@ -50,3 +50,24 @@ def test_too_long_input_is_refused():
 
     with pytest.raises(ValueError, match="context_length"):
         tiny()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_gptconfig_is_checked_by_the_configs_rules():
+    import pytest
+
+    from lingmao.config import ConfigError
+
+    for kw, message in [(dict(dropout=1.5), r"model\.dropout=1\.5 must be in \[0, 1\)"),
+                        (dict(d_model=30), r"model\.d_model=30 must be > 0 and divisible by model\.n_heads=4"),
+                        (dict(n_layers=0), r"model\.n_layers=0 must be > 0"),
+                        (dict(mlp_ratio=-1), r"model\.mlp_ratio=-1 must be > 0")]:
+        with pytest.raises(ConfigError, match=message):
+            GPTConfig(**{**dict(vocab_size=50, d_model=32, n_heads=4, n_layers=2, context_length=16), **kw})
+
+
+def test_every_activation_is_a_valid_model_mlp():
+    from lingmao.config import RULES
+    from lingmao.model import ACTIVATIONS
+
+    assert all(RULES["model.mlp"].ok(name, None) for name in ACTIVATIONS)
+    assert not RULES["model.mlp"].ok("swish", None)

@@ -305,3 +305,12 @@ def test_params_changed_on_resume_are_kept_beside_the_first_ones(tmp_path, mlflo
         assert params["optim.lr"] == "0.0003" and params[resumed_key] == str(lr)
         assert params["seed"] == "1" and params["trainer.max_steps"] == "80"
     assert "resumed.40.seed" not in params  # unchanged keys are not repeated
+
+
+def test_stores_with_a_scheme_or_a_profile_name_are_not_made_into_folders(tmp_path):
+    from lingmao.tracking import resolve_uri
+
+    for uri in ("databricks", "databricks-uc", "uc:", "file:///tmp/x", "http://h:5000", "postgresql://u@h/db"):
+        assert resolve_uri(uri, tmp_path) == uri
+    assert resolve_uri("mlruns", tmp_path) == str((tmp_path / "mlruns").resolve())
+    assert resolve_uri("sqlite:///m.db", tmp_path) == f"sqlite:///{(tmp_path / 'm.db').resolve()}"

@@ -1,0 +1,190 @@
+"""The typed schema of a run: every key, its type and its default.
+
+The defaults here are the run that `python -m lingmao.run` composes with no
+arguments (model=small, optim=adamw, data=poetry, hardware=auto): a test holds
+conf/ equal to them, so `RunConfig()` in Python and the CLI train the same
+model. The model presets state their shape and leave the switches to these
+defaults; GPTConfig takes its defaults from here, and a checkpoint's config
+gets the keys it lacks from here (`added_later`). The valid values of every
+key are in config.RULES.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+def added_later(default: Any, before: Any) -> Any:
+    """A key added after checkpoints already existed. `before` is how a model
+    behaved before the key existed: what a stored config that lacks the key
+    means (config.fill_absent), which may differ from today's default."""
+    return field(default=default, metadata={"absent": before})
+
+
+@dataclass
+class HardwareConfig:
+    # Optional everywhere so `auto` can leave a key to the detected preset; the
+    # plan checks that every key has a value once the preset is resolved.
+    name: str = "auto"
+    device: Optional[str] = None
+    devices: Optional[int] = None
+    memory_gb: Optional[float] = None  # 0: the machine's RAM as detected
+    peak_tflops: Optional[float] = None  # 0: estimated from the cores
+    compute_capability: Optional[float] = None
+    precision: Optional[str] = None
+    batch: Optional[Any] = None  # micro-batch per device: int, or "auto"
+    accumulation: Optional[int] = None
+    num_workers: Optional[int] = None
+    pin_memory: Optional[bool] = None
+    persistent_workers: Optional[bool] = None
+    prefetch_factor: Optional[int] = None
+    compile: Optional[bool] = None
+    compile_mode: Optional[str] = None
+    tf32: Optional[bool] = None
+    cudnn_benchmark: Optional[bool] = None
+    alloc_conf: Optional[str] = None  # PYTORCH_CUDA_ALLOC_CONF, e.g. max_split_size_mb:128
+    threads: Optional[int] = None  # 0: one per core
+    ddp_backend: Optional[str] = None
+    fallback: bool = False  # run on what exists when the preset's device is absent
+
+
+@dataclass
+class MoEConfig:
+    # experts > 0 swaps each MLP for a top-k routed mixture of experts.
+    # MiniMind's defaults (4 experts, top 2, aux 0.01) but off, and the Switch
+    # Transformer's capacity factor 1.25.
+    experts: int = 0  # 0: a dense MLP in every block
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    aux_loss_weight: float = 0.01
+
+
+@dataclass
+class ModelConfig:
+    # These defaults are model=small (~40M parameters).
+    name: str = "small"
+    d_model: int = 512
+    n_heads: int = 8
+    n_layers: int = 8
+    context_length: int = 512
+    dropout: float = 0.1
+    mlp_ratio: int = 4
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    # Switches from the modded-nanoGPT speedrun line of work, added after
+    # checkpoints existed; before then every model was the plain GPT-2 one.
+    # Rotary positions on q and k (Su et al. 2021) instead of the learned
+    # position table: suite=speedrun (small, CPU) reached the AdamW baseline's
+    # val loss in 0.33x its steps.
+    rotary: bool = added_later(True, before=False)
+    # RMS-normalise q and k per head (Dehghani et al. 2023; Wortsman et al. 2023).
+    qk_norm: bool = added_later(False, before=False)
+    # gelu, or relu2: ReLU squared (So et al. 2021, Primer).
+    mlp: str = added_later("gelu", before="gelu")
+    # Embedding/head rows padded to a multiple of this (64: faster GPU matmuls).
+    vocab_multiple: int = added_later(1, before=1)
+    # Attention/MLP output projections start at zero: each block starts as the identity.
+    zero_init_proj: bool = added_later(False, before=False)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 5e-5  # the rate at base_batch, scaled to the effective batch by lr_scaling
+    base_batch: int = 16
+    lr_scaling: str = "sqrt"
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    warmup: float = 0.1  # < 1: a fraction of max_steps; >= 1: a step count
+    min_lr_ratio: float = 0.1  # the cosine schedule's floor, as a fraction of the peak
+    grad_clip: float = 1.0  # the gradient's largest global L2 norm
+    fused: Optional[bool] = None  # None: fused kernels where the device has them
+    # optim=muon only: Muon for the blocks' matrices, at its own LR (at base_batch)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "poetry"
+    paths: List[str] = field(default_factory=list)
+    text_field: str = "text"
+    hf_name: str = ""
+    hf_split: str = "train"
+    hf_config: Optional[str] = None
+    script: str = "simplified"
+    genre_caps: Dict[str, int] = field(default_factory=dict)
+    val_fraction: float = 0.02
+    stride: Optional[int] = None
+    cache_dir: Optional[str] = None
+    on_bad_record: str = "error"
+
+
+@dataclass
+class SampleConfig:
+    """Decoding of the generation test at every eval."""
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 50  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off; 1.2 breaks most loops
+    prompts: List[str] = field(default_factory=lambda: ["床前明月光", "明月几时有", "子曰"])
+    greedy_baseline: bool = False  # also decode greedily, no penalty: samples/greedy_rep4 ...
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: Optional[int] = 1000
+    max_epochs: Optional[int] = None
+    max_time: Optional[float] = None
+    eval_every: int = 100
+    eval_batches: int = 20
+    log_every: int = 10
+    sample_tokens: int = 48
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    progress: bool = True
+    on_nan: str = "stop"  # stop | skip | rollback, for a non-finite loss or gradient (fp16: the GradScaler's)
+    nan_lr_factor: float = 0.5  # on_nan=rollback multiplies the LR by this
+    early_stop_patience: Optional[int] = None  # scheduled evals without a val/loss improvement; None: off
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every_steps: Optional[int] = None
+    every_minutes: Optional[float] = 30.0
+    keep_last: int = 2
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None
+    experiment_name: str = "lingmao"
+    run_name: Optional[str] = None
+    system_metrics: bool = True  # CPU/RAM/disk/network (and GPU with nvidia-ml-py) every 10 s
+    timeout: float = 30.0  # seconds any wait on the store may last; then the spool takes the records
+
+
+@dataclass
+class NightConfig:
+    start: str = "21:00"
+    end: str = "08:00"
+
+
+@dataclass
+class RunConfig:
+    seed: int = 1337
+    plan: bool = False
+    resume: str = "auto"
+    experiment: Optional[str] = None
+    night_mode: bool = False
+    night: NightConfig = field(default_factory=NightConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
