@@ -1,7 +1,7 @@
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ValidationError
 
 from lingmao.config import CONF_DIR, ConfigError, register, validate
 from lingmao.plan import PRESETS

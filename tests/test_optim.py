@@ -1,7 +1,5 @@
-import math
 
 import pytest
-import torch
 
 from lingmao.model import GPT, GPTConfig
 from lingmao.optim import Schedule, lr_factor, param_groups, scaled_lr, warmup_steps
