@@ -214,8 +214,9 @@ def find_resume(resume: str, folder: Folder, quiet: bool = False) -> tuple[Path,
 
 # Keys whose values make a checkpoint's weights or token stream mean something
 # else: the model's (but for its name and the training-only knobs below) and
-# every data setting that changes the tokens; the seed chooses the train/val
-# split. Everything else (hardware, optimizer, trainer, stride) may change.
+# every data setting that changes the tokens, data.split_seed (the train/val
+# split) among them. Everything else (hardware, optimizer, trainer, stride)
+# may change here; resume=auto also wants the same job (checkpointer.py).
 _FREE_KEYS = {"model.name", "model.dropout", "model.moe.capacity_factor", "model.moe.aux_loss_weight",
               "data.cache_dir", "data.stride", "data.on_bad_record"}
 
@@ -231,7 +232,9 @@ def _flat(node: dict, prefix: str) -> dict:
 
 
 def _bound_settings(cfg: dict) -> dict:
-    flat = _flat({"seed": cfg.get("seed"), "model": cfg.get("model", {}), "data": cfg.get("data", {})}, "")
+    data = dict(cfg.get("data", {}))
+    data.setdefault("split_seed", cfg.get("seed"))  # before data.split_seed the run's seed chose the split
+    flat = _flat({"model": cfg.get("model", {}), "data": data}, "")
     return {k: v for k, v in flat.items() if k not in _FREE_KEYS}
 
 

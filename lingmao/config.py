@@ -268,6 +268,7 @@ RULES: dict[str, Rule] = {
     "data.script": one_of("simplified", "keep"),
     "data.genre_caps": each(NON_NEGATIVE),
     "data.val_fraction": interval("(0, 1)"),
+    "data.split_seed": interval("[0, 4294967295]"),
     "data.stride": Rule(lambda v, c: isinstance(v, int) and 0 < v <= _context(c),
                         lambda c: f"must be in 1..model.context_length ({_context(c)})"),
     "data.cache_dir": TEXT,

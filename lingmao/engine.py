@@ -80,7 +80,7 @@ def prepare(cfg, plan: Plan, run_dir: Path, dist: Dist | None = None) -> Job:
     checkpoint to resume: everything that can refuse the run does so here,
     before an MLflow run is opened or touched."""
     dist = dist or Dist.from_env()
-    data = load_corpus(cfg.data, cfg.seed, progress=dist.main and cfg.trainer.progress)
+    data = load_corpus(cfg.data, progress=dist.main and cfg.trainer.progress)
     if dist.main and data.meta.get("skipped_records"):
         print(f"warning: the corpus skipped {data.meta['skipped_records']} empty or bad record(s) "
               f"(data.on_bad_record={cfg.data.on_bad_record})", file=sys.stderr)

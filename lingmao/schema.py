@@ -117,6 +117,7 @@ class DataConfig:
     script: str = "simplified"
     genre_caps: Dict[str, int] = field(default_factory=dict)
     val_fraction: float = 0.02
+    split_seed: int = 1337  # which documents are val: fixed, so a sweep over `seed` keeps one val set
     stride: Optional[int] = None
     cache_dir: Optional[str] = None
     on_bad_record: str = "error"

@@ -241,3 +241,17 @@ def test_a_run_bounded_only_by_time_ends_at_the_lr_floor(tmp_path, shared_cache)
     assert final["lr"] < 0.2 * peak  # cosine by time: near the floor (0.1 x peak) when the time is up
     state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["progress"]["seconds"] >= 8.0 and state["schedule"]["max_time"] == 8.0
+
+
+def test_the_validation_split_is_fixed_by_data_split_seed_not_the_run_seed(tmp_path, shared_cache):
+    from lingmao.data import load_corpus
+
+    a, b = configure("seed=1"), configure("seed=2")
+    assert load_corpus(a.data).dir == load_corpus(b.data).dir  # a seed sweep shares one val set
+    other = load_corpus(configure("data.split_seed=7").data)
+    assert other.dir != load_corpus(a.data).dir and other.meta["seed"] == 7
+    # a checkpoint from before data.split_seed: its run seed chose the split
+    state = {"config": {"seed": 42, "model": {}, "data": {"source": "poetry"}}, "tokenizer_hash": "h"}
+    with pytest.raises(checkpoint.ResumeError, match="data.split_seed: checkpoint 42 vs config 1337"):
+        checkpoint.check_compatible(state, {"seed": 42, "model": {}, "data": {"source": "poetry", "split_seed": 1337}},
+                                    "h", tmp_path / "old.pt")

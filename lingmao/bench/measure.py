@@ -110,7 +110,7 @@ def train_tokens(cfg, synthetic: bool, vocab: int, windows_needed: int, progress
     from ..data import load_corpus
     from ..data.windows import default_stride
 
-    data = load_corpus(cfg.data, cfg.seed, progress=progress)
+    data = load_corpus(cfg.data, progress=progress)
     stride = default_stride(cfg.data.stride, ctx)  # as the engine does
     train = data.tokens("train")
     return train, data.vocab_size, stride, f"{cfg.data.source} corpus ({len(train):,} train tokens)"

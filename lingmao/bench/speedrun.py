@@ -156,7 +156,7 @@ def speedrun(s) -> dict:
     names = chosen(o.contenders)
     base_cfg = s.cfg
     t = time.perf_counter()
-    data = load_corpus(base_cfg.data, base_cfg.seed, progress=base_cfg.trainer.progress)
+    data = load_corpus(base_cfg.data, progress=base_cfg.trainer.progress)
     ctx = base_cfg.model.context_length
     train = TokenWindows(data.tokens("train"), ctx, default_stride(base_cfg.data.stride, ctx))
     val_batches, n_val = fixed_val_batches(data.tokens("val"), ctx, s.plan.micro_batch, o.eval_windows)

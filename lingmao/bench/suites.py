@@ -251,7 +251,7 @@ def startup(s: Suite) -> dict:
     from .startup import BARE_PHASES, RUN_PHASES, launch, median_phases
 
     cfg, plan = s.variant("tiny")
-    data = load_corpus(cfg.data, cfg.seed)
+    data = load_corpus(cfg.data)
     work = s.out / "startup"
     work.mkdir(parents=True, exist_ok=True)
     root = str(Path(lingmao.__file__).resolve().parents[1])
@@ -460,7 +460,7 @@ def run_suite(s: Suite, parts: dict) -> None:
         from ..data import load_corpus
 
         t = time.perf_counter()
-        load_corpus(s.cfg.data, s.cfg.seed, progress=s.cfg.trainer.progress)
+        load_corpus(s.cfg.data, progress=s.cfg.trainer.progress)
         print(f"corpus ready in {time.perf_counter() - t:.1f} s (prepared on the first run only, then cached; "
               f"not counted below)")
     start = time.perf_counter()

@@ -34,8 +34,10 @@ def _source(d, root: Path):
     return hf_records(d.hf_name, split=d.hf_split, config=d.hf_config, text_field=d.text_field), key
 
 
-def load_corpus(d, seed: int, progress: bool = False) -> Prepared:
+def load_corpus(d, progress: bool = False) -> Prepared:
+    """The prepared corpus of data config `d`; the split by `d.split_seed`,
+    not the run's seed, so runs that differ in their seed share a val set."""
     root = cache_root(d.cache_dir)
     records, key = _source(d, root)
     return prepare(records, root / "prepared", key, script=d.script, genre_caps=dict(d.genre_caps),
-                   val_fraction=d.val_fraction, seed=seed, progress=progress)
+                   val_fraction=d.val_fraction, seed=d.split_seed, progress=progress)
