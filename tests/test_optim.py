@@ -48,3 +48,17 @@ def test_no_decay_on_norms_biases_and_embeddings():
                        "blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight"}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_muon_keeps_its_lr_while_adamw_is_batch_scaled():
+    from types import SimpleNamespace
+
+    from lingmao.config import OptimConfig
+    from lingmao.optim import make_optimizer
+
+    model = GPT(GPTConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=1, context_length=8))
+    o = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02)
+    plan = SimpleNamespace(lr=scaled_lr(1e-3, 16, 256, "sqrt"), base_lr=1e-3, fused_optimizer=False)  # t4x2's batch
+    opt = make_optimizer(model, o, plan)
+    assert opt.adamw.param_groups[0]["lr"] == pytest.approx(4e-3)
+    assert opt.muon.param_groups[0]["lr"] == pytest.approx(0.02)  # not 0.08
