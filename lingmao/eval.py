@@ -134,17 +134,21 @@ def metrics(result: dict, name: str) -> dict[str, float]:
     return m
 
 
-def table(result: dict, title: str) -> str:
-    lines = [title, f"  loss {result['loss']:.4f} nats/token | perplexity {result['perplexity']:.2f} | "
-                    f"bpc {result['bpc']:.4f} | <unk> {result['unk_rate']:.2%} | "
-                    f"{result['windows']} windows of {result['tokens']} tokens"]
-    if result["genres"]:
-        width = max(len(g) for g in result["genres"]) + 2
-        lines.append(f"  {'genre':<{width}}{'loss':>8}{'ppl':>10}{'tokens':>10}{'docs':>7}")
-        for g, r in sorted(result["genres"].items(), key=lambda kv: kv[1]["loss"]):
-            lines.append(f"  {g:<{width}}{r['loss']:>8.4f}{math.exp(min(r['loss'], 50)):>10.2f}"
-                         f"{r['tokens']:>10}{r['docs']:>7}")
-    return "\n".join(lines)
+def report(result: dict, title: str) -> None:
+    """The numbers, then one row per genre (rich pads CJK names by their display width)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    print(f"{title}\n  loss {result['loss']:.4f} nats/token | perplexity {result['perplexity']:.2f} | "
+          f"bpc {result['bpc']:.4f} | <unk> {result['unk_rate']:.2%} | "
+          f"{result['windows']} windows of {result['tokens']} tokens")
+    if not result["genres"]:
+        return
+    table = Table("genre", "loss", "perplexity", "tokens", "docs", box=None, padding=(0, 2))
+    for g, r in sorted(result["genres"].items(), key=lambda kv: kv[1]["loss"]):
+        table.add_row(g, f"{r['loss']:.4f}", f"{math.exp(min(r['loss'], 50)):.2f}", str(r["tokens"]), str(r["docs"]))
+    console = Console()
+    (console if console.is_terminal else Console(width=120)).print(table)
 
 
 def log_to_run(state: dict, path: Path, result: dict, name: str, tracking_uri: str) -> str:
@@ -190,8 +194,8 @@ def run(o: Options) -> dict:
                           f"({context + 1})")
     with torch.no_grad():
         result = score(model, scored, context, device, o.batch_size, o.max_batches, o.genre_docs)
-    source = o.data or f"the val split of {cfg['data']['source']} corpus"
-    print(table(result, f"{path} (step {state['progress']['step']}) on {source}"))
+    source = o.data or f"the val split of the {cfg['data']['source']} corpus"
+    report(result, f"{path} (step {state['progress']['step']}) on {source}")
     if o.log:
         print(f"logged to MLflow {log_to_run(state, path, result, scored.name, o.tracking_uri)}")
     return result
