@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List
 
+from .options import OptionError, doc, parse, usage
+
 DEFAULT_EXPERIMENT = "lingmao"  # tracking.experiment_name's default in conf/config.yaml
 UI_HOST = "http://127.0.0.1:5000"
 
@@ -525,12 +527,12 @@ def compare(selectors: list[str], tracking_uri: str | None, out: Path) -> Report
 
 @dataclass
 class Options:
-    runs: List[str] = field(default_factory=list, metadata={
-        "help": "experiment names or ids, sweep dirs (tag sweep.dir) or run ids; also as bare arguments; "
-                f"empty: the experiment {DEFAULT_EXPERIMENT!r}, else the newest"})
-    tracking_uri: str = field(default="", metadata={
-        "help": "MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db"})
-    out: str = field(default="", metadata={"help": "report folder; empty: reports/compare-<timestamp>"})
+    runs: List[str] = field(default_factory=list, metadata=doc(
+        "experiment names or ids, sweep dirs (tag sweep.dir) or run ids; also as bare arguments; "
+        f"empty: the experiment {DEFAULT_EXPERIMENT!r}, else the newest"))
+    tracking_uri: str = field(default="", metadata=doc(
+        "MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db"))
+    out: str = field(default="", metadata=doc("report folder; empty: reports/compare-<timestamp>"))
 
 
 SUMMARY = "Compare lingmao runs recorded in MLflow: a table, runs.csv, plots and index.html."
@@ -542,8 +544,6 @@ EXAMPLES = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .options import OptionError, parse, usage
-
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(usage(Options, "compare", SUMMARY, EXAMPLES))

@@ -25,29 +25,25 @@ import torch
 from .data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
 from .generate import DEVICES, load, normalizer, pick_device, script_of
 from .locate import WHICH, checkpoint_path
-from .options import OptionError, choice, parse, usage
-
-
-def _help(text: str):
-    return {"help": text}
+from .options import OptionError, choice, doc, parse, usage
 
 
 @dataclass
 class Options:
-    checkpoint: str = field(default="", metadata=_help("a run folder, a .pt file or an MLflow run id (required)"))
-    which: str = field(default="last", metadata=_help("of a run folder or run id: last | best"))
-    data: str = field(default="", metadata=_help("a JSONL file to score; empty: the val split of the corpus the "
+    checkpoint: str = field(default="", metadata=doc("a run folder, a .pt file or an MLflow run id (required)"))
+    which: str = field(default="last", metadata=doc("of a run folder or run id: last | best"))
+    data: str = field(default="", metadata=doc("a JSONL file to score; empty: the val split of the corpus the "
                                                  "checkpoint was trained on"))
-    text_field: str = field(default="", metadata=_help("data=: the JSON field with the text; empty: the "
+    text_field: str = field(default="", metadata=doc("data=: the JSON field with the text; empty: the "
                                                        "checkpoint's data.text_field"))
-    batch_size: int = field(default=16, metadata=_help("windows (or documents) per forward pass"))
-    max_batches: int = field(default=0, metadata=_help("score only the first N batches of windows; 0: all "
+    batch_size: int = field(default=16, metadata=doc("windows (or documents) per forward pass"))
+    max_batches: int = field(default=0, metadata=doc("score only the first N batches of windows; 0: all "
                                                        "(trainer.eval_batches reproduces training's val/loss)"))
-    genre_docs: int = field(default=256, metadata=_help("documents per genre for the per-genre loss; 0: all"))
-    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | mps"))
-    tokenizer: str = field(default="", metadata=_help("tokenizer.json, for a checkpoint that does not embed one"))
-    log: bool = field(default=False, metadata=_help("add the results to the checkpoint's MLflow run (eval/...)"))
-    tracking_uri: str = field(default="", metadata=_help("MLflow store; default: the one the run logged to"))
+    genre_docs: int = field(default=256, metadata=doc("documents per genre for the per-genre loss; 0: all"))
+    device: str = field(default="auto", metadata=doc("auto | cpu | cuda | mps"))
+    tokenizer: str = field(default="", metadata=doc("tokenizer.json, for a checkpoint that does not embed one"))
+    log: bool = field(default=False, metadata=doc("add the results to the checkpoint's MLflow run (eval/...)"))
+    tracking_uri: str = field(default="", metadata=doc("MLflow store; default: the one the run logged to"))
 
 
 SUMMARY = ("Val loss, perplexity, bits per character and per-genre loss of a checkpoint, on its own corpus' val "
@@ -72,11 +68,17 @@ class Scored:
 def corpus_split(state: dict, tok_hash: str) -> Scored:
     """The val split of the corpus the checkpoint was trained on."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
+    from .config import DataConfig, RunConfig
     from .data import load_corpus
 
-    cfg = OmegaConf.create(state["config"])
-    data = load_corpus(cfg.data, cfg.seed)
+    config = state["config"]
+    try:  # onto the schema: a checkpoint from before a data key existed gets its default
+        settings = OmegaConf.merge(OmegaConf.structured(DataConfig), config.get("data", {}))
+    except OmegaConfBaseException as e:
+        raise OptionError(f"the checkpoint's data settings do not fit this version of lingmao: {e}") from None
+    data = load_corpus(settings, config.get("seed", RunConfig.seed))
     if data.meta["tokenizer_sha256"] != tok_hash:
         raise OptionError(f"the prepared corpus {data.dir} has another vocabulary than the checkpoint (its "
                           f"tokenizer hash differs): its source changed since training; score a file with data=")

@@ -22,36 +22,32 @@ from . import checkpoint as ckpt
 from .data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
 from .locate import WHICH, checkpoint_path
 from .model import GPT, GPTConfig
-from .options import OptionError, choice, parse, usage
+from .options import OptionError, choice, doc, parse, usage
 from .textmetrics import repetition
 
 FORMATS = ("text", "jsonl")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def _help(text: str):
-    return {"help": text}
-
-
 @dataclass
 class Options:
-    checkpoint: str = field(default="", metadata=_help("a run folder, a .pt file or an MLflow run id (required)"))
-    which: str = field(default="last", metadata=_help("of a run folder or run id: last | best (lowest val loss)"))
+    checkpoint: str = field(default="", metadata=doc("a run folder, a .pt file or an MLflow run id (required)"))
+    which: str = field(default="last", metadata=doc("of a run folder or run id: last | best (lowest val loss)"))
     prompt: List[str] = field(default_factory=lambda: ["床前明月光"],
-                              metadata=_help("text to continue; [a,b] or repeated prompt= for several"))
-    n: int = field(default=4, metadata=_help("samples per prompt"))
-    max_new_tokens: int = field(default=64, metadata=_help("tokens to generate per sample"))
-    temperature: float = field(default=1.0, metadata=_help("<= 0: greedy"))
-    top_k: int = field(default=50, metadata=_help("0: off"))
-    top_p: float = field(default=0.95, metadata=_help("1.0: off (nucleus sampling)"))
-    repetition_penalty: float = field(default=1.2, metadata=_help("1.0: off (CTRL's penalty)"))
-    seed: int = field(default=1337, metadata=_help("sampling seed"))
-    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | mps"))
-    format: str = field(default="text", metadata=_help("text | jsonl (one JSON object per sample)"))
-    stop_at_eos: bool = field(default=True, metadata=_help("end a sample at the end of a document"))
-    cache: bool = field(default=True, metadata=_help("false: recompute the prefix at every token"))
-    tokenizer: str = field(default="", metadata=_help("tokenizer.json, for a checkpoint that does not embed one"))
-    tracking_uri: str = field(default="", metadata=_help("MLflow store of a run id; default $MLFLOW_TRACKING_URI, "
+                              metadata=doc("text to continue; [a,b] or repeated prompt= for several"))
+    n: int = field(default=4, metadata=doc("samples per prompt"))
+    max_new_tokens: int = field(default=64, metadata=doc("tokens to generate per sample"))
+    temperature: float = field(default=1.0, metadata=doc("<= 0: greedy"))
+    top_k: int = field(default=50, metadata=doc("0: off"))
+    top_p: float = field(default=0.95, metadata=doc("1.0: off (nucleus sampling)"))
+    repetition_penalty: float = field(default=1.2, metadata=doc("1.0: off (CTRL's penalty)"))
+    seed: int = field(default=1337, metadata=doc("sampling seed"))
+    device: str = field(default="auto", metadata=doc("auto | cpu | cuda | mps"))
+    format: str = field(default="text", metadata=doc("text | jsonl (one JSON object per sample)"))
+    stop_at_eos: bool = field(default=True, metadata=doc("end a sample at the end of a document"))
+    cache: bool = field(default=True, metadata=doc("false: recompute the prefix at every token"))
+    tokenizer: str = field(default="", metadata=doc("tokenizer.json, for a checkpoint that does not embed one"))
+    tracking_uri: str = field(default="", metadata=doc("MLflow store of a run id; default $MLFLOW_TRACKING_URI, "
                                                          "else ./mlflow.db"))
 
 

@@ -26,6 +26,11 @@ class OptionError(ValueError):
     """A bad argument; printed as one line with what is valid."""
 
 
+def doc(text: str) -> dict:
+    """A field's one line for --help: `field(default=..., metadata=doc("..."))`."""
+    return {"help": text}
+
+
 def _types(schema: type) -> dict[str, Any]:
     hints = typing.get_type_hints(schema)
     return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
