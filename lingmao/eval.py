@@ -95,18 +95,19 @@ def jsonl_docs(path: Path, text_field: str, script: str, tokenizer) -> Scored:
         records = list(jsonl_records([path], text_field=text_field))
     except CorpusError as e:
         raise OptionError(f"data={path}: {e}") from None
-    normalise = normalizer(script)
-    texts = [normalise(r["text"]) for r in records if r["text"].strip()]
-    if not texts:
+    kept = [r for r in records if r["text"].strip()]
+    if not kept:
         raise OptionError(f"data={path}: no document with text in field {text_field!r}")
-    genres = sorted({r["genre"] for r in records if r["text"].strip()})
+    normalise = normalizer(script)
+    texts = [normalise(r["text"]) for r in kept]
+    genres = sorted({r["genre"] for r in kept})
     index = {g: i for i, g in enumerate(genres)}
     ids = [e.ids + [EOS_ID] for e in tokenizer.encode_batch(texts)]
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
-    kinds = np.array([index[r["genre"]] for r in records if r["text"].strip()], dtype=np.int64)
+    kinds = np.array([index[r["genre"]] for r in kept], dtype=np.int64)
     return Scored(path.stem, np.concatenate([np.array(x, dtype=np.int64) for x in ids]),
-                  np.stack([starts, kinds], axis=1), genres, lengths.sum() / sum(map(len, texts)))
+                  np.stack([starts, kinds], axis=1), genres, float(lengths.sum() / sum(map(len, texts))))
 
 
 def score(model, s: Scored, context: int, device, batch_size: int, max_batches: int, genre_docs: int) -> dict:

@@ -86,18 +86,21 @@ def mlflow_run(run_id: str, tracking_uri: str = ""):
     else ./mlflow.db, as for compare."""
     from .compare import CompareError, _client, resolve_uri
 
+    if tracking_uri and "://" not in tracking_uri and Path(tracking_uri).is_file():
+        tracking_uri = f"sqlite:///{Path(tracking_uri).resolve()}"  # the path of an mlflow.db
     uri = resolve_uri(tracking_uri or None)
-    try:
-        client = _client(uri)
-    except CompareError as e:
-        raise OptionError(f"MLflow run {run_id}: {e}") from None
     from mlflow.exceptions import MlflowException
 
     try:
+        client = _client(uri)
         run = client.get_run(run_id)
-    except MlflowException:
-        raise OptionError(f"no MLflow run {run_id} in {uri}; pass tracking_uri= (the store the run was "
-                          f"logged to, e.g. sqlite:///PATH/mlflow.db)") from None
+    except CompareError as e:
+        raise OptionError(f"MLflow run {run_id}: {e}") from None
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise OptionError(f"no MLflow run {run_id} in {uri}; pass tracking_uri= (the store the run was "
+                              f"logged to, e.g. sqlite:///PATH/mlflow.db)") from None
+        raise OptionError(f"MLflow store {uri}: {str(e.message).splitlines()[0]}") from None
     return run, uri
 
 

@@ -253,6 +253,8 @@ def test_an_mlflow_run_id_finds_the_runs_folder(checkpoint_file, tmp_path, mlflo
     tagged = _mlflow_run(mlflow_db, {"run_dir": str(tmp_path / "run")})
     assert generate.main([f"checkpoint={tagged}", store, "n=1", "max_new_tokens=3"]) == 0
     assert "last.pt (step 5" in capsys.readouterr().out
+    assert generate.main([f"checkpoint={tagged}", f"tracking_uri={mlflow_db}", "n=1", "max_new_tokens=3"]) == 0
+    assert "last.pt (step 5" in capsys.readouterr().out  # the path of the .db file is enough
     # A run from before the run_dir tag that was resumed names its checkpoint folder through resumed_from.
     resumed = _mlflow_run(mlflow_db, {"resumed_from": str(tmp_path / "run" / "checkpoints" / "step00000002.pt")})
     assert generate.main([f"checkpoint={resumed}", store, "n=1", "max_new_tokens=3"]) == 0
