@@ -1,6 +1,6 @@
 """Compare tracked runs: a terminal table, runs.csv, plots and index.html.
 
-    python -m lingmao.compare [SELECTOR ...] [--tracking-uri URI] [--out DIR]
+    lingmao compare [SELECTOR ...] [tracking_uri=URI] [out=DIR]
 
 A SELECTOR is an experiment name, an experiment id, a Hydra sweep dir (the
 `sweep.dir` tag of multirun jobs) or a run id. With none, the runs of the
@@ -13,7 +13,6 @@ tracker wrote (sqlite by default) without starting a server.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import html
 import math
@@ -24,7 +23,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, List
+
+from .options import OptionError, doc, parse, usage
 
 DEFAULT_EXPERIMENT = "lingmao"  # tracking.experiment_name's default in conf/config.yaml
 UI_HOST = "http://127.0.0.1:5000"
@@ -119,7 +120,7 @@ _NUMERIC = {"params_m", "effective_batch", "lr", "val_loss", "val_perplexity", "
 
 
 def resolve_uri(uri: str | None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the tracker's default
+    """tracking_uri=, else $MLFLOW_TRACKING_URI, else the tracker's default
     `sqlite:///<cwd>/mlflow.db`. Relative paths are made absolute the way the
     tracker does, so the printed `mlflow ui` hint works from anywhere."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
@@ -138,7 +139,7 @@ def _client(uri: str):
     local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else (uri if "://" not in uri else None)
     if local is not None and not Path(local).exists():
         raise CompareError(f"no MLflow store at {local} (tracking URI {uri}); run from the directory you "
-                           f"trained in, or pass --tracking-uri sqlite:///PATH/mlflow.db or a mlruns folder")
+                           f"trained in, or pass tracking_uri=sqlite:///PATH/mlflow.db or a mlruns folder")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(uri)
@@ -524,22 +525,34 @@ def compare(selectors: list[str], tracking_uri: str | None, out: Path) -> Report
     return Report(rows=rows, out=out, files=[csv_path, *plots, index])
 
 
+@dataclass
+class Options:
+    runs: List[str] = field(default_factory=list, metadata=doc(
+        "experiment names or ids, sweep dirs (tag sweep.dir) or run ids; also as bare arguments; "
+        f"empty: the experiment {DEFAULT_EXPERIMENT!r}, else the newest"))
+    tracking_uri: str = field(default="", metadata=doc(
+        "MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db"))
+    out: str = field(default="", metadata=doc("report folder; empty: reports/compare-<timestamp>"))
+
+
+SUMMARY = "Compare lingmao runs recorded in MLflow: a table, runs.csv, plots and index.html."
+EXAMPLES = [
+    "lingmao compare                                  # the experiment 'lingmao'",
+    "lingmao compare multirun/2026-01-01/12-00-00 out=reports/lr-sweep",
+    "lingmao compare runs=[lingmao,ablation] tracking_uri=sqlite:///elsewhere/mlflow.db",
+]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lingmao.compare",
-        description="Compare lingmao runs recorded in MLflow: a table, runs.csv, plots and index.html.")
-    parser.add_argument("selectors", nargs="*", metavar="SELECTOR",
-                        help="experiment name or id, sweep dir (tag sweep.dir) or run id; default: the "
-                             f"experiment {DEFAULT_EXPERIMENT!r}, else the newest experiment")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="report folder (default: reports/compare-<timestamp>)")
-    args = parser.parse_args(argv)
-    out = args.out or Path("reports") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage(Options, "compare", SUMMARY, EXAMPLES))
+        return 0
     try:
-        report = compare(args.selectors, args.tracking_uri, out)
-    except CompareError as e:
+        o = parse(Options, argv, positional="runs")
+        out = Path(o.out) if o.out else Path("reports") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+        report = compare(o.runs, o.tracking_uri or None, out)
+    except (OptionError, CompareError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"report: {report.out.resolve() / 'index.html'}")

@@ -1,24 +1,10 @@
-"""`python -m lingmao.generate checkpoint=PATH prompt=床前明月光 n=4`: sample from a trained model.
+"""`lingmao generate checkpoint=RUN_FOLDER prompt=床前明月光 n=4`: sample from a trained model.
 
-Arguments are key=value (no Hydra: a checkpoint carries its own config);
-`prompt=` may be given more than once, `--jsonl` is short for format=jsonl.
-The defaults are seed 004's remedy for a model that repeats itself: top_k 50,
-top_p 0.95, repetition_penalty 1.2, temperature 1.0.
-
-    checkpoint          a .pt file written by lingmao.run (checkpoints/last.pt)
-    prompt              text to continue (repeatable)           床前明月光
-    n                   samples per prompt                      4
-    max_new_tokens      tokens to generate per sample           64
-    temperature         <= 0: greedy                            1.0
-    top_k               0: off                                  50
-    top_p               1.0: off (nucleus sampling)             0.95
-    repetition_penalty  1.0: off (CTRL)                         1.2
-    seed                sampling seed                           1337
-    device              cpu | cuda | mps | auto                 auto
-    format              text | jsonl                            text
-    stop_at_eos         end a sample at the end of a document   true
-    cache               false: recompute the prefix every token true
-    tokenizer           tokenizer.json, for a checkpoint that does not embed one
+Arguments are key=value (lingmao.options; no Hydra: a checkpoint carries its
+own config). A prompt is normalised as the checkpoint's corpus was (data.script
+simplified: OpenCC t2s), so a traditional-script prompt meets the characters
+the model learned. The decoding defaults are the remedy for a model that
+repeats itself: top_k 50, top_p 0.95, repetition_penalty 1.2.
 """
 
 from __future__ import annotations
@@ -26,14 +12,17 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List
 
 import torch
 
 from . import checkpoint as ckpt
-from .data.tokenizer import EOS_ID, tokenizer_hash
+from .data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
+from .locate import WHICH, checkpoint_path
 from .model import GPT, GPTConfig
+from .options import OptionError, choice, doc, parse, usage
 from .textmetrics import repetition
 
 FORMATS = ("text", "jsonl")
@@ -42,66 +31,57 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 @dataclass
 class Options:
-    checkpoint: str = ""
-    prompt: list[str] = field(default_factory=list)
-    n: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 0.95
-    repetition_penalty: float = 1.2
-    seed: int = 1337
-    device: str = "auto"
-    format: str = "text"
-    stop_at_eos: bool = True
-    cache: bool = True
-    tokenizer: str = ""
+    checkpoint: str = field(default="", metadata=doc("a run folder, a .pt file or an MLflow run id (required)"))
+    which: str = field(default="last", metadata=doc("of a run folder or run id: last | best (lowest val loss)"))
+    prompt: List[str] = field(default_factory=lambda: ["床前明月光"],
+                              metadata=doc("text to continue; [a,b] or repeated prompt= for several"))
+    n: int = field(default=4, metadata=doc("samples per prompt"))
+    max_new_tokens: int = field(default=64, metadata=doc("tokens to generate per sample"))
+    temperature: float = field(default=1.0, metadata=doc("<= 0: greedy"))
+    top_k: int = field(default=50, metadata=doc("0: off"))
+    top_p: float = field(default=0.95, metadata=doc("1.0: off (nucleus sampling)"))
+    repetition_penalty: float = field(default=1.2, metadata=doc("1.0: off (CTRL's penalty)"))
+    seed: int = field(default=1337, metadata=doc("sampling seed"))
+    device: str = field(default="auto", metadata=doc("auto | cpu | cuda | mps"))
+    format: str = field(default="text", metadata=doc("text | jsonl (one JSON object per sample)"))
+    stop_at_eos: bool = field(default=True, metadata=doc("end a sample at the end of a document"))
+    cache: bool = field(default=True, metadata=doc("false: recompute the prefix at every token"))
+    tokenizer: str = field(default="", metadata=doc("tokenizer.json, for a checkpoint that does not embed one"))
+    tracking_uri: str = field(default="", metadata=doc("MLflow store of a run id; default $MLFLOW_TRACKING_URI, "
+                                                         "else ./mlflow.db"))
 
 
-class UsageError(ValueError):
-    """A bad argument; printed as one line with what is valid."""
+SUMMARY = ("Sample continuations of each prompt from a trained model; the prompt is normalised to the "
+           "checkpoint corpus' script first.")
+EXAMPLES = [
+    "lingmao generate checkpoint=outputs/2026-01-01/12-00-00 prompt=床前明月光 n=4",
+    "lingmao generate checkpoint=outputs/myrun which=best prompt=[舉頭望明月,子曰] temperature=0.8",
+    "lingmao generate checkpoint=0123456789abcdef0123456789abcdef format=jsonl   # an MLflow run id",
+]
 
 
 def parse_args(argv: list[str]) -> Options:
-    opts = Options()
-    types = {f.name: f.type for f in fields(Options)}
-    for arg in argv:
-        if arg == "--jsonl":
-            arg = "format=jsonl"
-        key, sep, value = arg.partition("=")
-        if not sep or key not in types:
-            raise UsageError(f"{arg!r}: expected key=value with key one of {', '.join(types)} (see --help)")
-        if key == "prompt":
-            opts.prompt.append(value)
-        else:
-            setattr(opts, key, _convert(key, value, types[key]))
-    if not opts.checkpoint:
-        raise UsageError("checkpoint=PATH is required, e.g. checkpoint=outputs/DATE/TIME/checkpoints/last.pt")
-    if opts.format not in FORMATS:
-        raise UsageError(f"format={opts.format!r}: choose one of {', '.join(FORMATS)}")
-    if opts.device not in DEVICES:
-        raise UsageError(f"device={opts.device!r}: choose one of {', '.join(DEVICES)}")
+    opts = parse(Options, argv)
+    choice("which", opts.which, WHICH)
+    choice("format", opts.format, FORMATS)
+    choice("device", opts.device, DEVICES)
     if opts.n < 1 or opts.max_new_tokens < 1:
-        raise UsageError("n and max_new_tokens must be >= 1")
+        raise OptionError("n and max_new_tokens must be >= 1")
     if not 0 < opts.top_p <= 1 or opts.repetition_penalty <= 0 or opts.top_k < 0:
-        raise UsageError("top_p must be in (0, 1], repetition_penalty > 0, top_k >= 0")
-    opts.prompt = opts.prompt or ["床前明月光"]
+        raise OptionError("top_p must be in (0, 1], repetition_penalty > 0, top_k >= 0")
+    if not opts.prompt or any(not p.strip() for p in opts.prompt):
+        raise OptionError("prompt is empty: give the text to continue, e.g. prompt=床前明月光")
     return opts
 
 
-def _convert(key: str, value: str, typ: str):
-    try:
-        if typ == "int":
-            return int(value)
-        if typ == "float":
-            return float(value)
-        if typ == "bool":
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return value.lower() in ("true", "1")
-    except ValueError:
-        raise UsageError(f"{key}={value!r}: expected {typ}") from None
-    return value
+def normalizer(script: str):
+    """The corpus' text normalisation (lingmao.data.prepare): `simplified`
+    converts with OpenCC t2s, `keep` leaves text as it is."""
+    if script != "simplified":
+        return lambda text: text
+    from opencc import OpenCC
+
+    return OpenCC("t2s").convert
 
 
 def pick_device(asked: str) -> torch.device:
@@ -109,34 +89,43 @@ def pick_device(asked: str) -> torch.device:
         asked = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available[asked]:
-        raise UsageError(f"device={asked}: not available on this machine; use device=auto or device=cpu")
+        raise OptionError(f"device={asked}: not available on this machine; use device=auto or device=cpu")
     return torch.device(asked)
 
 
-def load(path: str, device: torch.device, tokenizer_path: str = ""):
-    """(model in eval mode, tokenizer, checkpoint state) from a lingmao checkpoint."""
+def load(path, device: torch.device, tokenizer_path: str = ""):
+    """(model in eval mode, tokenizer, checkpoint state) from a lingmao checkpoint file."""
     from tokenizers import Tokenizer
 
-    if not Path(path).is_file():
-        raise UsageError(f"checkpoint={path}: no such file")
     try:
         state = ckpt.load(Path(path))
     except ckpt.ResumeError as e:  # unreadable, or not a lingmao checkpoint
-        raise UsageError(str(e)) from None
+        raise OptionError(str(e)) from None
     if tokenizer_path:
         tok = Tokenizer.from_file(tokenizer_path)
         if tokenizer_hash(tok) != state.get("tokenizer_hash"):
-            raise UsageError(f"tokenizer={tokenizer_path} is not the vocabulary {path} was trained with "
-                             f"(its hash differs from the checkpoint's tokenizer_hash)")
+            raise OptionError(f"tokenizer={tokenizer_path} is not the vocabulary {path} was trained with "
+                              f"(its hash differs from the checkpoint's tokenizer_hash)")
     elif "tokenizer" in state:
         tok = Tokenizer.from_str(state["tokenizer"])
     else:
-        raise UsageError(f"{path} does not embed its tokenizer; pass tokenizer=PATH: the run's MLflow artifact "
-                         f"tokenizer.json, or tokenizer.json in the prepared corpus folder")
+        raise OptionError(f"{path} does not embed its tokenizer; pass tokenizer=PATH: the run's MLflow artifact "
+                          f"tokenizer.json, or tokenizer.json in the prepared corpus folder")
     # The tokenizer's size, not the embedding's: model.vocab_multiple pads the rows.
     model = GPT(GPTConfig.from_model_config(state["config"]["model"], tok.get_vocab_size()))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tok, state
+
+
+def script_of(state: dict) -> str:
+    """The checkpoint corpus' data.script (simplified, the schema's default, for a config without one)."""
+    return state["config"].get("data", {}).get("script", "simplified")
+
+
+def unknown_chars(tokenizer, text: str) -> list[str]:
+    """Characters of `text` the vocabulary lacks (they would be <unk>)."""
+    ids = tokenizer.encode(text).ids
+    return sorted({ch for ch, i in zip(text, ids) if i == UNK_ID}) if len(ids) == len(text) else []
 
 
 def complete(model: GPT, tokenizer, prompt: str, n: int, max_new_tokens: int, *, temperature: float, top_k: int,
@@ -166,23 +155,30 @@ def complete(model: GPT, tokenizer, prompt: str, n: int, max_new_tokens: int, *,
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        print(usage(Options, "generate", SUMMARY, EXAMPLES))
         return 0
     try:
         o = parse_args(argv)
+        path = checkpoint_path(o.checkpoint, o.which, o.tracking_uri)
         device = pick_device(o.device)
-        model, tok, state = load(o.checkpoint, device, o.tokenizer)
-    except UsageError as e:
+        model, tok, state = load(path, device, o.tokenizer)
+    except OptionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    normalise = normalizer(script_of(state))
+    prompts = [normalise(p) for p in o.prompt]
+    for prompt in prompts:
+        if missing := unknown_chars(tok, prompt):
+            print(f"warning: prompt {prompt!r}: {''.join(missing)} not in the vocabulary (read as <unk>)",
+                  file=sys.stderr)
     settings = {"temperature": o.temperature, "top_k": o.top_k, "top_p": o.top_p,
                 "repetition_penalty": o.repetition_penalty, "seed": o.seed}
     generator = torch.Generator(device=device).manual_seed(o.seed)
     tokens, start = 0, time.perf_counter()
     if o.format == "text":
-        print(f"# {o.checkpoint} (step {state['progress']['step']}, {model.num_params() / 1e6:.1f}M params) | "
+        print(f"# {path} (step {state['progress']['step']}, {model.num_params() / 1e6:.1f}M params) | "
               + " ".join(f"{k} {v}" for k, v in settings.items()))
-    for prompt in o.prompt:
+    for prompt in prompts:
         for i, s in enumerate(complete(model, tok, prompt, o.n, o.max_new_tokens, temperature=o.temperature,
                                        top_k=o.top_k, top_p=o.top_p, repetition_penalty=o.repetition_penalty,
                                        generator=generator, stop_at_eos=o.stop_at_eos, use_cache=o.cache)):

@@ -164,7 +164,7 @@ def test_unknown_selector_names_the_experiments(store, tmp_path, capsys):
     assert "'lingmao'" in str(err.value) and "'ablation'" in str(err.value)
     assert not (tmp_path / "out").exists()  # nothing half-written
 
-    assert main(["no-such-thing", "--tracking-uri", store, "--out", str(tmp_path / "out")]) == 2
+    assert main(["no-such-thing", f"tracking_uri={store}", f"out={tmp_path / 'out'}"]) == 2
     stderr = capsys.readouterr().err
     assert stderr.startswith("error: ") and "'lingmao'" in stderr and "'ablation'" in stderr
 
@@ -220,8 +220,8 @@ def test_uri_precedence(monkeypatch, tmp_path):
 def test_cli(store, tmp_path):
     out = tmp_path / "cli-report"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "lingmao.compare", "lingmao", "--tracking-uri", store,
-                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "lingmao.compare", "lingmao", f"tracking_uri={store}",
+                           f"out={out}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert str(out.resolve() / "index.html") in proc.stdout
     for run in RUNS.values():

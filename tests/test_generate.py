@@ -110,11 +110,13 @@ def checkpoint_file(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_model_config(cfg.model, tok.get_vocab_size()))
 
-    def write(embed=True, name="last.pt"):
-        state = {"format": checkpoint.FORMAT, "model": model.state_dict(), "progress": {"step": 7},
-                 "config": config, "tokenizer_hash": tokenizer_hash(tok)}
+    def write(embed=True, name="last.pt", step=7, script="simplified"):
+        state = {"format": checkpoint.FORMAT, "model": model.state_dict(), "progress": {"step": step},
+                 "config": {**config, "data": {**config["data"], "script": script}},
+                 "tokenizer_hash": tokenizer_hash(tok)}
         if embed:
             state["tokenizer"] = tok.to_str()
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp_path / name)
         return tmp_path / name
 
@@ -135,7 +137,7 @@ def test_cli_prints_n_samples_per_prompt(checkpoint_file, capsys):
 
 def test_cli_jsonl_is_seeded_and_carries_metrics(checkpoint_file, capsys):
     path = checkpoint_file()
-    args = [f"checkpoint={path}", "prompt=明月", "n=2", "max_new_tokens=10", "--jsonl", "seed=3", "stop_at_eos=false"]
+    args = [f"checkpoint={path}", "prompt=明月", "n=2", "max_new_tokens=10", "format=jsonl", "seed=3", "stop_at_eos=false"]
     assert generate.main(args) == 0
     first = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert generate.main(args + ["cache=false"]) == 0  # same seed, no cache: the same samples
@@ -200,6 +202,84 @@ def test_cli_reads_a_checkpoint_the_engine_wrote(shared_cache, tmp_path, capsys)
     execute(cfg, tmp_path, tmp_path / "run")
     capsys.readouterr()
     path = tmp_path / "run" / "checkpoints" / "last.pt"
-    assert generate.main([f"checkpoint={path}", "n=2", "max_new_tokens=5", "--jsonl"]) == 0  # tokenizer embedded
+    assert generate.main([f"checkpoint={path}", "n=2", "max_new_tokens=5", "format=jsonl"]) == 0  # tokenizer embedded
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 2 and rows[0]["prompt"] == "床前明月光"
+
+
+# --- checkpoint=, prompts ---
+
+
+def jsonl_rows(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_a_run_folder_means_its_last_or_best_checkpoint(checkpoint_file, tmp_path, capsys):
+    checkpoint_file(name="run/checkpoints/last.pt", step=9)
+    checkpoint_file(name="run/checkpoints/best.pt", step=4)
+    assert generate.main([f"checkpoint={tmp_path / 'run'}", "n=1", "max_new_tokens=3"]) == 0
+    assert "last.pt (step 9" in capsys.readouterr().out
+    assert generate.main([f"checkpoint={tmp_path / 'run'}", "which=best", "n=1", "max_new_tokens=3"]) == 0
+    assert "best.pt (step 4" in capsys.readouterr().out
+    # the checkpoint folder itself works too
+    assert generate.main([f"checkpoint={tmp_path / 'run' / 'checkpoints'}", "n=1", "max_new_tokens=3"]) == 0
+    assert "last.pt (step 9" in capsys.readouterr().out
+
+
+def test_a_run_folder_without_the_checkpoint_says_what_it_has(checkpoint_file, tmp_path, capsys):
+    checkpoint_file(name="run/checkpoints/last.pt")
+    assert generate.main([f"checkpoint={tmp_path / 'run'}", "which=best"]) == 2
+    err = capsys.readouterr().err
+    assert "no best.pt" in err and "use which=last" in err
+    (tmp_path / "empty").mkdir()
+    assert generate.main([f"checkpoint={tmp_path / 'empty'}"]) == 2
+    assert "has written no checkpoint" in capsys.readouterr().err
+    assert generate.main([f"checkpoint={tmp_path / 'run'}", "which=newest"]) == 2
+    assert "which='newest': choose one of last, best" in capsys.readouterr().err
+
+
+def _mlflow_run(db, tags: dict) -> str:
+    from lingmao.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{db}", "lingmao", "generate-test", system_metrics=False)
+    tracker.set_tags(tags)
+    tracker.end()
+    return tracker.run_id
+
+
+def test_an_mlflow_run_id_finds_the_runs_folder(checkpoint_file, tmp_path, mlflow_db, capsys):
+    checkpoint_file(name="run/checkpoints/last.pt", step=5)
+    store = f"tracking_uri=sqlite:///{mlflow_db}"
+    tagged = _mlflow_run(mlflow_db, {"run_dir": str(tmp_path / "run")})
+    assert generate.main([f"checkpoint={tagged}", store, "n=1", "max_new_tokens=3"]) == 0
+    assert "last.pt (step 5" in capsys.readouterr().out
+    assert generate.main([f"checkpoint={tagged}", f"tracking_uri={mlflow_db}", "n=1", "max_new_tokens=3"]) == 0
+    assert "last.pt (step 5" in capsys.readouterr().out  # the path of the .db file is enough
+    # A run from before the run_dir tag that was resumed names its checkpoint folder through resumed_from.
+    resumed = _mlflow_run(mlflow_db, {"resumed_from": str(tmp_path / "run" / "checkpoints" / "step00000002.pt")})
+    assert generate.main([f"checkpoint={resumed}", store, "n=1", "max_new_tokens=3"]) == 0
+    assert "last.pt (step 5" in capsys.readouterr().out
+    untagged = _mlflow_run(mlflow_db, {"model": "tiny"})
+    assert generate.main([f"checkpoint={untagged}", store]) == 2
+    assert "records no run folder (tag run_dir)" in capsys.readouterr().err
+    assert generate.main(["checkpoint=" + "0" * 32, store]) == 2
+    assert f"no MLflow run {'0' * 32} in sqlite:///{mlflow_db}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt", ["prompt=", "prompt=  ", "prompt=[床前,'']"])
+def test_an_empty_prompt_is_refused_in_one_line(checkpoint_file, prompt, capsys):
+    path = checkpoint_file()
+    assert generate.main([f"checkpoint={path}", prompt]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: prompt is empty") and err.count("\n") == 1
+
+
+def test_a_traditional_prompt_is_converted_like_the_corpus(checkpoint_file, capsys):
+    args = ["prompt=舉頭", "n=1", "max_new_tokens=3", "format=jsonl"]
+    assert generate.main([f"checkpoint={checkpoint_file()}", *args]) == 0  # data.script=simplified
+    out, err = capsys.readouterr()
+    assert jsonl_rows(out)[0]["prompt"] == "举头" and "vocabulary" not in err
+    # data.script=keep: the corpus kept its script, so does the prompt; the unknown characters are named
+    assert generate.main([f"checkpoint={checkpoint_file(name='keep.pt', script='keep')}", *args]) == 0
+    out, err = capsys.readouterr()
+    assert jsonl_rows(out)[0]["prompt"] == "舉頭" and "舉頭 not in the vocabulary" in err

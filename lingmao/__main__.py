@@ -1,0 +1,7 @@
+"""`python -m lingmao COMMAND ...`: the same as the `lingmao` console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

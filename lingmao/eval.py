@@ -1,0 +1,228 @@
+"""`lingmao eval checkpoint=RUN_FOLDER [data=x.jsonl] [log=true]`: how well a
+checkpoint predicts text.
+
+Val loss (nats per token), perplexity, bits per character and the loss of
+each genre, measured as training measures them (the val split in
+non-overlapping context windows; each val document on its own for the genres),
+on the val split of the corpus the checkpoint was trained on (prepared from
+the data settings its config stores, or read from the cache) or on every
+document of a JSONL file, normalised like that corpus and tokenised with the
+checkpoint's tokenizer. `log=true` adds the numbers to the checkpoint's MLflow
+run as eval/... metrics at the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from .data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
+from .generate import DEVICES, load, normalizer, pick_device, script_of
+from .locate import WHICH, checkpoint_path
+from .options import OptionError, choice, doc, parse, usage
+
+
+@dataclass
+class Options:
+    checkpoint: str = field(default="", metadata=doc("a run folder, a .pt file or an MLflow run id (required)"))
+    which: str = field(default="last", metadata=doc("of a run folder or run id: last | best"))
+    data: str = field(default="", metadata=doc("a JSONL file to score; empty: the val split of the corpus the "
+                                                 "checkpoint was trained on"))
+    text_field: str = field(default="", metadata=doc("data=: the JSON field with the text; empty: the "
+                                                       "checkpoint's data.text_field"))
+    batch_size: int = field(default=16, metadata=doc("windows (or documents) per forward pass"))
+    max_batches: int = field(default=0, metadata=doc("score only the first N batches of windows; 0: all "
+                                                       "(trainer.eval_batches reproduces training's val/loss)"))
+    genre_docs: int = field(default=256, metadata=doc("documents per genre for the per-genre loss; 0: all"))
+    device: str = field(default="auto", metadata=doc("auto | cpu | cuda | mps"))
+    tokenizer: str = field(default="", metadata=doc("tokenizer.json, for a checkpoint that does not embed one"))
+    log: bool = field(default=False, metadata=doc("add the results to the checkpoint's MLflow run (eval/...)"))
+    tracking_uri: str = field(default="", metadata=doc("MLflow store; default: the one the run logged to"))
+
+
+SUMMARY = ("Val loss, perplexity, bits per character and per-genre loss of a checkpoint, on its own corpus' val "
+           "split or on a JSONL file; printed, and with log=true added to its MLflow run.")
+EXAMPLES = [
+    "lingmao eval checkpoint=outputs/2026-01-01/12-00-00",
+    "lingmao eval checkpoint=outputs/myrun which=best data=held_out.jsonl",
+    "lingmao eval checkpoint=0123456789abcdef0123456789abcdef log=true   # an MLflow run id",
+]
+
+
+@dataclass
+class Scored:
+    """Token ids to score and where each document starts."""
+    name: str  # "corpus" or the JSONL file's stem: the metric prefix eval/ or eval/<stem>/
+    tokens: np.ndarray  # every document followed by <eos>
+    docs: np.ndarray  # (n_docs, 2): start offset, genre index
+    genres: list[str]
+    tokens_per_char: float
+
+
+def corpus_split(state: dict, tok_hash: str) -> Scored:
+    """The val split of the corpus the checkpoint was trained on."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import DataConfig, RunConfig
+    from .data import load_corpus
+
+    config = state["config"]
+    try:  # onto the schema: a checkpoint from before a data key existed gets its default
+        settings = OmegaConf.merge(OmegaConf.structured(DataConfig), config.get("data", {}))
+    except OmegaConfBaseException as e:
+        raise OptionError(f"the checkpoint's data settings do not fit this version of lingmao: {e}") from None
+    data = load_corpus(settings, config.get("seed", RunConfig.seed))
+    if data.meta["tokenizer_sha256"] != tok_hash:
+        raise OptionError(f"the prepared corpus {data.dir} has another vocabulary than the checkpoint (its "
+                          f"tokenizer hash differs): its source changed since training; score a file with data=")
+    return Scored("corpus", np.asarray(data.tokens("val")), np.load(data.dir / "val_docs.npy"),
+                  list(data.meta["genres"]), data.meta["val_tokens_per_char"])
+
+
+def jsonl_docs(path: Path, text_field: str, script: str, tokenizer) -> Scored:
+    """Every document of a JSONL file, normalised like the corpus and tokenised."""
+    from .data import CorpusError
+    from .data.corpus import jsonl_records
+
+    try:
+        records = list(jsonl_records([path], text_field=text_field))
+    except CorpusError as e:
+        raise OptionError(f"data={path}: {e}") from None
+    kept = [r for r in records if r["text"].strip()]
+    if not kept:
+        raise OptionError(f"data={path}: no document with text in field {text_field!r}")
+    normalise = normalizer(script)
+    texts = [normalise(r["text"]) for r in kept]
+    genres = sorted({r["genre"] for r in kept})
+    index = {g: i for i, g in enumerate(genres)}
+    ids = [e.ids + [EOS_ID] for e in tokenizer.encode_batch(texts)]
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    kinds = np.array([index[r["genre"]] for r in kept], dtype=np.int64)
+    return Scored(path.stem, np.concatenate([np.array(x, dtype=np.int64) for x in ids]),
+                  np.stack([starts, kinds], axis=1), genres, float(lengths.sum() / sum(map(len, texts))))
+
+
+def score(model, s: Scored, context: int, device, batch_size: int, max_batches: int, genre_docs: int) -> dict:
+    """{"loss", "perplexity", "bpc", "unk_rate", "windows", "tokens", "genres": {genre: {loss, tokens, docs}}}."""
+    from .data.windows import TokenWindows, make_loader
+    from .engine import Dist, evaluate
+    from .evaluation import per_genre_loss
+
+    windows = TokenWindows(s.tokens, context, context)
+    loader = make_loader(windows, batch_size, shuffle=False, seed=0, drop_last=False)
+    batches = max_batches or math.ceil(len(windows) / batch_size)
+    fp32 = SimpleNamespace(device=device.type, precision="fp32")  # all evaluate reads of a plan
+    loss = evaluate(model, loader, fp32, device, batches, Dist(), len(windows))
+    genres = per_genre_loss(model, s.tokens, s.docs, s.genres, context, device=device, batch_size=batch_size,
+                            max_docs_per_genre=genre_docs or None)
+    model.eval()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "bpc": loss / math.log(2) * s.tokens_per_char,
+            "unk_rate": float(np.mean(s.tokens == UNK_ID)), "windows": min(len(windows), batches * batch_size),
+            "tokens": int(len(s.tokens)), "genres": genres}
+
+
+def metrics(result: dict, name: str) -> dict[str, float]:
+    """MLflow names: eval/loss ... for the training corpus, eval/<file>/loss ... for a JSONL file."""
+    prefix = "eval/" if name == "corpus" else f"eval/{name}/"
+    m = {prefix + k: result[k] for k in ("loss", "perplexity", "bpc", "unk_rate")}
+    m.update({f"{prefix}loss_{g}": r["loss"] for g, r in result["genres"].items()})
+    return m
+
+
+def report(result: dict, title: str) -> None:
+    """The numbers, then one row per genre (rich pads CJK names by their display width)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    print(f"{title}\n  loss {result['loss']:.4f} nats/token | perplexity {result['perplexity']:.2f} | "
+          f"bpc {result['bpc']:.4f} | <unk> {result['unk_rate']:.2%} | "
+          f"{result['windows']} windows of {result['tokens']} tokens")
+    if not result["genres"]:
+        return
+    table = Table("genre", "loss", "perplexity", "tokens", "docs", box=None, padding=(0, 2))
+    for g, r in sorted(result["genres"].items(), key=lambda kv: kv[1]["loss"]):
+        table.add_row(g, f"{r['loss']:.4f}", f"{math.exp(min(r['loss'], 50)):.2f}", str(r["tokens"]), str(r["docs"]))
+    console = Console()
+    (console if console.is_terminal else Console(width=120)).print(table)
+
+
+def log_to_run(state: dict, path: Path, result: dict, name: str, tracking_uri: str) -> str:
+    """Add the metrics (at the checkpoint's step) and eval/<name>.json to the
+    checkpoint's MLflow run; the run keeps its status and end time."""
+    from .compare import resolve_uri as store_uri
+    from .locate import launch_dir, mlflow_run
+    from .tracking import Tracker, resolve_uri
+
+    run_id = state.get("mlflow_run_id")
+    if not run_id:
+        raise OptionError(f"log=true: {path} has no MLflow run (trained with tracking.enabled=false)")
+    cfg_uri = state["config"].get("tracking", {}).get("uri")
+    launched = launch_dir(path)
+    uri = store_uri(tracking_uri) if tracking_uri else (
+        resolve_uri(cfg_uri, launched) if launched else store_uri(cfg_uri))
+    run, uri = mlflow_run(run_id, uri)
+    experiment = state["config"].get("tracking", {}).get("experiment_name", "lingmao")
+    tracker = Tracker(uri, experiment, run.info.run_name, run_id=run_id, spool=path.parent / "eval_mlflow_spool.jsonl")
+    tracker.log_metrics(metrics(result, name), state["progress"]["step"])
+    tracker.log_dict({"checkpoint": str(path.resolve()), "step": state["progress"]["step"], **result},
+                     f"eval/{name}.json")
+    tracker.end(run.info.status)
+    # Reopening ended the run anew: give it back the end time training gave it.
+    if run.info.end_time and not tracker.offline:
+        tracker.client.set_terminated(run_id, run.info.status, run.info.end_time)
+    return f"{uri} run {run_id}"
+
+
+def run(o: Options) -> dict:
+    path = checkpoint_path(o.checkpoint, o.which, o.tracking_uri)
+    device = pick_device(o.device)
+    model, tok, state = load(path, device, o.tokenizer)
+    cfg = state["config"]
+    if o.data:
+        text_field = o.text_field or cfg.get("data", {}).get("text_field", "text")
+        scored = jsonl_docs(Path(o.data), text_field, script_of(state), tok)
+    else:
+        scored = corpus_split(state, tokenizer_hash(tok))
+    context = cfg["model"]["context_length"]
+    if len(scored.tokens) < context + 1:
+        raise OptionError(f"data={o.data or 'corpus'}: {len(scored.tokens)} tokens, fewer than one context window "
+                          f"({context + 1})")
+    with torch.no_grad():
+        result = score(model, scored, context, device, o.batch_size, o.max_batches, o.genre_docs)
+    source = o.data or f"the val split of the {cfg['data']['source']} corpus"
+    report(result, f"{path} (step {state['progress']['step']}) on {source}")
+    if o.log:
+        print(f"logged to MLflow {log_to_run(state, path, result, scored.name, o.tracking_uri)}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage(Options, "eval", SUMMARY, EXAMPLES))
+        return 0
+    from .data import CorpusError
+
+    try:
+        o = parse(Options, argv)
+        choice("which", o.which, WHICH)
+        choice("device", o.device, DEVICES)
+        if o.batch_size < 1 or o.max_batches < 0 or o.genre_docs < 0:
+            raise OptionError("batch_size must be >= 1, max_batches and genre_docs >= 0")
+        run(o)
+    except (OptionError, CorpusError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
