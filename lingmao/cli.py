@@ -38,17 +38,11 @@ def usage() -> str:
             f"keys.\n\nexamples:\n{EXAMPLES}\n")
 
 
-# Hydra's help page for `run`, with lingmao's descriptions and examples
-# (conf/hydra/help/lingmao.yaml).
-RUN_HELP = "hydra/help=lingmao"
-
-
 def _run(argv: list[str]) -> int:
-    """Hydra reads sys.argv itself: hand it the arguments after `run`."""
+    """Hydra reads sys.argv itself: hand it the arguments after `run`
+    (its --help page is conf/hydra/help/lingmao.yaml, in the defaults list)."""
     from .run import main as hydra_main
 
-    if {"-h", "--help"} & set(argv) and not any(a.startswith("hydra/help=") for a in argv):
-        argv = [*argv, RUN_HELP]
     sys.argv = [sys.argv[0], *argv]
     hydra_main()
     return 0

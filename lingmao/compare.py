@@ -121,19 +121,14 @@ _NUMERIC = {"params_m", "effective_batch", "lr", "val_loss", "val_perplexity", "
 
 def resolve_uri(uri: str | None) -> str:
     """tracking_uri=, else $MLFLOW_TRACKING_URI, else the tracker's default
-    `sqlite:///<cwd>/mlflow.db`. Relative paths are made absolute the way the
-    tracker does, so the printed `mlflow ui` hint works from anywhere."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
-    if not uri:
-        return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    if "://" not in uri:  # a plain folder: MLflow's file store
-        return str(Path(uri).resolve())
-    return uri
+    `sqlite:///<cwd>/mlflow.db`, made absolute as the tracker does, so the
+    printed `mlflow ui` hint works from anywhere."""
+    from .tracking import resolve_uri as tracker_uri
+
+    return tracker_uri(uri or os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd())
 
 
-def _client(uri: str):
+def open_store(uri: str):
     # Opening a missing sqlite file would silently create an empty store and
     # then report "no runs"; say where we looked instead.
     local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else (uri if "://" not in uri else None)
@@ -503,7 +498,7 @@ def compare(selectors: list[str], tracking_uri: str | None, out: Path) -> Report
     """Select runs, write runs.csv, the plots and index.html into `out`, print
     the table; raises CompareError (SelectorError) for what the user can fix."""
     uri = resolve_uri(tracking_uri)
-    client = _client(uri)
+    client = open_store(uri)
     selected, used = _select(client, list(selectors or []), uri)
     runs = [_collect(client, run) for run in selected]
     runs.sort(key=_sort_key)

@@ -358,7 +358,7 @@ class Run:
                    else "no final eval")
             print(f"{'stopped' if self.status == 'KILLED' else 'done'}: step {s.step} in {wall:.1f}s | {val} | "
                   f"{final.get('throughput/samples_per_sec', 0):.1f} samples/s | "
-                  f"checkpoint {self.checkpointer.last_good}")
+                  f"checkpoint {self.job.folder.path / 'last.pt' if self.checkpointer.last_good else None}")
         return final
 
     # -- parts ----------------------------------------------------------------------

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from .data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
-from .generate import DEVICES, load, normalizer, pick_device, script_of
+from .data.prepare import normalizer
+from .evaluation import genre_metric_names
+from .generate import DEVICES, load, pick_device, script_of
 from .locate import WHICH, checkpoint_path
 from .options import OptionError, choice, doc, parse, usage
 
@@ -78,7 +80,9 @@ def corpus_split(state: dict, tok_hash: str) -> Scored:
         settings = OmegaConf.merge(OmegaConf.structured(DataConfig), config.get("data", {}))
     except OmegaConfBaseException as e:
         raise OptionError(f"the checkpoint's data settings do not fit this version of lingmao: {e}") from None
-    data = load_corpus(settings, config.get("seed", RunConfig.seed))
+    if "split_seed" not in config.get("data", {}):  # before data.split_seed the run's seed chose the split
+        settings.split_seed = config.get("seed", RunConfig.seed)
+    data = load_corpus(settings)
     if data.meta["tokenizer_sha256"] != tok_hash:
         raise OptionError(f"the prepared corpus {data.dir} has another vocabulary than the checkpoint (its "
                           f"tokenizer hash differs): its source changed since training; score a file with data=")
@@ -113,8 +117,8 @@ def jsonl_docs(path: Path, text_field: str, script: str, tokenizer) -> Scored:
 def score(model, s: Scored, context: int, device, batch_size: int, max_batches: int, genre_docs: int) -> dict:
     """{"loss", "perplexity", "bpc", "unk_rate", "windows", "tokens", "genres": {genre: {loss, tokens, docs}}}."""
     from .data.windows import TokenWindows, make_loader
-    from .engine import Dist, evaluate
-    from .evaluation import per_genre_loss
+    from .distributed import Dist
+    from .evaluation import evaluate, per_genre_loss
 
     windows = TokenWindows(s.tokens, context, context)
     loader = make_loader(windows, batch_size, shuffle=False, seed=0, drop_last=False)
@@ -133,7 +137,8 @@ def metrics(result: dict, name: str) -> dict[str, float]:
     """MLflow names: eval/loss ... for the training corpus, eval/<file>/loss ... for a JSONL file."""
     prefix = "eval/" if name == "corpus" else f"eval/{name}/"
     m = {prefix + k: result[k] for k in ("loss", "perplexity", "bpc", "unk_rate")}
-    m.update({f"{prefix}loss_{g}": r["loss"] for g, r in result["genres"].items()})
+    names = genre_metric_names(list(result["genres"]))
+    m.update({f"{prefix}loss_{names[g]}": r["loss"] for g, r in result["genres"].items()})
     return m
 
 

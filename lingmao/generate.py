@@ -19,6 +19,7 @@ from typing import List
 import torch
 
 from . import checkpoint as ckpt
+from .data.prepare import normalizer
 from .data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
 from .locate import WHICH, checkpoint_path
 from .model import GPT, GPTConfig
@@ -72,16 +73,6 @@ def parse_args(argv: list[str]) -> Options:
     if not opts.prompt or any(not p.strip() for p in opts.prompt):
         raise OptionError("prompt is empty: give the text to continue, e.g. prompt=床前明月光")
     return opts
-
-
-def normalizer(script: str):
-    """The corpus' text normalisation (lingmao.data.prepare): `simplified`
-    converts with OpenCC t2s, `keep` leaves text as it is."""
-    if script != "simplified":
-        return lambda text: text
-    from opencc import OpenCC
-
-    return OpenCC("t2s").convert
 
 
 def pick_device(asked: str) -> torch.device:

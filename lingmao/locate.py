@@ -84,7 +84,7 @@ def run_folder(run_id: str, tracking_uri: str = "") -> Path:
 def mlflow_run(run_id: str, tracking_uri: str = ""):
     """(MLflow run, store URI); `tracking_uri` empty: $MLFLOW_TRACKING_URI,
     else ./mlflow.db, as for compare."""
-    from .compare import CompareError, _client, resolve_uri
+    from .compare import CompareError, open_store, resolve_uri
 
     if tracking_uri and "://" not in tracking_uri and Path(tracking_uri).is_file():
         tracking_uri = f"sqlite:///{Path(tracking_uri).resolve()}"  # the path of an mlflow.db
@@ -92,7 +92,7 @@ def mlflow_run(run_id: str, tracking_uri: str = ""):
     from mlflow.exceptions import MlflowException
 
     try:
-        client = _client(uri)
+        client = open_store(uri)
         run = client.get_run(run_id)
     except CompareError as e:
         raise OptionError(f"MLflow run {run_id}: {e}") from None

@@ -102,7 +102,7 @@ def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -
                       enabled=enabled, spool=run_dir / SPOOL_NAME, system_metrics=cfg.tracking.system_metrics,
                       run_id=job.resume_run_id if enabled else None, timeout=cfg.tracking.timeout)
     tracker.set_tags({"hardware": plan.preset, "model": cfg.model.name, "data": cfg.data.source,
-                      "experiment": cfg.experiment or "", "host": launch_host(),
+                      "experiment": cfg.experiment or "", "host": launch_host(), "run_dir": str(run_dir.resolve()),
                       **git_state(launch_dir), **(tags or {})})
     if dist.main:
         look = f"{uri} (its link is printed at the end; mlflow ui --backend-store-uri {uri})" if enabled else "off"

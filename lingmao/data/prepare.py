@@ -175,15 +175,21 @@ def _build(records: Iterable[dict], work: Path, s: dict, digest: str, progress: 
     (work / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
+def normalizer(script: str):
+    """The corpus's script normalisation, for its documents and for prompts
+    alike: `simplified` converts with OpenCC t2s, `keep` leaves text as it is."""
+    if script != "simplified":
+        return lambda text: text
+    from opencc import OpenCC
+
+    return OpenCC("t2s").convert
+
+
 def _normalise(records: Iterable[dict], s: dict) -> tuple[dict[str, str], Counter, Counter, int]:
     """Normalise the script, drop empties and exact duplicates (the first one
     seen keeps its genre): ({text: genre} in first-seen order, records read
     per genre, duplicates per genre, records skipped)."""
-    convert = None
-    if s["script"] == "simplified":
-        from opencc import OpenCC
-
-        convert = OpenCC("t2s").convert  # one converter: building it loads the dictionaries
+    convert = normalizer(s["script"])  # one converter: building it loads the dictionaries
     docs: dict[str, str] = {}
     read: Counter[str] = Counter()
     dups: Counter[str] = Counter()
@@ -193,8 +199,7 @@ def _normalise(records: Iterable[dict], s: dict) -> tuple[dict[str, str], Counte
         if not text.strip():
             skipped += 1
             continue
-        if convert is not None:
-            text = convert(text)
+        text = convert(text)
         genre = rec.get("genre") or DEFAULT_GENRE
         read[genre] += 1
         if text in docs:
