@@ -5,7 +5,7 @@ Switches from the modded-nanoGPT speedrun line of work (`model.*`, defaults
 in lingmao/schema.py): rotary positions (on by default), q/k normalisation, a
 ReLU-squared MLP, a padded vocabulary and zero-initialised output projections.
 
-Seed 002's model was an `nn.TransformerEncoder` with no causal mask, so it saw
+A plain `nn.TransformerEncoder` without a causal mask would see
 the future; here every attention call is causal.
 """
 

@@ -10,8 +10,8 @@ import torch
 
 
 def scaled_lr(lr: float, base_batch: int, effective_batch: int, rule: str) -> float:
-    """LR for `effective_batch` given `lr` at `base_batch`. Seed 000: sqrt
-    (5e-5 at 16 -> 1e-4 at 64); seed 003 also names linear (Goyal et al. 2017)."""
+    """LR for `effective_batch` given `lr` at `base_batch`: sqrt (5e-5 at 16
+    -> 1e-4 at 64), linear (Goyal et al. 2017) or none."""
     ratio = effective_batch / base_batch
     if rule == "sqrt":
         return lr * math.sqrt(ratio)
