@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -253,7 +254,8 @@ def _tokenize(tok: Tokenizer, splits: dict[str, list[str]], work: Path, dtype: s
     import datasets
 
     bars_were_on = datasets.is_progress_bar_enabled()
-    (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
+    # Bars only for a person at a terminal: piped to a file they are \r frames.
+    (datasets.enable_progress_bars if progress and sys.stderr.isatty() else datasets.disable_progress_bars)()
 
     def encode(batch: dict) -> dict:
         return {"ids": [e.ids + [EOS_ID] for e in tok.encode_batch(batch["text"])]}
