@@ -184,7 +184,7 @@ class Evaluator:
             first = samples[0]["prompt"] + samples[0]["text"]
             greedy = f" (greedy {m['samples/greedy_rep4']:.2f})" if "samples/greedy_rep4" in m else ""
             self.say(f"step {step}: val/loss {val:.3f} ppl {m['val/perplexity']:.1f} bpc {m['val/bpc']:.3f} "
-                     f"rep4 {m['samples/rep4']:.2f}{greedy} | {first!r}")
+                     f"rep4 {m['samples/rep4']:.2f}{greedy} | {' / '.join(first.splitlines())}")
             self.tracker.log_metrics(m, step)
             self.tracker.flush()
         return m
