@@ -337,6 +337,10 @@ def main() -> None:
     instead of printing them; set by the user, it keeps Hydra's full report."""
     from .hydra_errors import explain
 
+    if "plan=true" in (a.lower() for a in sys.argv[1:]) and not {"-m", "--multirun"} & set(sys.argv[1:]):
+        # plan=true touches nothing: no run folder, no .hydra copy of the config
+        given = {a.split("=", 1)[0] for a in sys.argv[1:]}
+        sys.argv += [o for o in ("hydra.run.dir=.", "hydra.output_subdir=null") if o.split("=", 1)[0] not in given]
     asked = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

@@ -51,3 +51,15 @@ def test_the_banner_says_what_the_run_will_do_before_it_starts(tmp_path, mlflow_
     assert "batch 4 x accumulation 2 x 1 process(es) = 8 windows of 32 tokens per step" in head
     assert "lr 1e-3 x sqrt(8/16) = 7.07e-4" in head and "2 steps" in head
     assert f"run folder {tmp_path / 'run'}" in head and "MLflow: sqlite:///" in head
+
+
+def test_plan_true_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "lingmao.run", "hardware=rtx4090", "model=small", "plan=true"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "micro_batch" in proc.stdout or "micro-batch" in proc.stdout, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no outputs/ folder, no .hydra copy
