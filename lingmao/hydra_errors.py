@@ -74,6 +74,13 @@ def _raised_in(tb: TracebackType | None, code: CodeType) -> bool:
     return False
 
 
+# Sweepers and launchers that come as Hydra plugins, and what installs each.
+PLUGINS = {"hydra/sweeper/optuna": "'lingmao[optuna]' (hydra-optuna-sweeper)",
+           "hydra/launcher/joblib": "hydra-joblib-launcher",
+           "hydra/launcher/submitit_slurm": "hydra-submitit-launcher",
+           "hydra/launcher/submitit_local": "hydra-submitit-launcher"}
+
+
 def explain(e: BaseException, argv: list[str], task: CodeType) -> str | None:
     """One line for an error Hydra or OmegaConf raised while parsing the
     command line or composing the config; None for anything else (an error
@@ -85,6 +92,9 @@ def explain(e: BaseException, argv: list[str], task: CodeType) -> str | None:
         return None
     if isinstance(e, MissingConfigException):
         group, _, name = (e.missing_cfg_file or "").rpartition("/")
+        plugin = PLUGINS.get(f"{group}/{name}")
+        if plugin:
+            return f"{group}={name} needs a Hydra plugin that is not installed: pip install {plugin}"
         if e.options:
             return f"{group}={name}: {_first_line(e).split(': ', 1)[-1]}; choose one of: {', '.join(e.options)}"
         return _first_line(e).split(": ", 1)[-1]

@@ -85,3 +85,15 @@ def test_an_error_inside_the_task_is_not_taken_for_hydras():
     except ConfigKeyError as e:
         assert explain(e, [], task.__code__) is None
         assert explain(e, [], run.main.__code__) is not None  # the same error from Hydra's side is explained
+
+
+def test_a_missing_sweeper_plugin_gets_an_install_hint():
+    from hydra.errors import MissingConfigException
+
+    from lingmao.hydra_errors import explain
+
+    e = MissingConfigException("Could not find 'hydra/sweeper/optuna'", missing_cfg_file="hydra/sweeper/optuna",
+                               options=["basic"])
+    assert explain(e, ["hydra/sweeper=optuna"], explain.__code__) == (
+        "hydra/sweeper=optuna needs a Hydra plugin that is not installed: pip install 'lingmao[optuna]' "
+        "(hydra-optuna-sweeper)")
