@@ -40,8 +40,10 @@ class HardwareConfig:
     peak_tflops: Optional[float] = None
     compute_capability: Optional[float] = None
     precision: Optional[str] = None  # auto | bf16 | fp16 | fp32
-    batch: Optional[Any] = None  # micro-batch per device: int, or "auto"
+    effective_batch: Optional[int] = None  # the preset's target: samples per optimizer step, all devices
+    batch: Optional[Any] = None  # preferred (largest) micro-batch per device: int, or "auto" (the preset's)
     accumulation: Optional[int] = None
+    activation_checkpointing: Optional[bool] = None  # false: only when nothing fits without it
     num_workers: Optional[int] = None
     pin_memory: Optional[bool] = None
     persistent_workers: Optional[bool] = None
