@@ -126,7 +126,7 @@ def closest_preset(m: Machine) -> tuple[str, str]:
     """The preset that fits the machine best, and why. On CUDA the plan then
     uses the detected count, name and memory, not the preset's."""
     if m.gpus:
-        g, n = m.gpus[0], len(m.gpus)
+        g, n = m.gpu, len(m.gpus)
         what = f"{n} x {g.name}, {g.memory_gb:.0f} GB, compute capability {g.compute_capability}"
         if g.compute_capability < 8.0:
             return ("t4x2" if n >= 2 else "t4"), f"{what} (< 8.0: no bf16, fp16 + GradScaler)"
@@ -180,7 +180,7 @@ def shape_params(shape: dict) -> int:
 def device_peak(hw: dict, m: Machine, precision: str, tf32: bool) -> tuple[float | None, str]:
     """Peak TFLOPS of ONE device at `precision`, and where the figure comes from."""
     if hw["device"] == "cuda" and m.gpus:
-        name = m.gpus[0].name
+        name = m.gpu.name
         peak = peak_for(name)
         if peak is None:
             return None, f"{name} is not in lingmao.peaks: the engine measures a matmul instead"
@@ -223,7 +223,11 @@ def plan_batch(hw: dict, shape: dict, memory_gb: float, world: int, notes: list,
         if not fit.fits:
             fit.refusal = suggest_split(shape, budget, micro, accum, world, memory_gb)
         return fit
-    preferred = load_preset(hw["name"])["batch"] if hw["batch"] == "auto" and hw["name"] in PRESETS else hw["batch"]
+    preset = load_preset(hw["name"]) if hw["name"] in PRESETS else hw
+    if hw["batch"] == "auto" and hw["accumulation"] != preset["accumulation"]:
+        warnings.append(f"hardware.accumulation={hw['accumulation']} is ignored with hardware.batch=auto: the plan "
+                        f"derives it from hardware.effective_batch={target}; set that to change the batch")
+    preferred = preset["batch"] if hw["batch"] == "auto" else hw["batch"]
     fit = fit_batch(shape, budget, target, world, int(preferred), forced_ckpt)
     if not fit.fits:
         fit.refusal = refusal(shape, budget, memory_gb)
@@ -243,7 +247,7 @@ def make_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
         raise ConfigError(f"hardware={hw['name']} leaves {', '.join(missing)} unset")
     notes, warnings = [], []
     device = hw["device"]
-    gpu = m.gpus[0] if (device == "cuda" and m.gpus) else None
+    gpu = m.gpu if device == "cuda" else None
     cc = gpu.compute_capability if gpu else hw["compute_capability"]
     precision, precision_reason = choose_precision(hw["precision"], device, cc, m)
     tf32 = bool(hw["tf32"]) and device == "cuda" and cc >= 8.0

@@ -12,8 +12,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from lingmao.model import GPT, GPTConfig
+from lingmao.model import GPT, Block, GPTConfig
 from lingmao.optim import build_optimizer
 
 
@@ -32,6 +33,11 @@ def main(cfg: dict) -> dict:
     model = GPT(GPTConfig(vocab_size=cfg["V"], d_model=cfg["d"], n_heads=cfg["h"], n_layers=cfg["L"],
                           context_length=cfg["T"], dropout=cfg.get("dropout", 0.0), rotary=cfg.get("rotary", True),
                           qk_norm=cfg.get("qk_norm", False), moe_experts=cfg.get("experts", 0)))
+    if cfg.get("checkpoint"):
+        # Activation checkpointing per block, as the engine will do it: each
+        # block keeps its input and recomputes the rest in backward.
+        plain = Block.forward
+        Block.forward = lambda self, x, kv=None: checkpoint(plain, self, x, kv, use_reentrant=False)
     opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, True)
     bf16 = cfg.get("precision", "fp32") == "bf16"
     B, T, V, accum = cfg["B"], cfg["T"], cfg["V"], cfg.get("accum", 2)

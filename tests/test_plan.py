@@ -231,6 +231,8 @@ def test_batch_auto_fits_and_keeps_the_effective_batch():
     auto = make_plan(make("hardware=t4x2", "model=large", "hardware.batch=auto"), T4S)
     assert auto.fits and auto.micro_batch < fixed.micro_batch
     assert auto.effective_batch == fixed.effective_batch == 256  # exactly, not rounded up
+    ignored = make_plan(make("hardware=t4x2", "model=large", "hardware.batch=auto", "hardware.accumulation=3"), T4S)
+    assert ignored.effective_batch == 256 and any("accumulation=3 is ignored" in w for w in ignored.warnings)
     # a micro-batch that already fits is kept
     ok = make_plan(make("hardware=rtx4090", "model=small", "hardware.batch=auto"), H100)
     assert (ok.micro_batch, ok.accumulation) == (16, 2)
