@@ -193,8 +193,9 @@ def device_peak(hw: dict, m: Machine, precision: str, tf32: bool) -> tuple[float
     return None, "no peak known: the engine measures a matmul instead"
 
 
-def _targets(hw: dict, world: int) -> tuple[int, str | None, bool]:
-    """(target effective batch, a warning when it is not the preset's, whether the user fixed the split)."""
+def _targets(hw: dict) -> tuple[dict, int, str | None, bool]:
+    """(the preset, the target effective batch, a warning when that is not the
+    preset's, whether the user fixed the split by setting batch or accumulation)."""
     preset = load_preset(hw["name"]) if hw["name"] in PRESETS else hw
     target = int(hw["effective_batch"])
     warn = None
@@ -202,12 +203,12 @@ def _targets(hw: dict, world: int) -> tuple[int, str | None, bool]:
         warn = (f"hardware.effective_batch={target} is not the {hw['name']} preset's {preset['effective_batch']}: "
                 f"runs are comparable step by step only at the same effective batch")
     fixed = hw["batch"] != "auto" and (hw["batch"], hw["accumulation"]) != (preset["batch"], preset["accumulation"])
-    return target, warn, fixed
+    return preset, target, warn, fixed
 
 
 def plan_batch(hw: dict, shape: dict, memory_gb: float, world: int, notes: list, warnings: list) -> Fit:
     """Micro-batch, accumulation and checkpointing for this model on this device."""
-    target, warn, fixed = _targets(hw, world)
+    preset, target, warn, fixed = _targets(hw)
     if warn:
         warnings.append(warn)
     budget = budget_bytes(memory_gb)
@@ -223,7 +224,6 @@ def plan_batch(hw: dict, shape: dict, memory_gb: float, world: int, notes: list,
         if not fit.fits:
             fit.refusal = suggest_split(shape, budget, micro, accum, world, memory_gb)
         return fit
-    preset = load_preset(hw["name"]) if hw["name"] in PRESETS else hw
     if hw["batch"] == "auto" and hw["accumulation"] != preset["accumulation"]:
         warnings.append(f"hardware.accumulation={hw['accumulation']} is ignored with hardware.batch=auto: the plan "
                         f"derives it from hardware.effective_batch={target}; set that to change the batch")
@@ -234,6 +234,17 @@ def plan_batch(hw: dict, shape: dict, memory_gb: float, world: int, notes: list,
     if fit.note:
         (warnings if fit.effective != target else notes).append(fit.note)
     return fit
+
+
+def step_seconds(mc, n_params: int, fit: Fit, peak: float | None) -> float | None:
+    """Seconds per optimizer step at ASSUMED_MFU of `peak`; None without a peak."""
+    if not peak:
+        return None
+    no_pos = n_params - (0 if mc.rotary else mc.context_length * mc.d_model)
+    per_token = flops_per_token(mc.d_model, mc.n_layers, mc.context_length, no_pos)
+    s = estimate_step_time(flops_per_token=per_token, tokens_per_step=fit.micro * fit.accum * mc.context_length,
+                           peak_tflops=peak, mfu=ASSUMED_MFU)
+    return s * 4 / 3 if fit.checkpointing else s  # checkpointing runs each block's forward twice: ~1 more of 3 passes
 
 
 def make_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
@@ -264,12 +275,7 @@ def make_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
     ckpt_gb = estimate_memory(micro_batch=max(fit.micro, 1), activation_checkpointing=True, **shape).gb()
     peak, peak_source = device_peak(hw, m, precision, tf32)
     n = shape_params(shape)
-    no_pos = n - (0 if mc.rotary else mc.context_length * mc.d_model)
-    step_s = None
-    if peak:
-        step_s = estimate_step_time(flops_per_token=flops_per_token(mc.d_model, mc.n_layers, mc.context_length, no_pos),
-                                    tokens_per_step=fit.micro * fit.accum * mc.context_length, peak_tflops=peak,
-                                    mfu=ASSUMED_MFU) * (4 / 3 if fit.checkpointing else 1)  # one more forward
+    step_s = step_seconds(mc, n, fit, peak)
     max_steps = cfg.trainer.max_steps
     o = cfg.optim
     threads = hw["threads"] or m.cores

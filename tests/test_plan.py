@@ -67,10 +67,11 @@ def check_target_plan(plan, preset: str, preferred: int, cfg_overrides: list[str
 @pytest.mark.parametrize("preset", EXPECTED)
 @pytest.mark.parametrize("model", SIZES)
 def test_plan_for_every_preset_on_a_cpu_laptop(preset, model):
-    t = time.perf_counter()
     overrides = [f"hardware={preset}", f"model={model}"]
-    plan = make_plan(make(*overrides), LAPTOP)
-    assert time.perf_counter() - t < 1.0
+    cfg = make(*overrides)
+    t = time.process_time()  # CPU time: other processes on the shared cores do not count
+    plan = make_plan(cfg, LAPTOP)
+    assert time.process_time() - t < 1.0
     device, precision, micro, accum, devices = EXPECTED[preset]
     assert (plan.device, plan.precision, plan.world_size) == (device, precision, devices)
     # The preset's seed split is its effective batch; a size that needs a smaller
