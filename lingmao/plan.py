@@ -231,8 +231,10 @@ def plan_batch(hw: dict, shape: dict, memory_gb: float, world: int, notes: list,
     fit = fit_batch(shape, budget, target, world, int(preferred), forced_ckpt)
     if not fit.fits:
         fit.refusal = refusal(shape, budget, memory_gb)
-    if fit.note:
-        (warnings if fit.effective != target else notes).append(fit.note)
+    if fit.effective != target:
+        warnings.append(fit.note)
+    elif fit.fits and fit.micro < int(preferred):  # the plan changed the preset's split: say so
+        notes.append(fit.note)
     return fit
 
 

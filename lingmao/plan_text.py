@@ -44,8 +44,8 @@ def _rows(p: Plan) -> list[tuple[str, str]]:
     if p.world_size > 1:
         where += f", DDP over {p.ddp_backend}"
     split = (f"micro-batch {p.micro_batch} x accumulation {p.accumulation} x {p.world_size} device(s) = "
-             f"{p.effective_batch}" + (" (the target)" if p.effective_batch == p.target_effective_batch else
-                                        f" (target {p.target_effective_batch})"))
+             f"{p.effective_batch}" + (" (hardware.effective_batch)" if p.effective_batch == p.target_effective_batch
+                                        else f" (hardware.effective_batch is {p.target_effective_batch})"))
     rows = [("preset", p.preset_reason), ("devices", where), ("precision", f"{p.precision}: {p.precision_reason}"),
             ("batch", split), ("lr", lr_rule(p)),
             ("model", f"{p.params / 1e6:.1f}M parameters, context {p.context_length}"
