@@ -114,7 +114,7 @@ def alternatives(shape: dict, budget: int) -> list[str]:
     for _, name, other in sorted(smaller, key=lambda s: s[0], reverse=True):
         if _fits(other, budget, 1, True):
             best = fit_micro_batch(budget, headroom=1.0, max_batch=64, **other)
-            out.append(f"model={name}" + f" (context {mc.context_length}, " + (
+            out.append(f"model={name}" + f" (context {other['context_length']}, " + (
                 f"micro-batch up to {best} without checkpointing)" if best else "with activation checkpointing)"))
             break
     return out

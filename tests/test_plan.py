@@ -260,7 +260,7 @@ def test_a_size_that_cannot_fit_is_refused_with_what_would():
     plan = make_plan(make(*overrides), machine)
     assert not plan.fits and exit_status(plan) != 0
     assert plan.table().startswith("DOES NOT FIT")
-    assert "model.context_length=" in plan.refusal and "model=" in plan.refusal
+    assert "model.context_length=" in plan.refusal and "model=medium (context 768," in plan.refusal
     for alt in alternative_overrides(plan.refusal):
         keep = overrides if alt[0].startswith("model.") else overrides[:2]  # a size comes with its own context
         assert make_plan(make(*keep, *alt), machine).fits, alt
