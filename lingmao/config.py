@@ -220,6 +220,7 @@ RULES: dict[str, Rule] = {
     "hardware.precision": one_of("auto", "bf16", "fp16", "fp32"),
     "hardware.batch": Rule(_batch_ok, lambda _: "must be a positive integer or 'auto'"),
     "hardware.accumulation": POSITIVE,
+    "hardware.effective_batch": POSITIVE,
     "hardware.num_workers": NON_NEGATIVE,
     "hardware.prefetch_factor": POSITIVE,
     "hardware.compile_mode": one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),

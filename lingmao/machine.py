@@ -27,6 +27,13 @@ class Machine:
     mps: bool = False
 
     @property
+    def gpu(self) -> Gpu | None:
+        """The GPU a plan sizes for: DDP runs the same micro-batch on every
+        device, so the one with the least memory (the first of equals); None
+        without CUDA."""
+        return min(self.gpus, key=lambda g: g.memory_gb) if self.gpus else None
+
+    @property
     def native_bf16_cpu(self) -> bool:
         # AMX tiles run bf16 matmuls several times faster than fp32. AVX512-BF16
         # alone did not pay here: bf16 autocast + compile ran at 0.64x fp32 eager
@@ -59,6 +66,9 @@ def _cores() -> int:
 
 
 def detect() -> Machine:
+    """This machine: every CUDA device torch sees (CUDA_VISIBLE_DEVICES
+    applies), its name, memory and compute capability; MPS; CPU cores, RAM
+    and flags."""
     import torch
 
     gpus = []

@@ -7,8 +7,19 @@ import time
 
 import torch
 
-from .runtime import peak_memory_bytes
+from .runtime import DTYPES, matmul_tflops, peak_memory_bytes
 from .step import StepStats
+
+
+def run_peak_tflops(plan, device: torch.device, world_size: int) -> float:
+    """Peak TFLOPS of all the run's devices together, which MFU divides by:
+    the datasheet peak per accelerator times the processes (one each), or
+    where the plan knows none (an unknown GPU) a matmul measured here. On a
+    CPU the processes share one machine, whose peak the plan estimates."""
+    per_device = plan.peak_tflops_per_device
+    if not per_device:
+        per_device = matmul_tflops(device, DTYPES[plan.precision] or torch.float32)
+    return per_device * (1 if device.type == "cpu" else world_size)
 
 
 class Meter:
@@ -19,6 +30,7 @@ class Meter:
     def __init__(self, plan, flops_per_token: int, device: torch.device, ddp: bool, world_size: int):
         self.plan, self.flops_per_token, self.device, self.ddp, self.world_size = (
             plan, flops_per_token, device, ddp, world_size)
+        self.peak_flops = run_peak_tflops(plan, device, world_size) * 1e12
         self.loss = torch.zeros((), device=device)
         self.steps = 0
         self.first = True
@@ -55,7 +67,7 @@ class Meter:
         m = {"train/loss": self.loss.item() / self.steps, "lr": stats.lr, "grad_norm": float(stats.grad_norm),
              "throughput/samples_per_sec": sps, "throughput/tokens_per_sec": tps,
              # model FLOPs utilisation (PaLM appendix B) over the peak of every device of the run
-             "mfu": tps * self.flops_per_token / (self.plan.peak_tflops * 1e12 * self.world_size),
+             "mfu": tps * self.flops_per_token / self.peak_flops,
              "memory/peak_gb": peak_memory_bytes(self.device) / 2**30}
         if scaler.is_enabled():
             m["loss_scale"] = scaler.get_scale()

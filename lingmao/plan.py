@@ -3,20 +3,28 @@
 The engine reads the Plan, never the raw hardware preset. `plan=true` prints
 it for any preset on any machine (a CUDA preset on a CPU-only laptop too):
 nothing here touches a GPU or the data.
+
+A preset is a target: the effective batch it wants (samples per optimizer
+step, over all devices) and the micro-batch it prefers. For each model the
+plan takes the largest micro-batch up to the preferred one that fits in memory
+and divides the per-device batch, so micro x accumulation x devices is the
+preset's effective batch exactly: two presets with the same effective batch
+then see the same data and LR at every step and differ only in speed.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import functools
+from dataclasses import asdict, dataclass, field
 
 from omegaconf import OmegaConf
 
-import math
-
+from .batching import Fit, budget_bytes, fit_batch, model_shape, refusal, suggest_split
 from .config import CONF_DIR, ConfigError
-from .estimate import GiB, MARGIN, estimate_memory, estimate_step_time, fit_micro_batch, flops_per_token
+from .estimate import GiB, MARGIN, count_params, estimate_memory, estimate_step_time, flops_per_token
 from .machine import Machine
 from .optim import scaled_lr
+from .peaks import peak_for
 
 # Vocabulary the estimates assume: the default corpus' (chinese-poetry 2.0.1,
 # simplified, measured). The plan never reads the data, so it cannot know yours.
@@ -32,8 +40,10 @@ PRESETS = tuple(sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml") if
 @dataclass
 class Plan:
     preset: str
+    model: str  # model.name
     preset_reason: str
     device: str
+    device_name: str  # the detected GPU's name; "" when none was detected
     devices: int
     world_size: int
     ddp_backend: str
@@ -53,37 +63,55 @@ class Plan:
     micro_batch: int
     accumulation: int
     effective_batch: int
+    target_effective_batch: int  # the preset's (or hardware.effective_batch's) target
+    batch_reason: str
+    activation_checkpointing: bool  # the model recomputes each block's activations in backward
     context_length: int
     lr_scaling: str
     base_lr: float
+    base_batch: int
     lr: float
     fused_optimizer: bool
-    memory_gb: float  # per device: the preset's, or the machine's RAM on CPU
-    estimate_gb: float  # training memory per device, estimated (± margin)
-    estimate_checkpointed_gb: float  # the same with activation checkpointing
+    params: int
+    memory_gb: float  # per device: the detected GPU's, the preset's, or the machine's RAM on CPU
+    estimate_gb: float  # training memory per device as planned (checkpointing included when on), ± margin
+    estimate_parts_gb: dict  # the estimate's terms (params, grads, ..., logits), GiB
+    estimate_checkpointed_gb: float | None  # with activation checkpointing; only where it was considered
     estimate_margin: float
     headroom_gb: float
     fits: bool
+    refusal: str  # why it does not fit and what would; "" when it fits
     vocab_assumed: int
-    peak_tflops: float
-    est_step_seconds: float
-    est_tokens_per_sec: float
+    peak_tflops_per_device: float | None  # datasheet peak of ONE device at the plan's precision; None: unknown
+    peak_source: str
+    assumed_mfu: float  # of the peak, for the time estimates
+    est_step_seconds: float | None
+    est_run_seconds: float | None  # trainer.max_steps steps; None without max_steps or a peak
+    est_tokens_per_sec: float | None
     notes: list[str] = field(default_factory=list)
-    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    warnings: list[str] = field(default_factory=list)
     loss_chunk: int = 0  # tokens of logits at a time in the training loss (0: the whole micro-batch)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def table(self) -> str:
-        """A readable two-column table."""
-        width = max(len(f.name) for f in fields(self))
-        lines = [f"{k:<{width}}  {v}" for k, v in self.as_dict().items() if k != "notes"]
-        lines += [f"{'note':<{width}}  {n}" for n in self.notes]
-        return "\n".join(lines)
+        from .plan_text import render
+
+        return render(self)
+
+
+def exit_status(plan: Plan) -> int:
+    """The process exit status for `plan=true`: 0 when the plan fits, 3 when it does not."""
+    return 0 if plan.fits else 3
 
 
 def load_preset(name: str) -> dict:
+    return dict(_preset(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _preset(name: str) -> dict:
     path = CONF_DIR / "hardware" / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(f"hardware={name!r} is not a preset; choose one of: auto, {', '.join(PRESETS)}")
@@ -91,25 +119,28 @@ def load_preset(name: str) -> dict:
 
 
 def closest_preset(m: Machine) -> tuple[str, str]:
-    """The preset that fits the machine best, and why."""
+    """The preset that fits the machine best, and why. On CUDA the plan then
+    uses the detected count, name and memory, not the preset's."""
     if m.gpus:
-        g = m.gpus[0]
+        g, n = m.gpu, len(m.gpus)
+        what = f"{n} x {g.name}, {g.memory_gb:.0f} GB, compute capability {g.compute_capability}"
         if g.compute_capability < 8.0:
-            return "t4x2", f"{len(m.gpus)} x {g.name} (compute capability {g.compute_capability} < 8.0: fp16)"
-        if g.memory_gb >= 20:
-            return "rtx4090", f"{g.name}, {g.memory_gb:.0f} GB, compute capability {g.compute_capability}"
-        return "rtx3060", f"{g.name}, {g.memory_gb:.0f} GB (< 20 GB)"
+            return ("t4x2" if n >= 2 else "t4"), f"{what} (< 8.0: no bf16, fp16 + GradScaler)"
+        return ("rtx4090" if g.memory_gb >= 20 else "rtx3060"), f"{what} ({'>=' if g.memory_gb >= 20 else '<'} 20 GB)"
     if m.mps:
         return "m1", "Apple MPS device"
     return "cpu", f"no GPU; {m.cores} cores"
 
 
 def resolve_hardware(hw: dict, m: Machine) -> tuple[dict, str]:
-    """Fill `auto` from the closest preset; keys the user set still win."""
+    """Fill `auto` from the closest preset; keys the user set still win. On a
+    CUDA machine `auto` takes the detected GPU count for `devices`."""
     if hw["name"] != "auto":
         return hw, f"hardware={hw['name']} (chosen)"
     name, why = closest_preset(m)
     resolved = load_preset(name)
+    if m.gpus and resolved["device"] == "cuda":
+        resolved["devices"] = len(m.gpus)
     resolved.update({k: v for k, v in hw.items() if v is not None and k != "name"})
     return resolved, f"hardware=auto -> {name}: {why}"
 
@@ -118,13 +149,15 @@ def choose_precision(asked: str, device: str, cc: float, m: Machine) -> tuple[st
     if device == "cuda":
         # Compute capability, not torch.cuda.is_bf16_supported(): a T4 answers
         # True to that through emulation, yet has no bf16 tensor cores.
-        if asked in ("auto", "bf16") and cc >= 8.0:
-            return "bf16", f"compute capability {cc} >= 8.0: bf16 autocast, no loss scaling"
         if asked == "fp32":
             return "fp32", "asked for fp32"
-        return "fp16", f"compute capability {cc} < 8.0 (no bf16 tensor cores): fp16 autocast + GradScaler"
+        if cc < 8.0:
+            return "fp16", f"compute capability {cc} < 8.0 (no bf16 tensor cores): fp16 autocast + GradScaler"
+        if asked == "fp16":
+            return "fp16", f"asked for fp16 (compute capability {cc} has bf16 too): fp16 autocast + GradScaler"
+        return "bf16", f"compute capability {cc} >= 8.0: bf16 autocast, no loss scaling"
     if device == "mps":
-        return "fp32", "MPS: fp32 (seed 000: no AMP on Apple silicon)"
+        return "fp32", "MPS: fp32 (no AMP on Apple silicon)"
     if asked == "auto":
         if m.native_bf16_cpu:
             return "bf16", "CPU has AMX bf16 tiles: bf16 autocast"
@@ -135,29 +168,81 @@ def choose_precision(asked: str, device: str, cc: float, m: Machine) -> tuple[st
 
 
 def shape_params(shape: dict) -> int:
-    from .estimate import count_params
-
     return count_params(shape["d_model"], shape["n_heads"], shape["n_layers"], shape["context_length"],
-                        shape["vocab_size"], shape["mlp_ratio"])
+                        shape["vocab_size"], shape["mlp_ratio"], rotary=shape["rotary"], qk_norm=shape["qk_norm"],
+                        moe_experts=shape["moe_experts"], vocab_multiple=shape["vocab_multiple"])
 
 
-def _batch(hw: dict, memory_gb: float, shape: dict, devices: int, notes: list) -> tuple[int, int]:
-    """(micro-batch, accumulation). `batch: auto` keeps the preset's micro-batch
-    if it fits, else takes the largest that fits and raises accumulation so
-    the effective batch stays the preset's."""
-    if hw["batch"] != "auto":
-        return int(hw["batch"]), int(hw["accumulation"])
-    preset_batch = load_preset(hw["name"]).get("batch") if hw["name"] in PRESETS else None
-    wanted = preset_batch if isinstance(preset_batch, int) else 8
-    target = wanted * int(hw["accumulation"])
-    best = fit_micro_batch(int(memory_gb * GiB / (1 + MARGIN)), headroom=1.0, max_batch=wanted, **shape)
-    if best == 0:
-        raise ConfigError(f"hardware.batch=auto: even micro-batch 1 does not fit in {memory_gb:.0f} GB "
-                          f"for this model; choose a smaller model or context")
-    accum = math.ceil(target / best)
-    notes.append(f"batch=auto: micro-batch {best} (largest that fits, up to the preset's {wanted}), "
-                 f"accumulation {accum} (effective {best * accum * devices})")
-    return best, accum
+def device_peak(hw: dict, m: Machine, precision: str, tf32: bool) -> tuple[float | None, str]:
+    """Peak TFLOPS of ONE device at `precision`, and where the figure comes from."""
+    if hw["device"] == "cuda" and m.gpus:
+        name = m.gpu.name
+        peak = peak_for(name)
+        if peak is None:
+            return None, f"{name} is not in lingmao.peaks: the engine measures a matmul instead"
+        unit = "TF32" if precision == "fp32" and tf32 and peak.tf32 else precision
+        return peak.for_precision(precision, tf32), f"{name} datasheet, {unit}"
+    if hw["device"] == "cpu":
+        return CPU_TFLOPS_PER_CORE * m.cores, f"rough: {CPU_TFLOPS_PER_CORE} TFLOPS x {m.cores} cores"
+    if hw["peak_tflops"]:
+        return float(hw["peak_tflops"]), f"from the {hw['name']} preset; no such GPU detected here"
+    return None, "no peak known: the engine measures a matmul instead"
+
+
+def _targets(hw: dict) -> tuple[dict, int, str | None, bool]:
+    """(the preset, the target effective batch, a warning when that is not the
+    preset's, whether the user fixed the split by setting batch or accumulation)."""
+    preset = load_preset(hw["name"]) if hw["name"] in PRESETS else hw
+    target = int(hw["effective_batch"])
+    warn = None
+    if target != int(preset["effective_batch"]):
+        warn = (f"hardware.effective_batch={target} is not the {hw['name']} preset's {preset['effective_batch']}: "
+                f"runs are comparable step by step only at the same effective batch")
+    fixed = hw["batch"] != "auto" and (hw["batch"], hw["accumulation"]) != (preset["batch"], preset["accumulation"])
+    return preset, target, warn, fixed
+
+
+def plan_batch(hw: dict, shape: dict, memory_gb: float, world: int, notes: list, warnings: list) -> Fit:
+    """Micro-batch, accumulation and checkpointing for this model on this device."""
+    preset, target, warn, fixed = _targets(hw)
+    if warn:
+        warnings.append(warn)
+    budget = budget_bytes(memory_gb)
+    forced_ckpt = bool(hw["activation_checkpointing"])
+    if fixed:
+        micro, accum = int(hw["batch"]), int(hw["accumulation"])
+        fit = fit_batch(shape, budget, micro * accum * world, world, micro, forced_ckpt, exact_micro=True)
+        fit.reason = f"micro-batch {micro} x accumulation {accum} set by hardware.batch/hardware.accumulation"
+        if micro * accum * world != target:
+            warnings.append(f"hardware.batch={micro} x hardware.accumulation={accum} x {world} device(s) = "
+                            f"{micro * accum * world}, not the {hw['name']} preset's effective batch {target}: "
+                            f"the LR is rescaled and runs are not step-comparable with the preset's")
+        if not fit.fits:
+            fit.refusal = suggest_split(shape, budget, micro, accum, world, memory_gb)
+        return fit
+    if hw["batch"] == "auto" and hw["accumulation"] != preset["accumulation"]:
+        warnings.append(f"hardware.accumulation={hw['accumulation']} is ignored with hardware.batch=auto: the plan "
+                        f"derives it from hardware.effective_batch={target}; set that to change the batch")
+    preferred = preset["batch"] if hw["batch"] == "auto" else hw["batch"]
+    fit = fit_batch(shape, budget, target, world, int(preferred), forced_ckpt)
+    if not fit.fits:
+        fit.refusal = refusal(shape, budget, memory_gb)
+    if fit.effective != target:
+        warnings.append(fit.note)
+    elif fit.fits and fit.micro < int(preferred):  # the plan changed the preset's split: say so
+        notes.append(fit.note)
+    return fit
+
+
+def step_seconds(mc, n_params: int, fit: Fit, peak: float | None) -> float | None:
+    """Seconds per optimizer step at ASSUMED_MFU of `peak`; None without a peak."""
+    if not peak:
+        return None
+    no_pos = n_params - (0 if mc.rotary else mc.context_length * mc.d_model)
+    per_token = flops_per_token(mc.d_model, mc.n_layers, mc.context_length, no_pos)
+    s = estimate_step_time(flops_per_token=per_token, tokens_per_step=fit.micro * fit.accum * mc.context_length,
+                           peak_tflops=peak, mfu=ASSUMED_MFU)
+    return s * 4 / 3 if fit.checkpointing else s  # checkpointing runs each block's forward twice: ~1 more of 3 passes
 
 
 def make_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
@@ -169,71 +254,69 @@ def make_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
     missing = [k for k, v in hw.items() if v is None and k not in ("prefetch_factor",)]
     if missing:
         raise ConfigError(f"hardware={hw['name']} leaves {', '.join(missing)} unset")
-    notes = []
+    notes, warnings = [], []
     device = hw["device"]
-    gpu_cc = m.gpus[0].compute_capability if (device == "cuda" and m.gpus) else hw["compute_capability"]
-    precision, precision_reason = choose_precision(hw["precision"], device, gpu_cc, m)
-    devices = int(hw["devices"])
+    gpu = m.gpu if device == "cuda" else None
+    cc = gpu.compute_capability if gpu else hw["compute_capability"]
+    precision, precision_reason = choose_precision(hw["precision"], device, cc, m)
+    tf32 = bool(hw["tf32"]) and device == "cuda" and cc >= 8.0
+    world = world_size or int(hw["devices"])
     mc = cfg.model
-    shape = dict(d_model=mc.d_model, n_heads=mc.n_heads, n_layers=mc.n_layers, context_length=mc.context_length,
-                 vocab_size=DEFAULT_VOCAB, mlp_ratio=mc.mlp_ratio, precision=precision, dropout=mc.dropout,
-                 device=device)
-    memory_gb = float(hw["memory_gb"]) or m.ram_gb
-    if device == "cuda" and m.gpus and hw_in["name"] == "auto":  # the real GPU, not the preset's
-        memory_gb = m.gpus[0].memory_gb
-    world = world_size or devices
-    micro, accum = _batch(hw, memory_gb, shape, world, notes)
-    effective = micro * world * accum
-    est = estimate_memory(micro_batch=micro, **shape)
-    est_ckpt = estimate_memory(micro_batch=micro, activation_checkpointing=True, **shape)
-    fits = est.total * (1 + MARGIN) <= memory_gb * GiB
-    if not fits:
-        best = fit_micro_batch(int(memory_gb * GiB / (1 + MARGIN)), headroom=1.0, **shape)
-        notes.append(f"micro-batch {micro} needs ~{est.gb():.1f} GB (±{MARGIN:.0%}) of {memory_gb:.0f} GB: "
-                     + (f"use hardware.batch={best} with hardware.accumulation={math.ceil(micro * accum / best)} "
-                        f"(same effective batch), or hardware.batch=auto" if best else
-                        "even micro-batch 1 does not fit: choose a smaller model or context"))
-    peak = float(hw["peak_tflops"]) or CPU_TFLOPS_PER_CORE * m.cores
-    n_no_pos = shape_params(shape) - mc.context_length * mc.d_model
-    step_s = estimate_step_time(flops_per_token=flops_per_token(mc.d_model, mc.n_layers, mc.context_length, n_no_pos),
-                                tokens_per_step=micro * accum * mc.context_length, peak_tflops=peak,
-                                mfu=ASSUMED_MFU)
+    shape = model_shape(mc, vocab=DEFAULT_VOCAB, precision=precision, device=device, ddp=world > 1)
+    # The memory that is there: the detected GPU's, else the preset's (or RAM on CPU).
+    memory_gb = gpu.memory_gb if gpu else (float(hw["memory_gb"]) or m.ram_gb)
+    fit = plan_batch(hw, shape, memory_gb, world, notes, warnings)
+    est = estimate_memory(micro_batch=max(fit.micro, 1), activation_checkpointing=fit.checkpointing, **shape)
+    if fit.fits and fit.checkpointing and not hw["activation_checkpointing"]:
+        notes.append(f"activation checkpointing on: without it even micro-batch 1 does not fit in {memory_gb:.0f} GB")
+    show_ckpt = fit.checkpointing or not fit.fits
+    ckpt_gb = estimate_memory(micro_batch=max(fit.micro, 1), activation_checkpointing=True, **shape).gb()
+    peak, peak_source = device_peak(hw, m, precision, tf32)
+    n = shape_params(shape)
+    step_s = step_seconds(mc, n, fit, peak)
+    max_steps = cfg.trainer.max_steps
     o = cfg.optim
-    lr = scaled_lr(o.lr, o.base_batch, effective, o.lr_scaling)
     threads = hw["threads"] or m.cores
     if device == "cpu":  # DDP on CPU: the processes share the cores
-        threads = max(1, threads // devices)
+        threads = max(1, threads // world)
     return Plan(
-        preset=hw["name"], preset_reason=preset_reason, device=device, devices=devices,
-        world_size=world, ddp_backend=hw["ddp_backend"],
-        precision=precision, precision_reason=precision_reason, grad_scaler=precision == "fp16",
-        tf32=bool(hw["tf32"]) and device == "cuda" and gpu_cc >= 8.0,
+        preset=hw["name"], model=mc.name, preset_reason=preset_reason, device=device, device_name=gpu.name if gpu else "",
+        devices=int(hw["devices"]), world_size=world, ddp_backend=hw["ddp_backend"],
+        precision=precision, precision_reason=precision_reason, grad_scaler=precision == "fp16", tf32=tf32,
         cudnn_benchmark=bool(hw["cudnn_benchmark"]) and device == "cuda",
         alloc_conf=hw["alloc_conf"] if device == "cuda" else "",
         compile=bool(hw["compile"]), compile_mode=hw["compile_mode"], threads=threads,
         num_workers=hw["num_workers"], pin_memory=bool(hw["pin_memory"]) and device == "cuda",
         persistent_workers=bool(hw["persistent_workers"]) and hw["num_workers"] > 0,
         prefetch_factor=hw["prefetch_factor"] if hw["num_workers"] > 0 else None,
-        micro_batch=micro, accumulation=accum, effective_batch=effective,
-        context_length=cfg.model.context_length, lr_scaling=o.lr_scaling, base_lr=o.lr, lr=lr,
+        micro_batch=fit.micro, accumulation=fit.accum, effective_batch=fit.effective,
+        target_effective_batch=int(hw["effective_batch"]), batch_reason=fit.reason,
+        activation_checkpointing=fit.checkpointing,
+        context_length=mc.context_length, lr_scaling=o.lr_scaling, base_lr=o.lr, base_batch=o.base_batch,
+        lr=scaled_lr(o.lr, o.base_batch, fit.effective, o.lr_scaling),
         # One kernel over all tensors; on this 2-core CPU AdamW's step for the
         # small model took 43 ms fused vs 166 ms in the default per-tensor loop.
         fused_optimizer=o.fused if o.fused is not None else device in ("cuda", "cpu"),
-        memory_gb=round(memory_gb, 1), estimate_gb=round(est.gb(), 2),
-        estimate_checkpointed_gb=round(est_ckpt.gb(), 2), estimate_margin=MARGIN,
-        headroom_gb=round(memory_gb - est.gb(), 2), fits=fits, vocab_assumed=DEFAULT_VOCAB, peak_tflops=peak,
-        est_step_seconds=round(step_s, 4), est_tokens_per_sec=round(effective * mc.context_length / step_s),
-        notes=notes,
+        params=n, memory_gb=round(memory_gb, 1), estimate_gb=round(est.gb(), 2),
+        estimate_parts_gb={k: round(v / GiB, 3) for k, v in asdict(est).items() if k != "total"},
+        estimate_checkpointed_gb=round(ckpt_gb, 2) if show_ckpt else None, estimate_margin=MARGIN,
+        headroom_gb=round(memory_gb - est.gb(), 2), fits=fit.fits, refusal=fit.refusal,
+        vocab_assumed=DEFAULT_VOCAB, peak_tflops_per_device=peak, peak_source=peak_source,
+        assumed_mfu=ASSUMED_MFU, est_step_seconds=round(step_s, 4) if step_s else None,
+        est_run_seconds=round(step_s * max_steps, 1) if step_s and max_steps else None,
+        est_tokens_per_sec=round(fit.effective * mc.context_length / step_s) if step_s else None,
+        notes=notes, warnings=warnings,
     )
 
 
 def runnable_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
-    """The plan, refused before any work if the machine lacks its device;
-    with hardware.fallback=true, a warning and the closest preset instead."""
+    """The plan, refused before any work if it does not fit or the machine
+    lacks its device; with hardware.fallback=true, a warning and the closest
+    preset instead of the missing device."""
     plan = make_plan(cfg, m, world_size)
     if not plan.fits:
-        raise ConfigError(f"hardware={plan.preset} model={cfg.model.name}: " + plan.notes[-1])
-    have = {"cuda": len(m.gpus), "mps": int(m.mps), "cpu": plan.devices}[plan.device]
+        raise ConfigError(f"hardware={plan.preset} model={cfg.model.name}: {plan.refusal}")
+    have = {"cuda": len(m.gpus), "mps": int(m.mps), "cpu": plan.world_size}[plan.device]
     if have >= plan.devices:
         return plan
     closest = closest_preset(m)[0]
@@ -242,7 +325,8 @@ def runnable_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
            f"or hardware.fallback=true to run on what exists")
     if not cfg.hardware.fallback:
         raise ConfigError(msg)
-    fallback_cfg = OmegaConf.merge(cfg, {"hardware": {**{k: None for k in cfg.hardware if k not in ("name", "fallback")}, "name": "auto"}})
+    fallback_cfg = OmegaConf.merge(cfg, {"hardware": {**{k: None for k in cfg.hardware if k not in ("name", "fallback")},
+                                                      "name": "auto"}})
     plan = make_plan(fallback_cfg, m, world_size)
-    plan.notes.append("fallback: " + msg)
+    plan.warnings.append("fallback: " + msg)
     return plan

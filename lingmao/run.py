@@ -68,7 +68,7 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
     from .console import RunLog
     from .distributed import Dist
     from .machine import detect
-    from .plan import make_plan, runnable_plan
+    from .plan import exit_status, make_plan, runnable_plan
 
     validate(cfg)
     machine = detect()
@@ -78,10 +78,12 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
     if cfg.plan:
         plan = make_plan(cfg, machine, world)
         print(plan.table())
-        return None
+        return {"plan_exit_status": exit_status(plan)}
     plan = runnable_plan(cfg, machine, world)
     for note in plan.notes:
-        print(f"warning: {note}", file=sys.stderr)
+        print(f"note: {note}")
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if plan.world_size > 1 and "RANK" not in os.environ:
         return _spawn(cfg, plan, launch_dir, run_dir, tags)
     dist = Dist.from_env()
@@ -309,7 +311,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise
         print(f"error: {e}", file=sys.stderr)  # says what happened and what was kept: no traceback
         sys.exit(1)
-    return None if final is None else final["val/loss"]
+    if final and final.get("plan_exit_status") and hc.mode.name == "RUN":
+        sys.exit(final["plan_exit_status"])  # plan=true of a run that does not fit (a sweep plans on)
+    return None if final is None else final.get("val/loss")
 
 
 class SweepSummary(Callback):

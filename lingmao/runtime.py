@@ -10,6 +10,7 @@ import random
 import re
 import resource
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,27 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.25) -> float:
+    """Best of three timed runs of square matmuls: the FLOPS this process can
+    reach at this precision right now (on a shared CPU, with its neighbours)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    burst = 10 if device.type == "cuda" else 1  # CUDA launches are async: sync once per burst
+
+    def trial() -> float:
+        reps, start = 0, time.perf_counter()
+        while True:
+            for _ in range(burst):
+                a @ b
+            reps += burst
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return 2 * n**3 * reps / elapsed / 1e12
+
+    trial()  # warm-up: library init, thread pool, clocks
+    return max(trial() for _ in range(3))

@@ -33,8 +33,10 @@ class HardwareConfig:
     peak_tflops: Optional[float] = None  # 0: estimated from the cores
     compute_capability: Optional[float] = None
     precision: Optional[str] = None
-    batch: Optional[Any] = None  # micro-batch per device: int, or "auto"
+    effective_batch: Optional[int] = None  # the preset's target: samples per optimizer step, all devices
+    batch: Optional[Any] = None  # preferred (largest) micro-batch per device: int, or "auto" (the preset's)
     accumulation: Optional[int] = None
+    activation_checkpointing: Optional[bool] = None  # false: only when nothing fits without it
     num_workers: Optional[int] = None
     pin_memory: Optional[bool] = None
     persistent_workers: Optional[bool] = None

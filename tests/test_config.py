@@ -16,7 +16,7 @@ def make(*overrides):
 
 
 def test_presets_are_the_product_set():
-    assert set(PRESETS) == {"rtx4090", "rtx3060", "t4x2", "m1", "cpu"}
+    assert set(PRESETS) == {"rtx4090", "rtx3060", "t4x2", "t4", "m1", "cpu"}
 
 
 @pytest.mark.parametrize("hardware", ("auto",) + PRESETS)

@@ -57,3 +57,14 @@ def test_the_cuda_device_is_set_before_the_process_group_starts(monkeypatch):
 def test_ranks_get_their_own_dropout_seed_and_rank_0_keeps_the_run_seed():
     assert rank_seed(1337, 0) == 1337
     assert len({rank_seed(1337, r) for r in range(8)}) == 8
+
+
+def test_mfu_divides_by_the_peak_of_every_device_of_the_run():
+    from lingmao.metrics import run_peak_tflops
+
+    t4 = SimpleNamespace(peak_tflops_per_device=65.0, precision="fp16")
+    assert run_peak_tflops(t4, torch.device("cuda"), world_size=2) == 130.0  # t4x2: two T4s, not one
+    cpu = SimpleNamespace(peak_tflops_per_device=0.2, precision="fp32")
+    assert run_peak_tflops(cpu, torch.device("cpu"), world_size=2) == 0.2  # processes share one CPU
+    unknown = SimpleNamespace(peak_tflops_per_device=None, precision="fp32")
+    assert 0 < run_peak_tflops(unknown, torch.device("cpu"), world_size=1) < 100  # measured here

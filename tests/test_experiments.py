@@ -83,7 +83,7 @@ def test_sweeps_have_the_planned_grids():
     assert len(sweep_cells("context_stride")) == 6
     balanced = [make("experiment=genre_balance", *cell).data.genre_caps for cell in sweep_cells("genre_balance")]
     assert [dict(caps) for caps in balanced] == [{}, {"诗": 50000, "词": 30000, "文": 20000, "赋": 10000}]
-    assert len(sweep_cells("hardware_matrix")) == 20
+    assert len(sweep_cells("hardware_matrix")) == 24
 
 
 def test_minimind_preset_is_seed_004s_run():
@@ -116,6 +116,6 @@ def test_hardware_matrix_is_one_multirun(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lingmao.run", "-m", "experiment=hardware_matrix"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Launching 20 jobs" in proc.stdout + proc.stderr
-    assert proc.stdout.count("effective_batch") == 20
+    assert "Launching 24 jobs" in proc.stdout + proc.stderr
+    assert proc.stdout.count("effective_batch") == 24
     assert not (tmp_path / "mlflow.db").exists()

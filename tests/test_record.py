@@ -63,3 +63,18 @@ def test_plan_true_writes_nothing(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert "micro_batch" in proc.stdout or "micro-batch" in proc.stdout, proc.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []  # no outputs/ folder, no .hydra copy
+
+
+def test_a_plan_that_does_not_fit_says_so_first_and_exits_non_zero(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lingmao.run", *a, "plan=true"], cwd=tmp_path, env=env,
+                                    capture_output=True, text=True, timeout=300)
+    no = run("hardware=rtx3060", "hardware.memory_gb=0.05", "model=small")
+    assert no.returncode == 3 and no.stdout.lstrip().startswith("DOES NOT FIT"), no.stdout[:500] + no.stderr[-500:]
+    yes = run("hardware=t4x2", "model=medium")
+    assert yes.returncode == 0 and yes.stdout.lstrip().startswith("FITS")

@@ -3,6 +3,7 @@ datasheet peak and against a bf16 matmul measured in the same process."""
 
 from __future__ import annotations
 
+from ..peaks import dense_bf16_tflops
 from .options import OptionError
 from .suites import Suite, silent_tracker
 
@@ -10,21 +11,6 @@ from .suites import Suite, silent_tracker
 # samples/s; its peak, 165.2 dense bf16 TFLOPS, is the rtx4090 preset's.
 SEED_4090_SAMPLES_PER_SEC = (40.0, 60.0)
 SEED_4090_TFLOPS = 165.2
-
-# Dense (no sparsity) bf16 tensor-core peaks by device name, from NVIDIA's
-# datasheets (the figures torchtitan's get_peak_flops uses for H100/H200/A100).
-# First match wins, so longer names come before their prefixes.
-DENSE_BF16_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4),
-                     ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0),
-                     ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("RTX 3060", 25.6))
-
-
-def dense_bf16_tflops(name: str) -> float | None:
-    for key, tflops in DENSE_BF16_TFLOPS:
-        if key.lower() in name.lower():
-            return tflops
-    return None
-
 
 def require_cuda() -> None:
     import torch
@@ -52,7 +38,7 @@ def gpu_suite(s: Suite) -> dict:
 
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
-    dense = dense_bf16_tflops(name) or s.plan.peak_tflops
+    dense = dense_bf16_tflops(name) or s.plan.peak_tflops_per_device
     measured = matmul_tflops(device, torch.bfloat16)
     peaks = {f"{name} dense bf16 peak": dense, "bf16 matmul measured here": measured}
     print(f"{name}: dense bf16 peak {dense:,.1f} TFLOPS "

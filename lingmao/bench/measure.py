@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data.windows import TokenWindows
-from ..runtime import peak_memory_bytes
+from ..runtime import matmul_tflops, peak_memory_bytes  # noqa: F401 (matmul_tflops: bench's)
 from .bare import BareLoop, Clock, NoClock, synthetic_tokens
 
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -69,30 +69,6 @@ def memory_kind(device: torch.device, fresh: bool) -> str:
 
 
 # --- matmul peak ---
-
-
-def matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.25) -> float:
-    """Best of three timed runs of square matmuls: the FLOPS this process can
-    reach at this precision right now (on a shared CPU, with its neighbours)."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    burst = 10 if device.type == "cuda" else 1  # CUDA launches are async: sync once per burst
-
-    def trial() -> float:
-        reps, start = 0, time.perf_counter()
-        while True:
-            for _ in range(burst):
-                a @ b
-            reps += burst
-            sync()
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                return 2 * n**3 * reps / elapsed / 1e12
-
-    trial()  # warm-up: library init, thread pool, clocks
-    return max(trial() for _ in range(3))
 
 
 # --- tokens ---

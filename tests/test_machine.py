@@ -1,0 +1,74 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lingmao.machine import Gpu, Machine, detect
+from lingmao.peaks import PEAKS, dense_bf16_tflops, peak_for
+from lingmao.plan import make_plan, runnable_plan
+from test_config import make
+
+
+def fake_cuda(monkeypatch, *gpus):
+    """torch.cuda answering as a machine with these (name, total bytes, major, minor) devices."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    props = [SimpleNamespace(name=n, total_memory=b, major=ma, minor=mi) for n, b, ma, mi in gpus]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+
+
+def test_detect_on_this_machine():
+    m = detect()
+    assert m.cores >= 1 and m.ram_gb > 0
+    assert len(m.gpus) == torch.cuda.device_count()
+
+
+def test_detect_reads_every_cuda_device(monkeypatch):
+    fake_cuda(monkeypatch, ("Tesla T4", 15_835_398_144, 7, 5))
+    m = detect()
+    assert m.gpus == (Gpu("Tesla T4", 15_835_398_144 / 2**30, 7.5),)
+
+
+def test_one_detected_t4_plans_one_process_on_the_t4_preset(monkeypatch):
+    """A Colab or Kaggle T4 used to map to t4x2: refused, or a second rank on a cuda:1 that does not exist."""
+    fake_cuda(monkeypatch, ("Tesla T4", 15_835_398_144, 7, 5))
+    plan = runnable_plan(make("model=medium"), detect())
+    assert (plan.preset, plan.world_size, plan.precision) == ("t4", 1, "fp16")
+    assert plan.fits and plan.effective_batch == 256
+    assert plan.peak_tflops_per_device == 65.0 and "Tesla T4" in plan.peak_source
+
+
+def test_two_detected_v100s_take_their_count_and_peak(monkeypatch):
+    fake_cuda(monkeypatch, *[("Tesla V100-SXM2-32GB", 34_089_730_048, 7, 0)] * 2)
+    plan = make_plan(make("model=large"), detect())
+    assert (plan.preset, plan.world_size, plan.precision) == ("t4x2", 2, "fp16")
+    assert plan.memory_gb == pytest.approx(31.7, abs=0.1)  # the detected memory, not the T4 preset's 16
+    assert plan.peak_tflops_per_device == 125.0
+
+
+def test_mixed_gpus_are_sized_for_the_smallest():
+    m = Machine(8, 64, gpus=(Gpu("NVIDIA GeForce RTX 4090", 23.6, 8.9), Gpu("NVIDIA GeForce RTX 3060", 11.7, 8.6)))
+    assert m.gpu.name == "NVIDIA GeForce RTX 3060"
+    assert make_plan(make("model=large"), m).memory_gb == 11.7
+
+
+@pytest.mark.parametrize("name, precision, tf32, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", False, 989.4), ("NVIDIA H100 PCIe", "bf16", False, 756.0),
+    ("NVIDIA H100 NVL", "fp16", False, 835.0), ("NVIDIA H200", "bf16", False, 989.4),
+    ("NVIDIA A100-SXM4-80GB", "fp32", True, 156.0), ("NVIDIA A100-SXM4-80GB", "fp32", False, 19.5),
+    ("NVIDIA L4", "bf16", False, 121.0), ("NVIDIA L40S", "bf16", False, 362.0), ("NVIDIA A10", "bf16", False, 125.0),
+    ("Tesla V100-PCIE-16GB", "fp16", False, 112.0), ("Tesla T4", "fp16", False, 65.0),
+    ("Tesla T4", "fp32", True, 8.1),  # no TF32 units on Turing: plain fp32
+    ("NVIDIA GeForce RTX 4090", "bf16", False, 165.2), ("NVIDIA GeForce RTX 3090", "bf16", False, 71.0),
+    ("NVIDIA GeForce RTX 3060", "fp32", False, 12.7)])
+def test_peaks_by_device_name_and_precision(name, precision, tf32, tflops):
+    assert peak_for(name).for_precision(precision, tf32) == tflops
+
+
+def test_peak_names_match_whole_words_only():
+    assert peak_for("NVIDIA A10G") is None  # not the A10's 125
+    assert peak_for("NVIDIA A100-PCIE-40GB").bf16 == 312.0  # not the A10's
+    assert peak_for("NVIDIA L40S").bf16 == 362.0 and peak_for("NVIDIA L40").bf16 == 181.0
+    assert peak_for("Some Future GPU") is None
+    assert dense_bf16_tflops("Tesla T4") is None  # no bf16 tensor cores
+    assert len({key for key, _ in PEAKS}) == len(PEAKS)
