@@ -27,7 +27,7 @@ from .data.prepare import normalizer
 from .evaluation import genre_metric_names
 from .generate import DEVICES, load, pick_device, script_of
 from .locate import WHICH, checkpoint_path
-from .options import OptionError, choice, doc, parse, usage
+from .options import OptionError, asked_for_help, choice, doc, parse
 
 
 @dataclass
@@ -211,8 +211,7 @@ def run(o: Options) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage(Options, "eval", SUMMARY, EXAMPLES))
+    if asked_for_help(argv, Options, "eval", SUMMARY, EXAMPLES):
         return 0
     from .data import CorpusError
 

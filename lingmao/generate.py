@@ -23,7 +23,7 @@ from .data.prepare import normalizer
 from .data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
 from .locate import WHICH, checkpoint_path
 from .model import GPT, GPTConfig
-from .options import OptionError, choice, doc, parse, usage
+from .options import OptionError, asked_for_help, choice, doc, parse
 from .textmetrics import repetition
 
 FORMATS = ("text", "jsonl")
@@ -145,8 +145,7 @@ def complete(model: GPT, tokenizer, prompt: str, n: int, max_new_tokens: int, *,
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage(Options, "generate", SUMMARY, EXAMPLES))
+    if asked_for_help(argv, Options, "generate", SUMMARY, EXAMPLES):
         return 0
     try:
         o = parse_args(argv)

@@ -115,3 +115,11 @@ def usage(schema: type, command: str, summary: str, examples: list[str]) -> str:
     shown = "\n".join(f"  {e}" for e in examples)
     return (f"usage: lingmao {command} [key=value ...]\n\n{summary}\n\n"
             f"keys (default, then what it does):\n{keys}\n\nexamples:\n{shown}\n")
+
+
+def asked_for_help(argv: list[str], schema: type, command: str, summary: str, examples: list[str]) -> bool:
+    """Print the command's help page if argv asks for it (-h, --help)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage(schema, command, summary, examples))
+        return True
+    return False
