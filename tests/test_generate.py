@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from lingmao import checkpoint, generate
 from lingmao.config import CONF_DIR, register
 from lingmao.data.tokenizer import build_char_tokenizer, tokenizer_hash
-from lingmao.model import GPT, GPTConfig, nucleus, penalize_repetition
+from lingmao.model import GPT, GPTConfig
+from lingmao.sampling import nucleus, penalize_repetition
 from lingmao.textmetrics import repeated_ngram_rate
 
 register()
