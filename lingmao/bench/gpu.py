@@ -4,7 +4,7 @@ datasheet peak and against a bf16 matmul measured in the same process."""
 from __future__ import annotations
 
 from .options import OptionError
-from .suites import Suite, silent_tracker
+from .suite import Suite, silent_tracker
 
 # Seed 000's throughput table: RTX 4090, batch 32, context 512, medium: 40-60
 # samples/s; its peak, 165.2 dense bf16 TFLOPS, is the rtx4090 preset's.

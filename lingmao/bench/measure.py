@@ -1,4 +1,5 @@
-"""Benchmark mode: a short warm-up, then timed steps of one composed run.
+"""Benchmark mode: a short warm-up, then timed steps of one composed run,
+through the engine's own training step (lingmao/bench/loop.py).
 
 Reports samples/s, tokens/s, MFU, the step-time split (data wait,
 forward+backward, optimizer, logging) and peak memory. MFU is the model's
@@ -24,7 +25,7 @@ import torch
 
 from ..data.windows import TokenWindows
 from ..runtime import peak_memory_bytes
-from .bare import BareLoop, Clock, NoClock, synthetic_tokens
+from .loop import Clock, Steps
 
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PHASES = ("data", "forward_backward", "optimizer", "logging")
@@ -96,6 +97,12 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.2
 
 
 # --- tokens ---
+
+
+def synthetic_tokens(n_tokens: int, vocab_size: int, seed: int) -> np.ndarray:
+    """Uniform random token ids: a corpus-free stand-in with the real one's shape and dtype."""
+    dtype = np.uint16 if vocab_size < 2**16 else np.uint32
+    return np.random.default_rng(seed).integers(0, vocab_size, n_tokens, dtype=dtype)
 
 
 def train_tokens(cfg, synthetic: bool, vocab: int, windows_needed: int, progress: bool = False):
@@ -187,12 +194,13 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def _steps(loop: BareLoop, n: int, clock, tracker, log_every: int) -> None:
+def _steps(loop: Steps, n: int, clock: Clock | None, tracker, log_every: int) -> None:
     for _ in range(n):
         loss = loop.step(clock)
         if loop.steps % log_every == 0:
             tracker.log_metrics({"bench/loss": loss.item()}, loop.steps)  # .item(): the host sync a real loop pays
-        clock.lap("logging")
+        if clock:
+            clock.lap("logging")
 
 
 def flash_attention():
@@ -207,7 +215,7 @@ def benchmark(cfg, plan, tokens: np.ndarray, vocab_size: int, stride: int, *, st
               label: str = "", peaks: dict[str, float] | None = None, matmul: bool = True,
               flash: bool = False) -> Result:
     """Warm up, then time `steps` optimizer steps of the composed run with the
-    bare loop. On CUDA, throughput comes from steps with no synchronisation
+    engine's step. On CUDA, throughput comes from steps with no synchronisation
     inside, and the split from as many again (up to 10) that synchronise at
     each phase; on CPU one pass gives both."""
     device = torch.device(plan.device)
@@ -215,7 +223,7 @@ def benchmark(cfg, plan, tokens: np.ndarray, vocab_size: int, stride: int, *, st
     windows = TokenWindows(tokens, cfg.model.context_length, stride)
     cuda = device.type == "cuda"
     split_steps = min(steps, 10) if cuda else steps
-    loop = BareLoop(cfg, plan, windows, vocab_size, total_steps=warmup + steps + (split_steps if cuda else 0))
+    loop = Steps(cfg, plan, windows, vocab_size, total_steps=warmup + steps + (split_steps if cuda else 0))
     log_every = cfg.trainer.log_every
     with flash_attention() if flash else contextlib.nullcontext():
         for _ in range(warmup):
@@ -224,7 +232,7 @@ def benchmark(cfg, plan, tokens: np.ndarray, vocab_size: int, stride: int, *, st
         fresh = reset_peak_memory(device)
         if cuda:
             start = time.perf_counter()
-            _steps(loop, steps, NoClock(), tracker, log_every)
+            _steps(loop, steps, None, tracker, log_every)
             loop.sync()
             seconds = time.perf_counter() - start
         clock = Clock(device)

@@ -1,12 +1,12 @@
-"""suite=speedrun: time to quality (issue 8 item 6).
+"""suite=speedrun: time to quality.
 
 How much sooner does each speedrun switch reach a target validation loss
 than the AdamW baseline of the same engine? Each contender is the composed
 command line with one switch turned on (optim=muon, model.rotary, ...), or
-all of them together. Every contender trains with the bare loop (the
-engine's model, optimizer, schedule and batches, step for step) from the
-same seed, on the same data order, under the same `bench.max_steps` budget,
-so the warmup + cosine schedule is the same for all. Every
+all of them together. Every contender trains through the engine's own step
+(lingmao/bench/loop.py: its model, optimizer, schedule, batches and
+finiteness check) from the same seed, on the same data order, under the same
+`bench.max_steps` budget, so the warmup + cosine schedule is the same for all. Every
 `bench.eval_every` steps the training clock stops, the val loss is taken over
 a fixed set of validation windows, and the clock restarts. A contender stops
 at its first eval at or below the target.
@@ -150,7 +150,7 @@ def race(c: Contender, loop, val_batches, n_windows: int, max_steps: int, eval_e
 def speedrun(s) -> dict:
     from ..data import load_corpus
     from ..data.windows import TokenWindows, default_stride
-    from .bare import BareLoop
+    from .loop import Steps
 
     o = s.opts
     names = chosen(o.contenders)
@@ -176,7 +176,7 @@ def speedrun(s) -> dict:
         if name != "baseline" and OmegaConf.to_container(cfg, resolve=True) == baseline_config:
             print(f"note: {name} is the baseline's very config (the command line already sets {setting}): "
                   f"its seconds ratio shows run-to-run noise")
-        loop = BareLoop(cfg, plan, train, data.vocab_size, total_steps=o.max_steps)
+        loop = Steps(cfg, plan, train, data.vocab_size, total_steps=o.max_steps)
         c = Contender(name, setting, loop.raw.num_params())
         print(f"{name} ({setting}): {c.params / 1e6:.2f}M params, optim={cfg.optim.name}", flush=True)
         runs.append(race(c, loop, val_batches, n_val, o.max_steps, o.eval_every, target, s.tracker))
