@@ -146,12 +146,10 @@ def scaling(s: Suite) -> dict:
 
 
 def plot_scaling(rows: list[dict], path: Path) -> Path:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))  # no pyplot: no backend or global figure state
+    speed, memory = fig.subplots(1, 2)
     for ctx in sorted({r["context_length"] for r in rows}):
         rs = sorted((r for r in rows if r["context_length"] == ctx), key=lambda r: r["params"])
         params = [r["params"] / 1e6 for r in rs]
@@ -168,7 +166,6 @@ def plot_scaling(rows: list[dict], path: Path) -> Path:
     fig.suptitle(f"lingmao training on CPU ({rows[0]['precision']}), micro-batch {SCALING_TOKENS} / context (at least 1)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..data.stream import BatchStream
 from ..data.windows import TokenWindows
-from ..distributed import Dist, Parallel
+from ..distributed import Dist, Parallel, start
 from ..optim import Schedule
 from ..step import TrainStep, build
 
@@ -51,7 +51,7 @@ class Steps:
 
     def __init__(self, cfg, plan, windows: TokenWindows, vocab_size: int, total_steps: int):
         self.cfg, self.plan = cfg, plan
-        self.device = torch.device(plan.device)
+        self.device = start(plan, Dist())  # one process: the device, no process group
         self.raw, self.optimizer, self.scaler = build(cfg, plan, vocab_size, self.device)
         self.model = Parallel(self.raw, plan, Dist(), self.device)
         self.train_step = TrainStep(self.model, self.optimizer, self.scaler, cfg, plan, self.device, ddp=False)

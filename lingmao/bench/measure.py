@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from ..data.windows import TokenWindows
-from ..runtime import peak_memory_bytes
+from ..runtime import DTYPES, peak_memory_bytes
 from .loop import Clock, Steps
 
-MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PHASES = ("data", "forward_backward", "optimizer", "logging")
 PHASE_NAMES = {"data": "data wait", "forward_backward": "forward+backward", "optimizer": "optimizer",
                "logging": "logging"}
@@ -58,9 +58,7 @@ def current_memory_bytes(device: torch.device) -> int:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # glibc only; musl has no malloc_trim
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with contextlib.suppress(OSError):
-        return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-    return 0  # no /proc (macOS): the peak is then reported whole
+    return psutil.Process().memory_info().rss
 
 
 def memory_kind(device: torch.device, fresh: bool) -> str:
@@ -242,7 +240,8 @@ def benchmark(cfg, plan, tokens: np.ndarray, vocab_size: int, stride: int, *, st
     peak_bytes = peak_memory_bytes(device)
     all_peaks = dict(peaks or {})
     if matmul:
-        all_peaks[f"{plan.precision} matmul measured here"] = matmul_tflops(device, MATMUL_DTYPES[plan.precision])
+        dtype = DTYPES[plan.precision] or torch.float32
+        all_peaks[f"{plan.precision} matmul measured here"] = matmul_tflops(device, dtype)
     return Result(label=label, device=plan.device, precision=plan.precision, compile=plan.compile,
                   params=loop.raw.num_params(), micro_batch=plan.micro_batch, accumulation=plan.accumulation,
                   context_length=cfg.model.context_length, steps=steps, seconds=seconds,

@@ -22,8 +22,7 @@ class EndOfSteps(Exception):
 
 
 class RecordingTracker(Tracker):
-    """A Tracker that also keeps each log_metrics call, with the time it was
-    made: the engine's per-step losses, and wall-clock marks inside its loop.
+    """A Tracker that also keeps the engine's per-step training losses.
 
     `on_train_log(step)` runs after each train/loss log, inside the engine's
     loop. With `stop_at`, the train/loss log of that step raises EndOfSteps
@@ -35,36 +34,27 @@ class RecordingTracker(Tracker):
     def __init__(self, *args, stop_at: int | None = None, on_train_log=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.stop_at, self.on_train_log = stop_at, on_train_log
-        self.calls: list[tuple[int, dict, float]] = []
+        self.losses: list[float] = []
 
     def log_metrics(self, metrics, step):
-        self.calls.append((step, dict(metrics), time.perf_counter()))
         super().log_metrics(metrics, step)
         if "train/loss" not in metrics:
             return
+        self.losses.append(metrics["train/loss"])
         if self.on_train_log:
             self.on_train_log(step)
         if self.stop_at is not None and step >= self.stop_at:
             raise EndOfSteps
 
-    def train_logs(self) -> list[tuple[int, dict, float]]:
-        return [c for c in self.calls if "train/loss" in c[1]]
-
 
 def train_steps(cfg, plan, tracker: RecordingTracker, run_dir: Path, log: Path) -> None:
-    """engine.train until the tracker's stop_at step, its output to `log`."""
+    """engine.train until the tracker stops it; its prints and progress bar go to `log`, not the report."""
     from .. import engine
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    with output_to(log), contextlib.suppress(EndOfSteps):
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f), \
+            contextlib.suppress(EndOfSteps):
         engine.train(cfg, plan, tracker, run_dir)
-
-
-@contextlib.contextmanager
-def output_to(path: Path):
-    """The engine's prints and progress bar go to a log file, not the report."""
-    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        yield
 
 
 def engine_settings(steps: int, log_every: int, progress: bool) -> dict:
@@ -100,7 +90,7 @@ def loss_check(s: Suite, steps: int, run_dir: Path) -> tuple[list, list]:
     tracker = RecordingTracker(None, "", "", enabled=False, stop_at=steps)
     train_steps(cfg, plan, tracker, run_dir, run_dir.parent / "engine.log")
     bare = bare_loop(s, cfg, plan, total_steps=steps)
-    return [m["train/loss"] for _, m, _ in tracker.train_logs()], [bare.step().item() for _ in range(steps)]
+    return tracker.losses, [bare.step().item() for _ in range(steps)]
 
 
 def engine_blocks(s: Suite, bare, work: Path) -> tuple[str, list[float], list[float], int]:

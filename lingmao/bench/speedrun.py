@@ -32,7 +32,6 @@ from statistics import median
 
 from omegaconf import OmegaConf
 
-from ..plan import runnable_plan
 from .options import OptionError
 
 # name -> (group choices, values, what it sets); each on top of the command line.
@@ -93,10 +92,6 @@ class Contender:
     @property
     def best(self) -> Eval:
         return min(self.evals, key=lambda e: e.val_loss)
-
-
-def first_at_or_below(evals: list[Eval], target: float) -> Eval | None:
-    return next((e for e in evals if e.val_loss <= target), None)
 
 
 def fixed_val_batches(val_tokens, context_length: int, micro_batch: int, wanted: int):
@@ -171,8 +166,7 @@ def speedrun(s) -> dict:
     runs: list[Contender] = []
     for name in names:
         groups, values, setting = CONTENDERS[name]
-        cfg = s.composer.compose(groups, values)
-        plan = runnable_plan(cfg, s.machine)
+        cfg, plan = s.variant(groups=groups, **values)
         if name != "baseline" and OmegaConf.to_container(cfg, resolve=True) == baseline_config:
             print(f"note: {name} is the baseline's very config (the command line already sets {setting}): "
                   f"its seconds ratio shows run-to-run noise")
@@ -213,7 +207,7 @@ def summarise(runs: list[Contender], target: float) -> list[dict]:
     """Per contender: time and steps to target, and their ratios to the baseline's (runs[0])."""
     rows = []
     for c in runs:
-        hit = first_at_or_below(c.evals, target)
+        hit = next((e for e in c.evals if e.val_loss <= target), None)  # the first at or below
         best = c.best
         rows.append({"name": c.name, "setting": c.setting, "params": c.params, "reached": hit is not None,
                      "steps_to_target": hit.step if hit else None, "seconds_to_target": hit.seconds if hit else None,
@@ -259,12 +253,10 @@ def table(rows: list[dict], target: float, given: bool) -> list[str]:
 
 
 def plot_speedrun(runs: list[Contender], target: float, path: Path) -> Path:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig = Figure(figsize=(11, 4.2))
+    by_time, by_step = fig.subplots(1, 2, sharey=True)
     for c in runs:
         style = "o-" if c.name == "baseline" else ".-"
         by_time.plot([e.seconds for e in c.evals], [e.val_loss for e in c.evals], style, label=c.name)
@@ -278,7 +270,6 @@ def plot_speedrun(runs: list[Contender], target: float, path: Path) -> Path:
     fig.suptitle(f"time to val loss {target:.3f} (dashed): lingmao speedrun switches against the baseline")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -32,14 +32,14 @@ class Suite:
     out: Path = Path()
     results: dict = field(default_factory=dict)
 
-    def variant(self, model: str, **values):
-        cfg = self.composer.compose({"model": model}, values)
+    def variant(self, model: str | None = None, groups: dict | None = None, **values):
+        """(cfg, plan) of the command line with these group choices and values on top."""
+        cfg = self.composer.compose({**(groups or {}), **({"model": model} if model else {})}, values)
         return cfg, runnable_plan(cfg, self.machine)
 
 
 def silent_tracker() -> Tracker:
     return Tracker(None, "", "", enabled=False)
-
 
 
 def numeric_metrics(results: dict, prefix: str = "") -> dict[str, float]:
