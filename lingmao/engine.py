@@ -28,7 +28,7 @@ from .checkpointer import Checkpointer, RunLock, job_differences
 from .console import interactive
 from .data import CorpusError, load_corpus
 from .data.prepare import Prepared
-from .data.stream import BatchStream
+from .data.stream import BatchStream, loader_args
 from .data.tokenizer import tokenizer_hash
 from .data.windows import TokenWindows, default_stride, make_loader
 from .distributed import Dist, Parallel, agree, finish, gather, rank_seed, start
@@ -365,10 +365,8 @@ class Run:
 
     def _stream(self) -> BatchStream:
         p, s = self.plan, self.state
-        loader_args = dict(num_workers=p.num_workers, pin_memory=p.pin_memory,
-                           persistent_workers=p.persistent_workers, prefetch_factor=p.prefetch_factor)
         return BatchStream(self.job.train_windows, p.micro_batch, self.cfg.seed, self.dist.rank,
-                           self.dist.world_size, loader_args, s.epoch, s.epoch_windows)
+                           self.dist.world_size, loader_args(p), s.epoch, s.epoch_windows)
 
     def _val_data(self) -> ValData:
         job, data = self.job, self.job.data

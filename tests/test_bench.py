@@ -15,7 +15,7 @@ from lingmao.bench.options import OptionError, parse_args
 from lingmao.bench.startup import BARE_PHASES, median_phases, phases
 from lingmao.bench.stats import compare, interleave, median_interval
 from lingmao.bench.gpu import dense_bf16_tflops
-from lingmao.bench.suites import plot_scaling
+from lingmao.bench.cpu import plot_scaling
 
 TINY = ["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "hardware.accumulation=2",
         "hardware.precision=fp32", "optim.lr=3e-3"]
@@ -94,18 +94,24 @@ def test_noisy_control_makes_the_comparison_inconclusive():
 # --- the bare loop against the engine ---
 
 
-@pytest.mark.slow
-def test_engine_overhead_same_losses_then_blocks_alternating_in_one_engine_run(tmp_path, training_cache):
+def cpu_suite(tmp_path, overrides, **opts):
     from lingmao.bench.options import BenchOptions
-    from lingmao.bench.suites import Suite, engine_overhead, silent_tracker
+    from lingmao.bench.suite import Suite, silent_tracker
     from lingmao.machine import detect
     from lingmao.plan import runnable_plan
 
-    # dropout on: the bare loop must draw the engine's random masks too
-    composer = Composer([*TINY, "model.dropout=0.1"])
+    composer = Composer(overrides)
     cfg, machine = composer.compose(), detect()
-    s = Suite("cpu", composer, cfg, runnable_plan(cfg, machine), machine, BenchOptions(pairs=2, block_seconds=0.05),
-              silent_tracker(), out=tmp_path)
+    return Suite("cpu", composer, cfg, runnable_plan(cfg, machine), machine, BenchOptions(**opts), silent_tracker(),
+                 out=tmp_path)
+
+
+@pytest.mark.slow
+def test_engine_overhead_same_losses_then_blocks_alternating_in_one_engine_run(tmp_path, training_cache):
+    from lingmao.bench.overhead import engine_overhead
+
+    # dropout on: the bare loop must draw the engine's random masks too
+    s = cpu_suite(tmp_path, [*TINY, "model.dropout=0.1"], pairs=2, block_seconds=0.05)
     r = engine_overhead(s)
     # 20 steps, seed 1337: the bare loop computes the engine's losses exactly, and they fall
     assert r["losses_equal"] and r["loss_max_abs_diff"] == 0.0
@@ -116,6 +122,24 @@ def test_engine_overhead_same_losses_then_blocks_alternating_in_one_engine_run(t
     run, = client.search_runs([client.get_experiment_by_name("lingmao-bench-engine").experiment_id])
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses] == [r["log_every"] * k for k in (1, 2, 3)]
+
+
+@pytest.mark.slow
+def test_bare_loop_and_bench_steps_compute_the_engines_moe_losses(tmp_path, training_cache):
+    from lingmao.bench.loop import Steps
+    from lingmao.bench.measure import train_tokens
+    from lingmao.bench.overhead import engine_variant, loss_check
+    from lingmao.data.windows import TokenWindows
+
+    # Load balancing weighed 100x its default: the losses part from the second step on when it is left out
+    s = cpu_suite(tmp_path, [*TINY, "model.moe.experts=2", "model.moe.aux_loss_weight=1.0"])
+    engine, bare = loss_check(s, 4, tmp_path / "losses")
+    assert len(engine) == 4 and engine == bare
+    # What benchmark mode, suite=cpu and suite=speedrun train is the engine's step itself
+    cfg, plan = engine_variant(s, **{"trainer.max_steps": 4})
+    tokens, vocab, stride, _ = train_tokens(cfg, False, 0, 0)
+    steps = Steps(cfg, plan, TokenWindows(tokens, cfg.model.context_length, stride), vocab, total_steps=4)
+    assert [steps.step().item() for _ in range(4)] == engine
 
 
 # --- command line ---
@@ -129,6 +153,50 @@ def test_bench_options_are_parsed_apart_from_overrides():
         parse_args(["bench.stepz=3"])
     with pytest.raises(OptionError, match="must be > 0"):
         parse_args(["bench.block_seconds=0"])
+
+
+def test_bench_keys_are_typed_and_bad_ones_named_in_one_line():
+    suite, opts, rest = parse_args(["suite=speedrun", "bench.target=2.5", "bench.out=", "bench.warmup=0", "x=1"])
+    assert (suite, opts.target, opts.out, opts.warmup, rest) == ("speedrun", 2.5, None, 0, ["x=1"])
+    for arg, message in (("bench.steps=ten", "bench.steps: Value 'ten' of type 'str' could not be converted to "
+                                             "Integer"),
+                         ("bench.synthetic=maybe", "bench.synthetic: Value 'maybe' is not a valid bool"),
+                         ("suite=tpu", "suite: Invalid value 'tpu', expected one of [cpu, gpu, speedrun]"),
+                         ("bench.target=-1", r"bench.target=-1.0 must be >= 0")):
+        with pytest.raises(OptionError) as e:
+            parse_args([arg])
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_variant_values_win_over_the_users_and_keep_their_types():
+    c = Composer(["hardware=cpu", "model=tiny", "model.context_length=128", "trainer.max_epochs=3"])
+    cfg = c.compose({}, {"model.context_length": 64, "trainer.max_epochs": None, "resume": "never",
+                         "hardware.compile": True})
+    assert (cfg.model.context_length, cfg.trainer.max_epochs, cfg.resume, cfg.hardware.compile) == \
+        (64, None, "never", True)
+    assert c.compose().model.context_length == 128  # the user's command line itself is left alone
+
+
+def test_median_interval_with_ties_has_the_coverage_of_its_order_statistics():
+    i = median_interval([1.0] * 12 + [2.0] * 18)  # n = 30 again: x_(10) and x_(21), now both ties
+    assert (i.low, i.high) == (1.0, 2.0) and i.confidence == pytest.approx(0.9572, abs=1e-4)
+
+
+def test_bench_modules_import_no_circle():
+    import ast
+    import graphlib
+
+    import lingmao.bench
+
+    folder = Path(lingmao.bench.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        # lazy imports inside functions count too: they close a circle all the same
+        graph[path.stem] = {node.module.split(".")[0] for node in ast.walk(tree)
+                            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    assert "suite" in graph["gpu"] and "gpu" in graph["__main__"]  # the premise: they are read
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a circle
 
 
 def test_variant_replaces_the_users_group_choice_but_keeps_their_values():
@@ -230,7 +298,7 @@ def test_speedrun_refuses_a_bad_contender_before_any_work(capsys, tmp_path, monk
 
 
 class ScriptedLoop:
-    """Stands in for BareLoop in race(): training losses by step, nothing trained."""
+    """Stands in for loop.Steps in race(): training losses by step, nothing trained."""
 
     def __init__(self, losses):
         self.steps, self.losses = 0, losses
@@ -246,7 +314,7 @@ class ScriptedLoop:
 def scripted_race(monkeypatch, val_by_step, target, losses=None, max_steps=10, eval_every=3):
     from lingmao import evaluation
     from lingmao.bench.speedrun import Contender, race
-    from lingmao.bench.suites import silent_tracker
+    from lingmao.bench.suite import silent_tracker
 
     loop = ScriptedLoop(losses or {})
     monkeypatch.setattr(evaluation, "evaluate", lambda model, batches, plan, device, n, dist, nw: val_by_step[loop.steps])

@@ -1,4 +1,4 @@
-"""The speedrun switches (issue 8 item 6): rotary positions, QK-norm, ReLU²,
+"""The speedrun switches: rotary positions, QK-norm, ReLU²,
 a padded vocabulary, zero-initialised projections, and optim=muon."""
 
 import copy

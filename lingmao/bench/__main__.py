@@ -49,6 +49,32 @@ def benchmark_mode(cfg, plan, opts, tracker) -> None:
     tracker.log_dict(asdict(result), "bench.json")
 
 
+def suite_parts(name: str, plan, opts) -> dict:
+    """{key: (title, function)} of the parts to run; refuses before any work
+    a suite that does not fit the plan or a part that does not exist."""
+    if name == "gpu":
+        from .gpu import gpu_suite
+
+        return {"gpu": ("GPU", gpu_suite)}
+    if name == "speedrun":
+        from .speedrun import chosen, speedrun
+
+        chosen(opts.contenders)  # a bad name is refused before any work
+        return {"speedrun": ("6. time to quality (speedrun)", speedrun)}
+    from .cpu import CPU_PARTS
+
+    if plan.device != "cpu":
+        raise OptionError(f"suite=cpu measures the CPU, but hardware={plan.preset} runs on {plan.device}: "
+                          f"add hardware=cpu")
+    if opts.parts == "all":
+        return dict(CPU_PARTS)
+    names = [p.strip() for p in opts.parts.split(",") if p.strip()]
+    if not names or any(n not in CPU_PARTS for n in names):
+        raise OptionError(f"bench.parts={opts.parts!r}: choose 'all' or some of {', '.join(CPU_PARTS)}, "
+                          f"comma-separated")
+    return {n: CPU_PARTS[n] for n in names}
+
+
 def run(args: list[str]) -> None:
     from ..runtime import apply_runtime
     from ..machine import detect
@@ -67,7 +93,7 @@ def run(args: list[str]) -> None:
     for note in plan.notes:
         print(f"warning: {note}", file=sys.stderr)
     if suite:
-        from .suites import Suite, run_suite, suite_parts
+        from .suite import Suite, run_suite
 
         parts = suite_parts(suite, plan, opts)
     apply_runtime(plan)

@@ -1,24 +1,26 @@
 """Compose lingmao's config as `python -m lingmao.run` does, with Hydra's Compose API.
 
 The suites run variants of the user's command line (model=small, a shorter
-context, another precision): a variant that picks a group replaces the user's
-choice of that group (the user's `model.*` values still apply to it), and plain
-values are set after composing, through the typed schema, so they are checked
-like command-line values and win over the user's.
+context, another precision). A variant is the user's overrides followed by
+its own: Hydra applies overrides in order, so a group choice replaces the
+user's (their `model.*` values still apply to it) and a value wins over
+theirs, checked by the schema like any command-line value.
 """
 
 from __future__ import annotations
 
-import copy
-
-from omegaconf import OmegaConf
-
 from ..config import CONF_DIR, register, validate
 
 
-def override_key(override: str) -> str:
-    """`model.d_model=256` -> `model.d_model`; `+x=1`, `++x=1`, `~x` -> `x`."""
-    return override.lstrip("+~").split("=", 1)[0]
+def override(key: str, value) -> str:
+    """`key=value` in Hydra's override syntax; strings quoted, so `null` or `1` stay strings."""
+    if value is None:
+        return f"{key}=null"
+    if isinstance(value, bool):
+        return f"{key}={str(value).lower()}"
+    if isinstance(value, str):
+        return f"{key}='{value}'"
+    return f"{key}={value}"
 
 
 class Composer:
@@ -26,24 +28,15 @@ class Composer:
         register()
         self.overrides = list(overrides)
 
-    def with_groups(self, groups: dict[str, str]) -> list[str]:
-        """The user's overrides with these group choices in place of theirs."""
-        kept = [o for o in self.overrides if override_key(o) not in groups]
-        return kept + [f"{g}={v}" for g, v in groups.items()]
+    def with_groups(self, groups: dict[str, str], values: dict | None = None) -> list[str]:
+        """The user's overrides, then these group choices and values."""
+        return [*self.overrides, *(f"{g}={v}" for g, v in groups.items()),
+                *(override(k, v) for k, v in (values or {}).items())]
 
     def compose(self, groups: dict[str, str] | None = None, values: dict | None = None):
         from hydra import compose, initialize_config_dir
 
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="lingmao_bench"):
-            cfg = compose("config", overrides=self.with_groups(groups or {}))
-        cfg = with_values(cfg, values or {})
+            cfg = compose("config", overrides=self.with_groups(groups or {}, values))
         validate(cfg)
         return cfg
-
-
-def with_values(cfg, values: dict):
-    """A copy of `cfg` with dotted keys set (type-checked by the schema)."""
-    c = copy.deepcopy(cfg)
-    for key, value in values.items():
-        OmegaConf.update(c, key, value, merge=False)
-    return c

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..peaks import dense_bf16_tflops
 from .options import OptionError
-from .suites import Suite, silent_tracker
+from .suite import Suite, silent_tracker
 
 # Seed 000's throughput table: RTX 4090, batch 32, context 512, medium: 40-60
 # samples/s; its peak, 165.2 dense bf16 TFLOPS, is the rtx4090 preset's.
@@ -34,7 +34,8 @@ def gpu_suite(s: Suite) -> dict:
     and benchmark mode measure the data path."""
     import torch
 
-    from .measure import benchmark, matmul_tflops, train_tokens
+    from ..runtime import matmul_tflops
+    from .measure import benchmark, train_tokens
 
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)

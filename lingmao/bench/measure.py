@@ -1,4 +1,5 @@
-"""Benchmark mode: a short warm-up, then timed steps of one composed run.
+"""Benchmark mode: a short warm-up, then timed steps of one composed run,
+through the engine's own training step (lingmao/bench/loop.py).
 
 Reports samples/s, tokens/s, MFU, the step-time split (data wait,
 forward+backward, optimizer, logging) and peak memory. MFU is the model's
@@ -20,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from ..data.windows import TokenWindows
-from ..runtime import matmul_tflops, peak_memory_bytes  # noqa: F401 (matmul_tflops: bench's)
-from .bare import BareLoop, Clock, NoClock, synthetic_tokens
+from ..runtime import DTYPES, matmul_tflops, peak_memory_bytes
+from .loop import Clock, Steps
 
-MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PHASES = ("data", "forward_backward", "optimizer", "logging")
 PHASE_NAMES = {"data": "data wait", "forward_backward": "forward+backward", "optimizer": "optimizer",
                "logging": "logging"}
@@ -57,9 +58,7 @@ def current_memory_bytes(device: torch.device) -> int:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # glibc only; musl has no malloc_trim
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with contextlib.suppress(OSError):
-        return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-    return 0  # no /proc (macOS): the peak is then reported whole
+    return psutil.Process().memory_info().rss
 
 
 def memory_kind(device: torch.device, fresh: bool) -> str:
@@ -72,6 +71,12 @@ def memory_kind(device: torch.device, fresh: bool) -> str:
 
 
 # --- tokens ---
+
+
+def synthetic_tokens(n_tokens: int, vocab_size: int, seed: int) -> np.ndarray:
+    """Uniform random token ids: a corpus-free stand-in with the real one's shape and dtype."""
+    dtype = np.uint16 if vocab_size < 2**16 else np.uint32
+    return np.random.default_rng(seed).integers(0, vocab_size, n_tokens, dtype=dtype)
 
 
 def train_tokens(cfg, synthetic: bool, vocab: int, windows_needed: int, progress: bool = False):
@@ -163,12 +168,13 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def _steps(loop: BareLoop, n: int, clock, tracker, log_every: int) -> None:
+def _steps(loop: Steps, n: int, clock: Clock | None, tracker, log_every: int) -> None:
     for _ in range(n):
         loss = loop.step(clock)
         if loop.steps % log_every == 0:
             tracker.log_metrics({"bench/loss": loss.item()}, loop.steps)  # .item(): the host sync a real loop pays
-        clock.lap("logging")
+        if clock:
+            clock.lap("logging")
 
 
 def flash_attention():
@@ -183,7 +189,7 @@ def benchmark(cfg, plan, tokens: np.ndarray, vocab_size: int, stride: int, *, st
               label: str = "", peaks: dict[str, float] | None = None, matmul: bool = True,
               flash: bool = False) -> Result:
     """Warm up, then time `steps` optimizer steps of the composed run with the
-    bare loop. On CUDA, throughput comes from steps with no synchronisation
+    engine's step. On CUDA, throughput comes from steps with no synchronisation
     inside, and the split from as many again (up to 10) that synchronise at
     each phase; on CPU one pass gives both."""
     device = torch.device(plan.device)
@@ -191,7 +197,7 @@ def benchmark(cfg, plan, tokens: np.ndarray, vocab_size: int, stride: int, *, st
     windows = TokenWindows(tokens, cfg.model.context_length, stride)
     cuda = device.type == "cuda"
     split_steps = min(steps, 10) if cuda else steps
-    loop = BareLoop(cfg, plan, windows, vocab_size, total_steps=warmup + steps + (split_steps if cuda else 0))
+    loop = Steps(cfg, plan, windows, vocab_size, total_steps=warmup + steps + (split_steps if cuda else 0))
     log_every = cfg.trainer.log_every
     with flash_attention() if flash else contextlib.nullcontext():
         for _ in range(warmup):
@@ -200,7 +206,7 @@ def benchmark(cfg, plan, tokens: np.ndarray, vocab_size: int, stride: int, *, st
         fresh = reset_peak_memory(device)
         if cuda:
             start = time.perf_counter()
-            _steps(loop, steps, NoClock(), tracker, log_every)
+            _steps(loop, steps, None, tracker, log_every)
             loop.sync()
             seconds = time.perf_counter() - start
         clock = Clock(device)
@@ -210,7 +216,8 @@ def benchmark(cfg, plan, tokens: np.ndarray, vocab_size: int, stride: int, *, st
     peak_bytes = peak_memory_bytes(device)
     all_peaks = dict(peaks or {})
     if matmul:
-        all_peaks[f"{plan.precision} matmul measured here"] = matmul_tflops(device, MATMUL_DTYPES[plan.precision])
+        dtype = DTYPES[plan.precision] or torch.float32
+        all_peaks[f"{plan.precision} matmul measured here"] = matmul_tflops(device, dtype)
     return Result(label=label, device=plan.device, precision=plan.precision, compile=plan.compile,
                   params=loop.raw.num_params(), micro_batch=plan.micro_batch, accumulation=plan.accumulation,
                   context_length=cfg.model.context_length, steps=steps, seconds=seconds,

@@ -1,15 +1,24 @@
 """The benchmark's own command-line keys: `suite=NAME` and `bench.KEY=VALUE`.
 
 They are not part of the run schema (a training run has no use for them), so
-they are taken out of the command line here and everything else goes to Hydra.
+they are taken out of the command line here, typed by OmegaConf against the
+dataclasses below, and everything else goes to Hydra.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import get_type_hints
+from enum import Enum
+from typing import Optional
 
-SUITES = ("cpu", "gpu", "speedrun")
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+class SuiteName(Enum):
+    cpu = "cpu"
+    gpu = "gpu"
+    speedrun = "speedrun"
 
 
 @dataclass
@@ -24,7 +33,8 @@ class BenchOptions:
     startup_pairs: int = field(default=4, metadata={"help": "launch pairs for the start-up comparison"})
     parts: str = field(default="all", metadata={"help": "suite=cpu parts, comma-separated: "
                                                 "engine,data,startup,scaling,precision"})
-    out: str = field(default="", metadata={"help": "suite output folder; empty: outputs/bench/DATE/TIME"})
+    out: Optional[str] = field(default=None, metadata={"help": "suite output folder; unset: "
+                                                       "outputs/bench/DATE/TIME"})
     engine_model: str = field(default="tiny", metadata={"help": "suite=cpu engine overhead: the model preset "
                                                         "(tiny: the shortest steps, where overhead shows most)"})
     # suite=speedrun
@@ -41,63 +51,57 @@ class BenchOptions:
                                                  "baseline's final val loss"})
 
 
+# Counts and times must be positive; these may also be 0 (no warm-up; the baseline's target).
+MAY_BE_ZERO = {"warmup", "target"}
+
+
+@dataclass
+class BenchArgs:
+    suite: Optional[SuiteName] = None
+    bench: BenchOptions = field(default_factory=BenchOptions)
+
+
 class OptionError(ValueError):
     """A `suite=` or `bench.*` argument that cannot be used; names the key."""
 
 
-def _convert(key: str, raw: str, kind: type):
-    if kind is bool:
-        if raw.lower() in ("true", "false"):
-            return raw.lower() == "true"
-        raise OptionError(f"bench.{key}={raw!r}: give true or false")
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise OptionError(f"bench.{key}={raw!r}: not a valid {kind.__name__}") from None
-    if kind in (int, float):
-        least = 0 if key == "warmup" else 1e-9  # warm-up may be skipped; counts and times may not be zero
-        if value < least:
-            raise OptionError(f"bench.{key}={raw!r} must be {'>= 0' if key == 'warmup' else '> 0'}")
-    return value
-
-
 def parse_args(args: list[str]) -> tuple[str | None, BenchOptions, list[str]]:
     """(suite or None, bench options, the remaining Hydra overrides)."""
-    kinds = get_type_hints(BenchOptions)
-    suite, values, rest = None, {}, []
-    for arg in args:
-        key, sep, raw = arg.partition("=")
-        if key == "suite" and sep:
-            if raw not in SUITES:
-                raise OptionError(f"suite={raw!r} is not a suite; choose one of: {', '.join(SUITES)}")
-            suite = raw
-        elif key.startswith("bench.") and sep:
-            name = key[len("bench."):]
-            if name not in kinds:
-                raise OptionError(f"{key} is not a benchmark key; valid keys: "
-                                  f"{', '.join('bench.' + k for k in kinds)}")
-            values[name] = _convert(name, raw, kinds[name])
-        else:
-            rest.append(arg)
-    return suite, BenchOptions(**values), rest
+    ours = [a for a in args if "=" in a and (a.startswith("bench.") or a.partition("=")[0] == "suite")]
+    try:
+        parsed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchArgs), OmegaConf.from_dotlist(ours)))
+    except ConfigKeyError as e:
+        raise OptionError(f"{e.full_key} is not a benchmark key; valid keys: "
+                          f"{', '.join('bench.' + f.name for f in fields(BenchOptions))}") from None
+    except OmegaConfBaseException as e:
+        raise OptionError(f"{e.full_key}: {str(e.msg).splitlines()[0]}") from None
+    opts = parsed.bench
+    for f in fields(BenchOptions):
+        value = getattr(opts, f.name)
+        if f.type in ("int", "float") and (value < 0 if f.name in MAY_BE_ZERO else value <= 0):
+            raise OptionError(f"bench.{f.name}={value!r} must be {'>= 0' if f.name in MAY_BE_ZERO else '> 0'}")
+    suite = parsed.suite.value if parsed.suite else None
+    return suite, opts, [a for a in args if a not in ours]
 
 
 def usage() -> str:
-    width = max(len(f.name) for f in fields(BenchOptions)) + 6
+    width = max(len(f.name) for f in fields(BenchOptions))
+
     def shown(v):
         return str(v).lower() if isinstance(v, bool) else repr(v)
 
-    keys = "\n".join(f"  bench.{f.name:<{width - 6}}  {f.metadata['help']} (default {shown(f.default)})"
+    keys = "\n".join(f"  bench.{f.name:<{width}}  {f.metadata['help']} (default {shown(f.default)})"
                      for f in fields(BenchOptions))
     return f"""usage: python -m lingmao.bench [suite=cpu|gpu|speedrun] [bench.KEY=VALUE ...] [lingmao overrides ...]
 
 Without suite=: benchmark mode. A short warm-up, then timed steps of the composed
-run (hardware=X model=Y ..., any lingmao override): samples/sec, tokens/sec, MFU,
-step-time split, peak memory; printed and logged to MLflow (experiment lingmao-bench).
+run (hardware=X model=Y ..., any lingmao override) through the engine's training
+step: samples/sec, tokens/sec, MFU, step-time split, peak memory; printed and
+logged to MLflow (experiment lingmao-bench).
 
 suite=cpu  engine overhead, data wait, start-up, scaling, CPU precision (< 5 min on 2 cores)
 suite=gpu  MFU of small/medium/large with bf16, compile, fused AdamW, flash SDPA; fp16 +
-           GradScaler; medium at context 512 against seed 000's RTX 4090 row (needs CUDA)
+           GradScaler; medium at context 512 against an RTX 4090 reference row (needs CUDA)
 suite=speedrun  time to a target val loss of optim=muon and each model switch (alone and
            together) against the baseline as given: steps, train seconds, ratios, plot
 

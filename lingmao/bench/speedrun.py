@@ -1,12 +1,12 @@
-"""suite=speedrun: time to quality (issue 8 item 6).
+"""suite=speedrun: time to quality.
 
 How much sooner does each speedrun switch reach a target validation loss
 than the AdamW baseline of the same engine? Each contender is the composed
 command line with one switch turned on (optim=muon, model.rotary, ...), or
-all of them together. Every contender trains with the bare loop (the
-engine's model, optimizer, schedule and batches, step for step) from the
-same seed, on the same data order, under the same `bench.max_steps` budget,
-so the warmup + cosine schedule is the same for all. Every
+all of them together. Every contender trains through the engine's own step
+(lingmao/bench/loop.py: its model, optimizer, schedule, batches and
+finiteness check) from the same seed, on the same data order, under the same
+`bench.max_steps` budget, so the warmup + cosine schedule is the same for all. Every
 `bench.eval_every` steps the training clock stops, the val loss is taken over
 a fixed set of validation windows, and the clock restarts. A contender stops
 at its first eval at or below the target.
@@ -32,7 +32,6 @@ from statistics import median
 
 from omegaconf import OmegaConf
 
-from ..plan import runnable_plan
 from .options import OptionError
 
 # name -> (group choices, values, what it sets); each on top of the command line.
@@ -95,10 +94,6 @@ class Contender:
         return min(self.evals, key=lambda e: e.val_loss)
 
 
-def first_at_or_below(evals: list[Eval], target: float) -> Eval | None:
-    return next((e for e in evals if e.val_loss <= target), None)
-
-
 def fixed_val_batches(val_tokens, context_length: int, micro_batch: int, wanted: int):
     """The first `wanted` non-overlapping validation windows (fewer if the
     split is shorter), in micro-batches: one fixed set for every contender."""
@@ -150,7 +145,7 @@ def race(c: Contender, loop, val_batches, n_windows: int, max_steps: int, eval_e
 def speedrun(s) -> dict:
     from ..data import load_corpus
     from ..data.windows import TokenWindows, default_stride
-    from .bare import BareLoop
+    from .loop import Steps
 
     o = s.opts
     names = chosen(o.contenders)
@@ -171,12 +166,11 @@ def speedrun(s) -> dict:
     runs: list[Contender] = []
     for name in names:
         groups, values, setting = CONTENDERS[name]
-        cfg = s.composer.compose(groups, values)
-        plan = runnable_plan(cfg, s.machine)
+        cfg, plan = s.variant(groups=groups, **values)
         if name != "baseline" and OmegaConf.to_container(cfg, resolve=True) == baseline_config:
             print(f"note: {name} is the baseline's very config (the command line already sets {setting}): "
                   f"its seconds ratio shows run-to-run noise")
-        loop = BareLoop(cfg, plan, train, data.vocab_size, total_steps=o.max_steps)
+        loop = Steps(cfg, plan, train, data.vocab_size, total_steps=o.max_steps)
         c = Contender(name, setting, loop.raw.num_params())
         print(f"{name} ({setting}): {c.params / 1e6:.2f}M params, optim={cfg.optim.name}", flush=True)
         runs.append(race(c, loop, val_batches, n_val, o.max_steps, o.eval_every, target, s.tracker))
@@ -213,7 +207,7 @@ def summarise(runs: list[Contender], target: float) -> list[dict]:
     """Per contender: time and steps to target, and their ratios to the baseline's (runs[0])."""
     rows = []
     for c in runs:
-        hit = first_at_or_below(c.evals, target)
+        hit = next((e for e in c.evals if e.val_loss <= target), None)  # the first at or below
         best = c.best
         rows.append({"name": c.name, "setting": c.setting, "params": c.params, "reached": hit is not None,
                      "steps_to_target": hit.step if hit else None, "seconds_to_target": hit.seconds if hit else None,
@@ -259,12 +253,10 @@ def table(rows: list[dict], target: float, given: bool) -> list[str]:
 
 
 def plot_speedrun(runs: list[Contender], target: float, path: Path) -> Path:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig = Figure(figsize=(11, 4.2))
+    by_time, by_step = fig.subplots(1, 2, sharey=True)
     for c in runs:
         style = "o-" if c.name == "baseline" else ".-"
         by_time.plot([e.seconds for e in c.evals], [e.val_loss for e in c.evals], style, label=c.name)
@@ -278,7 +270,6 @@ def plot_speedrun(runs: list[Contender], target: float, path: Path) -> Path:
     fig.suptitle(f"time to val loss {target:.3f} (dashed): lingmao speedrun switches against the baseline")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

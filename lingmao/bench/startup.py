@@ -30,15 +30,15 @@ from statistics import median
 RUN_PHASES = (
     ("probe", "interpreter start"),
     ("imports", "imports (hydra, omegaconf, torch, lingmao)"),
-    ("tracking:start", "compose, validate, detect, plan, resume lookup"),
-    ("tracking", "MLflow tracker start (the store and run open on its thread)"),
-    ("data:start", "tags, git state, seed"),
+    ("data:start", "compose, validate, detect, plan"),
     ("data", "prepared corpus lookup"),
-    ("model:start", "tokenizer, windows"),
+    ("tracking:start", "windows, schedule, resume lookup"),
+    ("tracking", "MLflow tracker start (the store and run open on its thread)"),
+    ("model:start", "tags, git state, runtime, tokenizer, seed"),
     ("model", "model build"),
-    ("optimizer:start", "torch.compile (when on)"),
+    ("optimizer:start", "model to the device"),
     ("optimizer", "optimizer (AdamW's first build imports torch._dynamo)"),
-    ("scan:start", "MLflow params and artifacts"),
+    ("scan:start", "checkpointer, compile and DDP wrappers, evaluator, MLflow params and artifacts"),
     ("scan", "duplicate-window counts (scanned once per corpus and context)"),
     ("forward", "data stream, progress bar"),
     ("step", "first step (forward, backward, optimizer)"),
@@ -101,12 +101,13 @@ def _probe_run(marks: dict, path: str, overrides: list[str]) -> None:
     import lingmao.data
     import lingmao.engine
     import lingmao.run
+    import lingmao.step
     import lingmao.tracking
 
     marks["imports"] = time.time()
     for owner, name, label in ((lingmao.tracking.Tracker, "__init__", "tracking"),
-                               (lingmao.engine, "load_corpus", "data"), (lingmao.engine, "GPT", "model"),
-                               (lingmao.engine, "make_optimizer", "optimizer"),
+                               (lingmao.engine, "load_corpus", "data"), (lingmao.step, "GPT", "model"),
+                               (lingmao.step, "make_optimizer", "optimizer"),
                                (lingmao.data.Prepared, "duplicate_windows", "scan")):
         if hasattr(owner, name):
             _mark_call(owner, name, marks, label)
@@ -159,6 +160,19 @@ def _child(argv: list[str]) -> None:
 
 
 # --- parent side ---
+
+
+def bare_spec(cfg, plan, data) -> dict:
+    """What the bare launcher needs: the token file, the batch, the precision
+    and the run's very model config."""
+    from dataclasses import asdict
+
+    from lingmao.model import GPTConfig
+
+    return {"tokens": str(data.dir / "train.bin"), "dtype": data.dtype, "seed": cfg.seed,
+            "context_length": cfg.model.context_length, "micro_batch": plan.micro_batch,
+            "accumulation": plan.accumulation, "precision": plan.precision,
+            "model": asdict(GPTConfig.from_model_config(cfg.model, data.vocab_size))}
 
 
 def launch(mode: str, payload, cwd, env: dict, scratch) -> dict[str, float]:

@@ -9,6 +9,12 @@ import torch
 from .windows import TokenWindows, make_loader
 
 
+def loader_args(plan) -> dict:
+    """The DataLoader settings of a run's plan."""
+    return dict(num_workers=plan.num_workers, pin_memory=plan.pin_memory,
+                persistent_workers=plan.persistent_workers, prefetch_factor=plan.prefetch_factor)
+
+
 class BatchStream:
     """Batches of `micro_batch` windows for this rank, epoch after epoch,
     from a position a checkpoint stored: (epoch, windows of it already seen,
