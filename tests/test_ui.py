@@ -5,6 +5,7 @@ view's section order (train and val first) from the rendered page.
 Needs the Debian package `chromium` (.ci/run installs it). Set
 LINGMAO_SCREENSHOTS=DIR to keep the screenshot and the page's DOM."""
 
+import html
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -51,10 +53,10 @@ def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> None:
     pytest.fail(f"mlflow ui did not answer {url}/health within {seconds:.0f}s")
 
 
-def _browser(chromium: str, profile: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def _browser(chromium: str, profile: Path, *args: str, timeout: int = 120, width: int = 1600) -> subprocess.CompletedProcess:
     # The virtual-time budget lets the page's requests and rendering finish
     # before the DOM or the screenshot is taken; the timeout bounds it all.
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1600,1400",
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},1400",
            f"--user-data-dir={profile}", "--virtual-time-budget=60000", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
@@ -65,10 +67,14 @@ def _sections(dom: str) -> list[str]:
     return [re.sub(r"\s*\(\d+\)\s*$", "", " ".join(n.split())) for n in names]
 
 
-@pytest.fixture
-def ui(tmp_path, training_cache):
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
     """The link the sweep printed, rewritten to a `mlflow ui` on a free port."""
-    env = {**os.environ, "LINGMAO_CACHE": str(training_cache), "PYTHONPATH": str(REPO)}
+    from conftest import build_training_cache
+
+    tmp_path = tmp_path_factory.mktemp("ui")
+    cache = build_training_cache(tmp_path / "cache")
+    env = {**os.environ, "LINGMAO_CACHE": str(cache), "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "lingmao.run", *SWEEP], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -81,7 +87,7 @@ def ui(tmp_path, training_cache):
                               start_new_session=True)  # its workers share the group: stopped together
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", server, 120)
-        yield links[-1].replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+        yield links[-1].replace("127.0.0.1:5000", f"127.0.0.1:{port}"), f"sqlite:///{tmp_path / 'mlflow.db'}"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -94,6 +100,7 @@ def ui(tmp_path, training_cache):
 @pytest.mark.slow
 def test_the_printed_link_opens_on_the_train_and_val_charts(ui, tmp_path):
     chromium = _chromium()
+    ui, _ = ui
     assert "compareRunsMode=CHART" in ui
     dom = _browser(chromium, tmp_path / "profile", "--dump-dom", ui).stdout
     sections = _sections(dom)
@@ -111,3 +118,31 @@ def test_the_printed_link_opens_on_the_train_and_val_charts(ui, tmp_path):
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, keep)
         (Path(keep) / "chart_view.html").write_text(dom, encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_the_shared_view_shows_key_metric_columns_in_the_runs_table(ui, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from lingmao.ui_view import share_view
+
+    chromium = _chromium()
+    link, uri = ui
+    exp_id = re.search(r"/experiments/(\d+)/", link).group(1)
+    sweep = re.search(r"searchFilter=([^&]+)", link).group(1)  # the sweep's runs: the filter goes into the view
+    param = share_view(MlflowClient(uri), exp_id, search=urllib.parse.unquote(sweep), key="sweep")
+    page = link.split("?")[0]
+    table = f"{page}?{param}"  # the runs table, in the shared view
+    # Wide: the grid renders only the header cells that fit the window.
+    dom = _browser(chromium, tmp_path / "profile", "--dump-dom", table, width=2600).stdout
+    assert "viewing a shared view" in dom
+    inputs = [html.unescape(v) for v in re.findall(r'<input[^>]*value="([^"]*)"', dom)]
+    assert urllib.parse.unquote(sweep) in inputs, inputs  # the search box holds the sweep's filter
+    # The table's header cells carry the ids of the columns the view selected.
+    shown = re.findall(r'role="columnheader"[^>]*col-id="([^"]+)"', dom)
+    for column in ("metrics.`train/loss`", "metrics.`val/loss`", "metrics.`samples_per_sec`", "tags.`hardware`",
+                   "tags.`model`"):
+        assert column in shown, (column, shown)
+    # The shared view leaves the chart view's generated sections as they are.
+    charts = _browser(chromium, tmp_path / "profile", "--dump-dom", f"{table}&compareRunsMode=CHART").stdout
+    assert _sections(charts)[:2] == ["train", "val"]
