@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List
 
-from .compare_plots import PLOTS, find_cjk_font, steady, throughput_note, warn_no_font, write_plots
+from .compare_page import write_page
+from .compare_plots import PLOTS  # noqa: F401 (the report's plot files; tests and callers import them here)
+from .compare_plots import find_cjk_font, steady, throughput_note, warn_no_font, write_plots
 from .options import OptionError, doc, parse, usage
 
 DEFAULT_EXPERIMENT = "lingmao"  # tracking.experiment_name's default in conf/config.yaml
@@ -38,7 +40,6 @@ HISTORY_KEYS = {"train/loss": (), "val/loss": (), "samples_per_sec": ("throughpu
                 "tokens_per_sec": ("throughput/tokens_per_sec",), "mfu": (), "peak_memory_gb": ("memory/peak_gb",),
                 "val/samples/rep4": ("samples/rep4",), "val/samples/greedy_rep4": ("samples/greedy_rep4",)}
 FORM_KEYS = ("val/samples/form", "samples/form")
-SAMPLES_SHOWN = 3  # of each run's last eval, in index.html
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # MLflow run ids are uuid4 hex
 
@@ -405,14 +406,17 @@ def _write_csv(rows: list[dict[str, Any]], cols: Cols, path: Path) -> None:
             writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
 
 
-_CSS = """body{font-family:system-ui,"Noto Sans CJK SC","Source Han Sans SC",sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;font-size:14px}th,td{padding:4px 10px;border-bottom:1px solid #ddd}
-th{background:#f4f4f4;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
-img{max-width:100%;margin:1em 0;display:block}code,pre{background:#f4f4f4;padding:2px 4px}
-pre.poem{white-space:pre-wrap;font-size:15px;line-height:1.5}p.note{color:#555}"""
+def _table_html(runs: list[_Run], cols: Cols) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for _, h, _ in cols)
+    body = "".join(
+        "<tr>" + "".join((f'<td class="n">{e(cell)}</td>' if _numeric(key) else f"<td>{e(cell)}</td>")
+                         for (key, _, _), cell in zip(cols, _cells(r, cols))) + "</tr>\n"
+        for r in runs)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
 
 
-def _ui_urls(runs: list[_Run]) -> list[str]:
+def ui_urls(runs: list[_Run]) -> list[str]:
     """MLflow's chart view, one per experiment the runs come from."""
     ids = dict.fromkeys(r.experiment_id for r in runs)
     return [f"{UI_HOST}/#/experiments/{x}/runs?compareRunsMode=CHART" for x in ids]
@@ -425,54 +429,6 @@ def varied_keys(runs: list[_Run]) -> list[str]:
     if len({r.row["lr"] for r in runs if r.row["lr"] is not None}) > 1:
         keys["optim.lr"] = None
     return list(keys)
-
-
-def _samples_html(runs: list[_Run]) -> str:
-    e = html.escape
-    parts = []
-    for r in runs:
-        shown = [s for s in r.samples if s.get("decoding", "sampled") == "sampled"][:SAMPLES_SHOWN]
-        if not shown:
-            continue
-        step = shown[0].get("step", "?")
-        poems = "".join(f'<pre class="poem"><b>{e(s.get("prompt", ""))}</b>{e(s.get("text", ""))}</pre>'
-                        for s in shown)
-        parts.append(f"<h3>{e(r.label)} <small>(step {e(str(step))})</small></h3>\n{poems}\n")
-    if not parts:
-        return ""
-    return ("<h2>Last samples</h2>\n<p class=\"note\">The prompt in bold; the samples of each run's last "
-            "evaluation (artifact samples.jsonl).</p>\n" + "".join(parts))
-
-
-def _write_html(runs: list[_Run], cols: Cols, plots: list[Path], notes: list[str], uri: str, title: str,
-                path: Path) -> None:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for _, h, _ in cols)
-    body = "".join(
-        "<tr>" + "".join((f'<td class="n">{e(cell)}</td>' if _numeric(key) else f"<td>{e(cell)}</td>")
-                         for (key, _, _), cell in zip(cols, _cells(r, cols))) + "</tr>\n"
-        for r in runs)
-    images = "".join(f'<h2>{e(p.stem.replace("_", " "))}</h2>\n<img src="{e(p.name)}" alt="{e(p.stem)}">\n'
-                     for p in plots)
-    links = "".join(f'<li><a href="{e(url)}">{e(url)}</a></li>' for url in _ui_urls(runs))
-    note_html = "".join(f'<p class="note">{e(n)}</p>\n' for n in notes)
-    path.write_text(f"""<!doctype html>
-<html lang="zh-Hans"><head><meta charset="utf-8"><title>{e(title)}</title><style>{_CSS}</style></head>
-<body>
-<h1>{e(title)}</h1>
-<p>{len(runs)} runs from <code>{e(uri)}</code>, sorted by final validation loss.
-Throughput and MFU are medians of the values logged after the first log interval.
-"lr (set)" is optim.lr as given; "lr (batch-scaled)" is what the run trained with.
-"5/7-char lines" is the share of sampled 诗 lines with 5 or 7 characters; "corpus 5/7" is the same share
-in the corpus's validation split. Machine-readable: <a href="runs.csv">runs.csv</a>.</p>
-{note_html}<table><thead><tr>{head}</tr></thead><tbody>
-{body}</tbody></table>
-{images}{_samples_html(runs)}<h2>In the MLflow UI</h2>
-<pre>mlflow ui --backend-store-uri {e(uri)}</pre>
-<p>then open (the train and val charts come first; Group by &rarr; tags hardware or model compares presets):</p>
-<ul>{links}</ul>
-</body></html>
-""", encoding="utf-8")
 
 
 def _genres(runs: list[_Run]) -> dict[str, str]:
@@ -510,12 +466,13 @@ def compare(selectors: list[str], tracking_uri: str | None, out: Path) -> Report
     notes = [f"The sweep varied: {', '.join(varied)}." if varied else "No swept keys recorded (tag sweep.values).",
              f"Throughput: {spread}.", f"Plot font for Chinese: {font.family or '-'} ({font.source})."]
     index = out / "index.html"
-    _write_html(runs, cols, plots, notes, uri, title, index)
+    write_page(index, title, uri, len(runs), notes, _table_html(runs, cols), plots,
+               [(r.label, r.samples) for r in runs], ui_urls(runs))
     # Printed last: the files exist even if the terminal output is cut short.
     _print_table(runs, cols, title)
     for note in notes[:2]:
         print(note)
-    for url in _ui_urls(runs):
+    for url in ui_urls(runs):
         print(f"mlflow ui --backend-store-uri {uri}  then open {url}  (Group by -> hardware or model)")
     return Report(rows=rows, out=out, files=[csv_path, *plots, index])
 
