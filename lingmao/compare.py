@@ -25,17 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List
 
+from .compare_page import write_page
+from .compare_plots import PLOTS  # noqa: F401 (the report's plot files; tests and callers import them here)
+from .compare_plots import find_cjk_font, steady, throughput_note, warn_no_font, write_plots
 from .options import OptionError, doc, parse, usage
 
 DEFAULT_EXPERIMENT = "lingmao"  # tracking.experiment_name's default in conf/config.yaml
 UI_HOST = "http://127.0.0.1:5000"
 
-PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "throughput_by_hardware.png", "repetition_vs_step.png")
-
 # Only these histories are fetched: one query per key per run, and only for
-# keys the run actually logged.
-HISTORY_KEYS = ("val/loss", "throughput/samples_per_sec", "throughput/tokens_per_sec", "mfu",
-                "memory/peak_gb", "samples/rep4", "samples/greedy_rep4")
+# keys the run actually logged. Each key with the names runs logged it under
+# before the metrics were renamed (so older stores still compare).
+HISTORY_KEYS = {"train/loss": (), "val/loss": (), "samples_per_sec": ("throughput/samples_per_sec",),
+                "tokens_per_sec": ("throughput/tokens_per_sec",), "mfu": (), "peak_memory_gb": ("memory/peak_gb",),
+                "val/samples/rep4": ("samples/rep4",), "val/samples/greedy_rep4": ("samples/greedy_rep4",)}
+FORM_KEYS = ("val/samples/form", "samples/form")
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # MLflow run ids are uuid4 hex
 
@@ -65,6 +69,10 @@ class _Run:
     experiment_id: str
     start_ms: int
     history: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)  # key -> (step, ms, value)
+    genre_loss: dict[str, float] = field(default_factory=dict)  # ASCII genre name -> final val loss
+    genres: dict[str, str] = field(default_factory=dict)  # ASCII genre name -> the genre (tags genre.<ascii>)
+    throughput: list[float] = field(default_factory=list)  # samples/s per log interval, the first left out
+    samples: list[dict] = field(default_factory=list)  # the last eval's samples (samples.jsonl)
 
 
 # --- columns: (key in rows and runs.csv, terminal/HTML header, cell format) ---
@@ -99,7 +107,10 @@ COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("model", "model", lambda v: v or "–"),
     ("params_m", "params (M)", _num(".2f")),
     ("effective_batch", "eff. batch", _num("d")),
-    ("lr", "lr", _num(".3g")),
+    ("varied", "sweep varied", lambda v: v or "–"),
+    ("lr", "lr (set)", _num(".3g")),
+    ("lr_scaled", "lr (batch-scaled)", _num(".3g")),
+    ("train_loss", "train loss", _num(".4f")),
     ("val_loss", "val loss", _num(".4f")),
     ("val_perplexity", "val ppl", _num(".2f")),
     ("samples_per_sec", "samples/s", _num(",.1f")),
@@ -107,13 +118,28 @@ COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("mfu", "MFU", _mfu),
     ("rep4", "rep4", _num(".3f")),
     ("greedy_rep4", "rep4 greedy", _num(".3f")),
+    ("form", "5/7-char lines", _num(".0%")),
+    ("form_ref", "corpus 5/7", _num(".0%")),
     ("peak_memory_gb", "peak mem (GB)", _num(".2f")),
     ("wall_s", "wall time", _duration),
     ("status", "status", lambda v: v or "–"),
 )
-CSV_FIELDS = [key for key, _, _ in COLUMNS] + ["run_id"]
-_NUMERIC = {"params_m", "effective_batch", "lr", "val_loss", "val_perplexity", "samples_per_sec",
-            "tokens_per_sec", "mfu", "rep4", "greedy_rep4", "peak_memory_gb", "wall_s"}
+_NUMERIC = {"params_m", "effective_batch", "lr", "lr_scaled", "train_loss", "val_loss", "val_perplexity",
+            "samples_per_sec", "tokens_per_sec", "mfu", "rep4", "greedy_rep4", "form", "form_ref", "peak_memory_gb",
+            "wall_s"}
+_GENRE = "val_loss_"  # per-genre columns: val_loss_<ascii genre>, after val_perplexity
+
+
+def columns(genres: dict[str, str]) -> list[tuple[str, str, Callable[[Any], str]]]:
+    """COLUMNS with one val-loss column per genre the runs logged."""
+    cols = list(COLUMNS)
+    at = [key for key, _, _ in cols].index("val_perplexity") + 1
+    cols[at:at] = [(_GENRE + g, f"val loss {name}", _num(".4f")) for g, name in genres.items()]
+    return cols
+
+
+def _numeric(key: str) -> bool:
+    return key in _NUMERIC or key.startswith(_GENRE)
 
 
 # --- store and selectors ---
@@ -254,40 +280,75 @@ def _last(points: list[tuple[int, int, float]]) -> float | None:
     return points[-1][2] if points else None
 
 
+def _histories(client, run) -> dict[str, list[tuple[int, int, float]]]:
+    history = {}
+    for key, old in HISTORY_KEYS.items():
+        logged = next((k for k in (key, *old) if k in run.data.metrics), None)
+        if logged:
+            pts = client.get_metric_history(run.info.run_id, logged)
+            history[key] = sorted((m.step, m.timestamp, m.value) for m in pts)
+    return history
+
+
+def _last_samples(client, run_id: str) -> list[dict]:
+    """The samples of the run's last eval, from its samples.jsonl artifact
+    (none if it has none or the artifact store cannot be read)."""
+    import json
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if not any(f.path == "samples.jsonl" for f in client.list_artifacts(run_id)):
+            return []
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(client.download_artifacts(run_id, "samples.jsonl", tmp))
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (MlflowException, OSError, ValueError):
+        return []
+    last = max((r.get("step", 0) for r in rows), default=None)
+    return [r for r in rows if r.get("step", 0) == last]
+
+
 def _collect(client, run) -> _Run:
     info, data = run.info, run.data
     tags, params = data.tags, data.params
-    history: dict[str, list[tuple[int, int, float]]] = {}
-    for key in HISTORY_KEYS:
-        if key in data.metrics:
-            pts = client.get_metric_history(info.run_id, key)
-            history[key] = sorted((m.step, m.timestamp, m.value) for m in pts)
+    history = _histories(client, run)
     n_params = _float(params.get("model.params"))
     batch = _float(params.get("plan.effective_batch"))
-    peak = [v for _, _, v in history.get("memory/peak_gb", []) if math.isfinite(v)]
+    peak = [v for _, _, v in history.get("peak_memory_gb", []) if math.isfinite(v)]
     wall = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
+    genres = {k[len("genre."):]: v for k, v in tags.items() if k.startswith("genre.")}
+    genre_loss = {k[len("val/loss_"):]: v for k, v in data.metrics.items() if k.startswith("val/loss_")}
     row = {
         "run": info.run_name or info.run_id[:8],
         "hardware": tags.get("hardware") or params.get("plan.preset"),
         "model": tags.get("model") or params.get("config.model.name"),
         "params_m": n_params / 1e6 if n_params is not None else None,
         "effective_batch": int(batch) if batch is not None else None,
-        "lr": _float(params.get("plan.lr", params.get("config.optim.lr"))),  # plan.lr: after batch scaling
+        "varied": tags.get("sweep.values") or None,
+        "lr": _float(params.get("config.optim.lr")),  # what the user set
+        "lr_scaled": _float(params.get("plan.lr")),  # after the batch-size rule
+        "train_loss": _last(history.get("train/loss", [])),
         "val_loss": _last(history.get("val/loss", [])),
         # The latest value MLflow keeps per key is the final one; no history needed.
         "val_perplexity": data.metrics.get("val/perplexity"),
-        "samples_per_sec": _steady_median(history.get("throughput/samples_per_sec", [])),
-        "tokens_per_sec": _steady_median(history.get("throughput/tokens_per_sec", [])),
+        **{_GENRE + g: v for g, v in genre_loss.items()},
+        "samples_per_sec": _steady_median(history.get("samples_per_sec", [])),
+        "tokens_per_sec": _steady_median(history.get("tokens_per_sec", [])),
         "mfu": _steady_median(history.get("mfu", [])),
-        "rep4": _last(history.get("samples/rep4", [])),
-        "greedy_rep4": _last(history.get("samples/greedy_rep4", [])),
+        "rep4": _last(history.get("val/samples/rep4", [])),
+        "greedy_rep4": _last(history.get("val/samples/greedy_rep4", [])),
+        "form": next((data.metrics[k] for k in FORM_KEYS if k in data.metrics), None),
+        "form_ref": _float(params.get("data.verse_form")),  # the corpus's own share
         "peak_memory_gb": max(peak) if peak else None,
         "wall_s": wall,
         "status": info.status,
         "run_id": info.run_id,
     }
-    return _Run(row=row, label=row["run"], experiment_id=info.experiment_id,
-                start_ms=info.start_time or 0, history=history)
+    return _Run(row=row, label=row["run"], experiment_id=info.experiment_id, start_ms=info.start_time or 0,
+                history=history, genre_loss=genre_loss, genres=genres,
+                throughput=steady(history.get("samples_per_sec", [])), samples=_last_samples(client, info.run_id))
 
 
 def _sort_key(run: _Run) -> tuple:
@@ -312,186 +373,71 @@ def _unique_labels(runs: list[_Run]) -> None:
 # --- outputs ---
 
 
-def _cells(run: _Run) -> list[str]:
+Cols = list[tuple[str, str, Callable[[Any], str]]]
+
+
+def _cells(run: _Run, cols: Cols) -> list[str]:
     # The label, not the bare name, so re-runs sharing a name stay distinguishable.
-    return [run.label if key == "run" else fmt(run.row[key]) for key, _, fmt in COLUMNS]
+    return [run.label if key == "run" else fmt(run.row.get(key)) for key, _, fmt in cols]
 
 
-def _print_table(runs: list[_Run], title: str) -> None:
+def _print_table(runs: list[_Run], cols: Cols, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     if not console.is_terminal:  # piped to a file or CI log: don't squeeze into 80 columns
-        console = Console(width=200)
+        console = Console(width=240)
     table = Table(title=title)
-    for key, header, _ in COLUMNS:
-        table.add_column(header, justify="right" if key in _NUMERIC else "left", no_wrap=key == "run")
+    for key, header, _ in cols:
+        table.add_column(header, justify="right" if _numeric(key) else "left", no_wrap=key == "run")
     for r in runs:
-        table.add_row(*_cells(r))
+        table.add_row(*_cells(r, cols))
     console.print(table)
 
 
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+def _write_csv(rows: list[dict[str, Any]], cols: Cols, path: Path) -> None:
+    fields = [key for key, _, _ in cols] + ["run_id"]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             # Numbers stay numbers (full precision); missing is an empty cell.
-            writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_FIELDS})
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
 
 
-def _figure(title: str, xlabel: str, ylabel: str):
-    # The object-oriented Figure renders with Agg on savefig and never
-    # touches pyplot's global state or the user's backend.
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 5.5), dpi=110)
-    ax = fig.add_subplot()
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    return fig, ax
+def _table_html(runs: list[_Run], cols: Cols) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for _, h, _ in cols)
+    body = "".join(
+        "<tr>" + "".join((f'<td class="n">{e(cell)}</td>' if _numeric(key) else f"<td>{e(cell)}</td>")
+                         for (key, _, _), cell in zip(cols, _cells(r, cols))) + "</tr>\n"
+        for r in runs)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
 
 
-def _save(fig, path: Path) -> None:
-    # A tight box keeps a legend placed outside the axes inside the image.
-    fig.savefig(path, bbox_inches="tight", pad_inches=0.2)
-
-
-def _empty(ax, message: str) -> None:
-    """Every plot file is always written; with nothing to draw it says why."""
-    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=13, color="0.35")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-
-
-def _legend(ax, n: int) -> None:
-    # Beyond a handful of runs an inside legend hides the curves: move it out.
-    if n > 6:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title="run")
-    else:
-        ax.legend(fontsize="small", title="run")
-
-
-def _colors(n: int) -> list:
-    from matplotlib import colormaps
-
-    # tab10's hues are the most distinguishable; past ten the line style
-    # changes instead of falling back to tab20's near-identical light pairs.
-    return [colormaps["tab10"](i % 10) for i in range(n)]
-
-
-def _style(i: int) -> str:
-    return ("-", "--", ":", "-.")[i // 10 % 4]
-
-
-def _line_plot(runs: list[_Run], key: str, path: Path, title: str, ylabel: str, empty: str,
-               x_time: bool = False, baseline: tuple[str, str] | None = None) -> None:
-    """One line per run of `key`; `baseline` (key, legend suffix) adds that
-    metric of the same run as a dotted line in the run's colour."""
-    fig, ax = _figure(title, "seconds since run start" if x_time else "step", ylabel)
-    drawn = 0
-    # A run keeps its colour and style in every plot, even where others are missing.
-    for i, (r, color) in enumerate(zip(runs, _colors(len(runs)))):
-        series = [(key, r.label, _style(i), "o")]
-        if baseline:
-            series.append((baseline[0], f"{r.label} {baseline[1]}", ":", "x"))
-        for k, label, style, marker in series:
-            pts = r.history.get(k)
-            if not pts:
-                continue
-            xs = [(ms - r.start_ms) / 1000 if x_time else step for step, ms, _ in pts]
-            ax.plot(xs, [v for _, _, v in pts], marker=marker, markersize=3, linewidth=1.6, color=color,
-                    linestyle=style, label=label)
-            drawn += 1
-    if drawn:
-        _legend(ax, drawn)
-    else:
-        _empty(ax, empty)
-    _save(fig, path)
-
-
-def _throughput_plot(runs: list[_Run], path: Path) -> None:
-    fig, ax = _figure("Training throughput by hardware (median after the first log interval)", "run",
-                      "samples / second")
-    bars = sorted((r for r in runs if r.row["samples_per_sec"] is not None),
-                  key=lambda r: (r.row["hardware"] or "", -r.row["samples_per_sec"]))
-    if not bars:
-        _empty(ax, "no throughput metrics logged (throughput/samples_per_sec)")
-        _save(fig, path)
-        return
-    hardware = list(dict.fromkeys(r.row["hardware"] or "unknown" for r in bars))
-    palette = dict(zip(hardware, _colors(len(hardware))))
-    seen: set[str] = set()
-    for i, r in enumerate(bars):
-        hw = r.row["hardware"] or "unknown"
-        ax.bar(i, r.row["samples_per_sec"], width=0.7, color=palette[hw], label=None if hw in seen else hw)
-        seen.add(hw)
-        ax.annotate(f"{r.row['samples_per_sec']:,.1f}", (i, r.row["samples_per_sec"]), ha="center",
-                    va="bottom", fontsize="small", xytext=(0, 2), textcoords="offset points")
-    ax.set_xticks(range(len(bars)), [r.label for r in bars], rotation=30 if len(bars) > 3 else 0,
-                  ha="right" if len(bars) > 3 else "center")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.grid(False, axis="x")
-    ax.margins(y=0.12)  # room for the value labels above the tallest bar
-    pad = max(0.0, (4 - len(bars)) / 2)  # one or two bars would otherwise fill the whole width
-    ax.set_xlim(-0.5 - pad, len(bars) - 0.5 + pad)
-    ax.legend(title="hardware", fontsize="small")
-    _save(fig, path)
-
-
-def _write_plots(runs: list[_Run], out: Path) -> list[Path]:
-    paths = [out / name for name in PLOTS]
-    _line_plot(runs, "val/loss", paths[0], "Validation loss by step", "val loss (nats/token)",
-               "no validation loss logged (val/loss)")
-    _line_plot(runs, "val/loss", paths[1], "Validation loss by wall time", "val loss (nats/token)",
-               "no validation loss logged (val/loss)", x_time=True)
-    _throughput_plot(runs, paths[2])
-    _line_plot(runs, "samples/rep4", paths[3], "Repetition in generated samples",
-               "repeated 4-gram rate (samples/rep4)", "no repetition metrics logged (samples/rep4)",
-               baseline=("samples/greedy_rep4", "(greedy, no penalty)"))
-    return paths
-
-
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;font-size:14px}th,td{padding:4px 10px;border-bottom:1px solid #ddd}
-th{background:#f4f4f4;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
-img{max-width:100%;margin:1em 0;display:block}code,pre{background:#f4f4f4;padding:2px 4px}"""
-
-
-def _ui_urls(runs: list[_Run]) -> list[str]:
+def ui_urls(runs: list[_Run]) -> list[str]:
     """MLflow's chart view, one per experiment the runs come from."""
     ids = dict.fromkeys(r.experiment_id for r in runs)
     return [f"{UI_HOST}/#/experiments/{x}/runs?compareRunsMode=CHART" for x in ids]
 
 
-def _write_html(runs: list[_Run], plots: list[Path], uri: str, title: str, path: Path) -> None:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for _, h, _ in COLUMNS)
-    body = "".join(
-        "<tr>" + "".join((f'<td class="n">{e(cell)}</td>' if key in _NUMERIC else f"<td>{e(cell)}</td>")
-                         for (key, _, _), cell in zip(COLUMNS, _cells(r))) + "</tr>\n"
-        for r in runs)
-    images = "".join(f'<h2>{e(p.stem.replace("_", " "))}</h2>\n<img src="{e(p.name)}" alt="{e(p.stem)}">\n'
-                     for p in plots)
-    links = "".join(f'<li><a href="{e(url)}">{e(url)}</a></li>' for url in _ui_urls(runs))
-    path.write_text(f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title><style>{_CSS}</style></head>
-<body>
-<h1>{e(title)}</h1>
-<p>{len(runs)} runs from <code>{e(uri)}</code>, sorted by final validation loss.
-Throughput and MFU are medians of the values logged after the first log interval.
-Machine-readable: <a href="runs.csv">runs.csv</a>.</p>
-<table><thead><tr>{head}</tr></thead><tbody>
-{body}</tbody></table>
-{images}<h2>In the MLflow UI</h2>
-<pre>mlflow ui --backend-store-uri {e(uri)}</pre>
-<p>then open:</p><ul>{links}</ul>
-</body></html>
-""", encoding="utf-8")
+def varied_keys(runs: list[_Run]) -> list[str]:
+    """The config keys the runs' sweeps varied (tags sweep.values, which
+    leave optim.lr to the run name), plus optim.lr where the runs set different ones."""
+    keys = dict.fromkeys(kv.split("=", 1)[0] for r in runs for kv in (r.row["varied"] or "").split() if "=" in kv)
+    if len({r.row["lr"] for r in runs if r.row["lr"] is not None}) > 1:
+        keys["optim.lr"] = None
+    return list(keys)
+
+
+def _genres(runs: list[_Run]) -> dict[str, str]:
+    """ASCII genre metric name -> the genre's own name, over all runs."""
+    names: dict[str, str] = {}
+    for r in runs:
+        for g in r.genre_loss:
+            names.setdefault(g, r.genres.get(g, g))
+    return names
 
 
 def compare(selectors: list[str], tracking_uri: str | None, out: Path) -> Report:
@@ -507,16 +453,27 @@ def compare(selectors: list[str], tracking_uri: str | None, out: Path) -> Report
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     title = f"lingmao run comparison: {', '.join(used)}"
+    genres = _genres(runs)
+    cols = columns(genres)
     rows = [r.row for r in runs]
     csv_path = out / "runs.csv"
-    _write_csv(rows, csv_path)
-    plots = _write_plots(runs, out)
+    _write_csv(rows, cols, csv_path)
+    font = find_cjk_font()
+    warn_no_font(font)
+    spread = throughput_note({r.label: r.throughput for r in runs})
+    plots = write_plots(runs, genres, spread, out, font)
+    varied = varied_keys(runs)
+    notes = [f"The sweep varied: {', '.join(varied)}." if varied else "No swept keys recorded (tag sweep.values).",
+             f"Throughput: {spread}.", f"Plot font for Chinese: {font.family or '-'} ({font.source})."]
     index = out / "index.html"
-    _write_html(runs, plots, uri, title, index)
+    write_page(index, title, uri, len(runs), notes, _table_html(runs, cols), plots,
+               [(r.label, r.samples) for r in runs], ui_urls(runs))
     # Printed last: the files exist even if the terminal output is cut short.
-    _print_table(runs, title)
-    for url in _ui_urls(runs):
-        print(f"mlflow ui --backend-store-uri {uri}  then open {url}")
+    _print_table(runs, cols, title)
+    for note in notes[:2]:
+        print(note)
+    for url in ui_urls(runs):
+        print(f"mlflow ui --backend-store-uri {uri}  then open {url}  (Group by -> hardware or model)")
     return Report(rows=rows, out=out, files=[csv_path, *plots, index])
 
 

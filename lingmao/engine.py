@@ -264,11 +264,11 @@ class Run:
             self.tracker.log_metrics(m, self.state.step)
             if self.bar:
                 self.bar.set_postfix(loss=f"{m['train/loss']:.3f}", lr=f"{m['lr']:.2e}",
-                                     sps=f"{m['throughput/samples_per_sec']:.1f}", refresh=False)
+                                     sps=f"{m['samples_per_sec']:.1f}", refresh=False)
             elif self.cfg.trainer.progress:  # not a terminal: a plain line instead of bar frames
                 total = self.job.schedule.total_steps
                 print(f"step {self.state.step}{f'/{total}' if total else ''} | train/loss {m['train/loss']:.3f} | "
-                      f"lr {m['lr']:.2e} | {m['throughput/samples_per_sec']:.1f} samples/s", flush=True)
+                      f"lr {m['lr']:.2e} | {m['samples_per_sec']:.1f} samples/s", flush=True)
         self.final.update(m)
 
     def evaluate(self, scheduled: bool) -> bool:
@@ -311,7 +311,7 @@ class Run:
             return
         job, tracker, data = self.job, self.tracker, self.job.data
         v = self.evaluator.val
-        form = corpus_verse_form(v.tokens, v.docs, v.genres, self.tokenizer)  # what samples/form is read against
+        form = corpus_verse_form(v.tokens, v.docs, v.genres, self.tokenizer)  # what val/samples/form is read against
         # On resume the settings that changed are kept beside the first ones (resumed.<step>.<key>).
         tracker.log_params({"config": cfg_dict(self.cfg), "plan": self.plan.as_dict(),
                             "model": {"params": self.raw.num_params(), "active_params": self.raw.active_params(),
@@ -338,7 +338,7 @@ class Run:
         tracker.set_tags({f"data.duplicates.{k}": v for k, v in dup.items()})
         print(f"corpus: {dup['windows']} blocks of {ctx} tokens, {dup['exact']} of them exact and {dup['near']} near "
               f"duplicates of earlier ones" +
-              (f"; {form:.0%} of its 诗 lines have 5 or 7 characters (samples/form's reference)" if form else ""))
+              (f"; {form:.0%} of its 诗 lines have 5 or 7 characters (val/samples/form's reference)" if form else ""))
         total = job.schedule.total_steps
         print(f"model {self.raw.num_params() / 1e6:.2f}M params | vocab {data.vocab_size} | "
               f"{len(job.train_windows)} train windows | {total or '∞'} steps")
@@ -352,12 +352,12 @@ class Run:
                       "status": self.status})
         if self.dist.main:
             self.tracker.log_artifact(self.job.run_dir / "samples.jsonl")
-            self.tracker.log_metrics({"summary/samples_per_sec": final.get("throughput/samples_per_sec", 0.0)},
+            self.tracker.log_metrics({"mean_samples_per_sec": final.get("samples_per_sec", 0.0)},
                                      s.step)
             val = (f"val/loss {final['val/loss']:.3f} ppl {final['val/perplexity']:.1f}" if self.val_at == s.step
                    else "no final eval")
             print(f"{'stopped' if self.status == 'KILLED' else 'done'}: step {s.step} in {wall:.1f}s | {val} | "
-                  f"{final.get('throughput/samples_per_sec', 0):.1f} samples/s | "
+                  f"{final.get('samples_per_sec', 0):.1f} samples/s | "
                   f"checkpoint {self.job.folder.path / 'last.pt' if self.checkpointer.last_good else None}")
         return final
 

@@ -130,7 +130,7 @@ def genre_metric_names(genres: list[str]) -> dict[str, str]:
 def corpus_verse_form(tokens: np.ndarray, docs: np.ndarray, genres: list[str], tokenizer, genre: str = "诗",
                       max_docs: int = 2000) -> float | None:
     """`verse_form` of the corpus's own `genre` documents in the val split
-    (the first `max_docs`): the reference samples/form is read against."""
+    (the first `max_docs`): the reference val/samples/form is read against."""
     if genre not in genres:
         return None
     g = genres.index(genre)
@@ -182,9 +182,9 @@ class Evaluator:
             m.update({f"val/loss_{self.genre_names[g]}": r["loss"] for g, r in genres.items()})
             samples = self._samples(step, m)
             first = samples[0]["prompt"] + samples[0]["text"]
-            greedy = f" (greedy {m['samples/greedy_rep4']:.2f})" if "samples/greedy_rep4" in m else ""
+            greedy = f" (greedy {m['val/samples/greedy_rep4']:.2f})" if "val/samples/greedy_rep4" in m else ""
             self.say(f"step {step}: val/loss {val:.3f} ppl {m['val/perplexity']:.1f} bpc {m['val/bpc']:.3f} "
-                     f"rep4 {m['samples/rep4']:.2f}{greedy} | {' / '.join(first.splitlines())}")
+                     f"rep4 {m['val/samples/rep4']:.2f}{greedy} | {' / '.join(first.splitlines())}")
             self.tracker.log_metrics(m, step)
             self.tracker.flush()
         return m
@@ -196,7 +196,7 @@ class Evaluator:
         for decoding in decodings:
             out = sample(self.raw, self.tokenizer, self.trainer.sample, self.trainer.sample_tokens, self.device,
                          self.seed, greedy=decoding == "greedy")
-            prefix = "samples/" if decoding == "sampled" else "samples/greedy_"
+            prefix = "val/samples/" if decoding == "sampled" else "val/samples/greedy_"
             m.update({prefix + k: v for k, v in mean_repetition([s["text"] for s in out]).items()})
             # Lines of verse: the samples that continue a 5- or 7-character line (a 诗 prompt)
             form = verse_form([s["prompt"] + s["text"] for s in out if len(s["prompt"]) in POEM_LINE_LENGTHS])

@@ -65,18 +65,18 @@ class Meter:
         sps = self.steps * self.plan.effective_batch / elapsed
         tps = sps * self.plan.context_length
         m = {"train/loss": self.loss.item() / self.steps, "lr": stats.lr, "grad_norm": float(stats.grad_norm),
-             "throughput/samples_per_sec": sps, "throughput/tokens_per_sec": tps,
+             "samples_per_sec": sps, "tokens_per_sec": tps,
              # model FLOPs utilisation (PaLM appendix B) over the peak of every device of the run
              "mfu": tps * self.flops_per_token / self.peak_flops,
-             "memory/peak_gb": peak_memory_bytes(self.device) / 2**30}
+             "peak_memory_gb": peak_memory_bytes(self.device) / 2**30}
         if scaler.is_enabled():
             m["loss_scale"] = scaler.get_scale()
         if skipped_steps:
             m["train/skipped_steps"] = skipped_steps
         if stats.moe:
             moe = stats.moe
-            m.update({"moe/aux_loss": moe["aux_loss"].item(), "moe/drop_rate": moe["drop_rate"].item(),
-                      **{f"moe/load_{i}": v for i, v in enumerate(moe["load"].tolist())}})
+            m.update({"moe_aux_loss": moe["aux_loss"].item(), "moe_drop_rate": moe["drop_rate"].item(),
+                      **{f"moe_load_{i}": v for i, v in enumerate(moe["load"].tolist())}})
         self.loss.zero_()
         self.steps = 0
         self.restart()
@@ -87,4 +87,4 @@ class Meter:
         if not self.timed_steps:
             return {}
         sps = self.timed_steps * self.plan.effective_batch / self.timed_seconds
-        return {"throughput/samples_per_sec": sps, "throughput/tokens_per_sec": sps * self.plan.context_length}
+        return {"samples_per_sec": sps, "tokens_per_sec": sps * self.plan.context_length}

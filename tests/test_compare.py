@@ -2,6 +2,7 @@
 tracker writes runs (tags, flattened params, metrics by step)."""
 
 import csv
+import json
 import math
 import os
 import statistics
@@ -29,6 +30,8 @@ class FakeRun:
     mfu: bool = True
     rep4: bool = True
     finished: bool = True
+    new_names: bool = False  # logged under the current metric names; the others under the names before them
+    lr_scale: float = 1.0  # plan.lr / config.optim.lr: the batch-size rule's factor
     run_id: str = ""
     experiment_id: str = ""
     logged: dict[str, list[float]] = field(default_factory=dict)  # what was logged, by key
@@ -37,8 +40,17 @@ class FakeRun:
 RUNS = {
     "cpu": FakeRun("cpu-tiny-lr0.001", "cpu", 1.3, sweep=SWEEP_A),
     "gpu": FakeRun("rtx4090-tiny-lr0.003", "rtx4090", 0.9, sweep=SWEEP_A, mfu=False, rep4=False),
-    "t4": FakeRun("t4x2-small-lr0.001", "t4x2", 1.1, sweep=SWEEP_B),
+    "t4": FakeRun("t4x2-small-lr0.001", "t4x2", 1.1, sweep=SWEEP_B, new_names=True, lr_scale=2.0),
+    "zh": FakeRun("诗人-tiny-lr0.002", "cpu", 1.2, new_names=True),  # a Chinese run name in every plot legend
 }
+RENAMED = {"throughput/samples_per_sec": "samples_per_sec", "throughput/tokens_per_sec": "tokens_per_sec",
+           "memory/peak_gb": "peak_memory_gb", "samples/rep4": "val/samples/rep4",
+           "samples/greedy_rep4": "val/samples/greedy_rep4", "samples/form": "val/samples/form"}
+GENRES = {"shi": "诗", "ci": "词"}
+VERSE_FORM = 0.93  # the corpus's own share of 5/7-character lines (param data.verse_form)
+SAMPLES = [{"step": 50, "decoding": "sampled", "prompt": "床前", "text": "旧的"},
+           {"step": 100, "decoding": "sampled", "prompt": "床前明月光，", "text": "疑是地上霜。"},
+           {"step": 100, "decoding": "greedy", "prompt": "床前明月光，", "text": "床前床前"}]
 OTHER = FakeRun("m1-tiny-lr0.001", "m1", 1.0, mfu=False, rep4=False, finished=False)  # experiment "ablation"
 
 
@@ -47,19 +59,22 @@ def _log(client, exp_id: str, run: FakeRun, start_ms: int, index: int) -> None:
 
     tags = {"hardware": run.hardware, "model": run.name.split("-")[1], "data": "poetry", "experiment": "",
             "host": "test", "git.commit": "0" * 40, "git.dirty": "false"}
+    tags.update({f"genre.{k}": v for k, v in GENRES.items()})
     if run.sweep:
-        tags.update({"sweep.dir": run.sweep, "sweep.job": str(index)})
+        tags.update({"sweep.dir": run.sweep, "sweep.job": str(index), "sweep.values": f"trainer.seed={index}"})
     info = client.create_run(exp_id, start_time=start_ms, tags=tags, run_name=run.name).info
     run.run_id, run.experiment_id = info.run_id, exp_id
     lr = run.name.split("lr")[1]
-    params = {"config.model.name": tags["model"], "config.optim.lr": lr, "plan.lr": lr,
+    params = {"config.model.name": tags["model"], "config.optim.lr": lr, "plan.lr": str(float(lr) * run.lr_scale),
+              "data.verse_form": str(VERSE_FORM),
               "plan.effective_batch": "32", "plan.precision": "bf16", "plan.preset": run.hardware,
               "model.params": str(3_200_000 + 1000 * index)}
     metrics = []
 
     def add(key: str, value: float, step: int) -> None:
         run.logged.setdefault(key, []).append(value)
-        metrics.append(Metric(key, value, start_ms + 150 * step + 7 * index, step))
+        name = RENAMED.get(key, key) if run.new_names else key
+        metrics.append(Metric(name, value, start_ms + 150 * step + 7 * index, step))
 
     for step in range(10, 101, 10):
         add("train/loss", run.loss_scale * (2 + 6 / math.sqrt(step)), step)
@@ -72,6 +87,9 @@ def _log(client, exp_id: str, run: FakeRun, start_ms: int, index: int) -> None:
             add("val/loss", val, step)
             add("val/perplexity", math.exp(val), step)
             add("memory/peak_gb", 1.0 + step / 100, step)
+            for j, genre in enumerate(GENRES):
+                add(f"val/loss_{genre}", val + 0.1 * (j + 1), step)
+            add("samples/form", 0.1 * index + step / 1000, step)
             if run.rep4:
                 add("samples/rep4", 0.5 - step / (300 + 100 * index), step)
                 add("samples/greedy_rep4", 0.9 - step / (500 + 100 * index), step)
@@ -87,11 +105,15 @@ def store(tmp_path_factory) -> str:
     uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
     client = MlflowClient(uri)
     kind = {"mlflow.experimentKind": "custom_model_development"}
-    lingmao = client.create_experiment("lingmao", tags=kind)
+    artifacts = tmp_path_factory.mktemp("artifacts").as_uri()  # not MLflow's default, ./mlruns in the cwd
+    lingmao = client.create_experiment("lingmao", tags=kind, artifact_location=artifacts)
     ablation = client.create_experiment("ablation", tags=kind)  # newer: the default must still pick "lingmao"
     for i, run in enumerate(RUNS.values()):
         _log(client, lingmao, run, 1_700_000_000_000 + 60_000 * i, i)
-    _log(client, ablation, OTHER, 1_700_000_900_000, 3)
+    _log(client, ablation, OTHER, 1_700_000_900_000, 9)
+    samples = tmp_path_factory.mktemp("samples") / "samples.jsonl"
+    samples.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in SAMPLES), encoding="utf-8")
+    client.log_artifact(RUNS["cpu"].run_id, str(samples))
     return uri
 
 
@@ -228,3 +250,58 @@ def test_cli(store, tmp_path):
         assert run.name in proc.stdout
     assert "compareRunsMode=CHART" in proc.stdout
     assert (out / "runs.csv").exists() and (out / "index.html").exists()
+
+
+def test_lr_as_set_and_as_scaled_varied_keys_train_and_genre_loss_and_form(report):
+    rows = {r["run"]: r for r in _csv(report)}
+    t4, cpu = rows[RUNS["t4"].name], rows[RUNS["cpu"].name]
+    assert float(t4["lr"]) == pytest.approx(0.001) and float(t4["lr_scaled"]) == pytest.approx(0.002)
+    assert float(cpu["lr"]) == float(cpu["lr_scaled"]) == pytest.approx(0.001)
+    assert cpu["varied"] == "trainer.seed=0" and t4["varied"] == "trainer.seed=2"
+    for run in RUNS.values():
+        row = rows[run.name]
+        assert float(row["train_loss"]) == pytest.approx(run.logged["train/loss"][-1])
+        for genre in GENRES:
+            assert float(row[f"val_loss_{genre}"]) == pytest.approx(run.logged[f"val/loss_{genre}"][-1])
+        assert float(row["form"]) == pytest.approx(run.logged["samples/form"][-1])  # old and new names alike
+        assert float(row["form_ref"]) == pytest.approx(VERSE_FORM)
+    page = (report.out / "index.html").read_text(encoding="utf-8")
+    assert "<th>val loss 诗</th>" in page and "<th>val loss 词</th>" in page
+    assert "The sweep varied: trainer.seed, optim.lr." in page  # optim.lr: the runs set different ones
+
+
+def test_index_html_shows_the_last_samples_of_a_run(report):
+    page = (report.out / "index.html").read_text(encoding="utf-8")
+    assert "<b>床前明月光，</b>疑是地上霜。" in page  # the last eval's sampled text
+    assert "旧的" not in page  # an earlier eval's
+    assert "床前床前" not in page  # the greedy baseline is a diagnostic, not a sample to read
+
+
+def test_chinese_run_and_genre_names_render_with_a_cjk_font(store, tmp_path):
+    import warnings
+
+    from lingmao.compare_plots import find_cjk_font
+
+    font = find_cjk_font()
+    assert font.family, f"no CJK font on this machine ({font.source})"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compare([], store, tmp_path / "out")
+    # matplotlib warns once per glyph it has to draw as a box.
+    assert not [w for w in caught if "missing from font" in str(w.message)]
+
+
+def test_throughput_note_tells_noise_from_a_real_difference():
+    from lingmao.compare_plots import throughput_note
+
+    same = {"a": [40.0, 43.0, 17.0, 41.0, 39.0], "b": [42.0, 18.0, 44.0, 40.0, 38.0]}
+    assert "within the runs' own" in throughput_note(same)
+    apart = {"a": [40.0, 41.0, 42.0, 40.5, 41.5], "b": [80.0, 81.0, 82.0, 80.5, 81.5]}
+    assert "beyond their own spread" in throughput_note(apart)
+    assert "too few" in throughput_note({"a": [1.0, 2.0], "b": [3.0, 4.0]})
+
+
+def test_report_says_whether_throughput_differences_are_noise(report):
+    page = (report.out / "index.html").read_text(encoding="utf-8")
+    # The fake runs' throughputs are 100, 200, 300 and 400 samples/s apart with a spread of 30.
+    assert "throughput differs between runs beyond their own spread" in page

@@ -68,8 +68,8 @@ def test_every_eval_logs_verse_form_beside_rep4_and_the_corpus_reference(tmp_pat
     from test_resume import mlflow_runs, train_here
 
     final = train_here(tmp_path, tmp_path / "run", "trainer.max_steps=2", "tracking.run_name=form")
-    assert 0.0 <= final["samples/form"] <= 1.0 and "samples/rep4" in final
+    assert 0.0 <= final["val/samples/form"] <= 1.0 and "val/samples/rep4" in final
     _, runs = mlflow_runs(mlflow_db, "form")
     reference = float(runs[0].data.params["data.verse_form"])
     assert reference > 0.9  # the fixture corpus is five- and seven-character verse
-    assert MlflowClient(f"sqlite:///{mlflow_db}").get_metric_history(runs[0].info.run_id, "samples/form")
+    assert MlflowClient(f"sqlite:///{mlflow_db}").get_metric_history(runs[0].info.run_id, "val/samples/form")

@@ -39,8 +39,8 @@ def test_tiny_run_learns_and_is_recorded(tmp_path, training_cache):
     assert run.data.tags["hardware"] == "cpu" and run.data.tags["model"] == "tiny"
     assert run.data.params["config.model.context_length"] == "32"
     assert int(run.data.params["model.params"]) > 0
-    for key in ("train/loss", "val/loss", "val/perplexity", "val/bpc", "lr", "throughput/samples_per_sec",
-                "throughput/tokens_per_sec", "mfu", "memory/peak_gb"):
+    for key in ("train/loss", "val/loss", "val/perplexity", "val/bpc", "lr", "samples_per_sec",
+                "tokens_per_sec", "mfu", "peak_memory_gb"):
         assert key in run.data.metrics, key
     val = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)]
     assert len(val) == 3 and val[-1] < val[0] - 0.5

@@ -1,0 +1,148 @@
+"""As a user would: train a 2-run sweep, start `mlflow ui` over its store,
+open the link the sweep printed in headless Chromium and read the chart
+view's section order (train and val first) from the rendered page.
+
+Needs the Debian package `chromium` (.ci/run installs it). Set
+LINGMAO_SCREENSHOTS=DIR to keep the screenshot and the page's DOM."""
+
+import html
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = ["-m", "hardware=cpu", "model=tiny", "model.context_length=32", "trainer.max_steps=10",
+         "trainer.eval_every=5", "trainer.log_every=5", "trainer.eval_batches=2", "trainer.progress=false",
+         "hardware.batch=4", "optim.lr=1e-3,3e-3"]
+SECTION = re.compile(r'data-testid="experiment-view-compare-runs-section-header"[^>]*>(.*?)<span', re.S)
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not found:
+        pytest.fail("headless Chromium is needed for the MLflow UI test: apt-get install chromium")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow ui exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"mlflow ui did not answer {url}/health within {seconds:.0f}s")
+
+
+def _browser(chromium: str, profile: Path, *args: str, timeout: int = 120, width: int = 1600) -> subprocess.CompletedProcess:
+    # The virtual-time budget lets the page's requests and rendering finish
+    # before the DOM or the screenshot is taken; the timeout bounds it all.
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},1400",
+           f"--user-data-dir={profile}", "--virtual-time-budget=60000", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _sections(dom: str) -> list[str]:
+    """The chart view's section headers in page order, without their counts: ['train', 'val', ...]."""
+    names = [re.sub(r"<[^>]+>", " ", m.group(1)) for m in SECTION.finditer(dom)]
+    return [re.sub(r"\s*\(\d+\)\s*$", "", " ".join(n.split())) for n in names]
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    """The link the sweep printed, rewritten to a `mlflow ui` on a free port."""
+    from conftest import build_training_cache
+
+    tmp_path = tmp_path_factory.mktemp("ui")
+    cache = build_training_cache(tmp_path / "cache")
+    env = {**os.environ, "LINGMAO_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "lingmao.run", *SWEEP], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    links = re.findall(r"then open (http://127\.0\.0\.1:5000/\S+)", proc.stdout)
+    assert links, proc.stdout[-3000:]
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+                               f"sqlite:///{tmp_path / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)  # its workers share the group: stopped together
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", server, 120)
+        yield links[-1].replace("127.0.0.1:5000", f"127.0.0.1:{port}"), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_the_printed_link_opens_on_the_train_and_val_charts(ui, tmp_path):
+    chromium = _chromium()
+    ui, _ = ui
+    assert "compareRunsMode=CHART" in ui
+    dom = _browser(chromium, tmp_path / "profile", "--dump-dom", ui).stdout
+    sections = _sections(dom)
+    assert sections[:2] == ["train", "val"], sections
+    # Nothing but the chart sections lingmao names sorts before MLflow's own.
+    assert sections[-2:] == ["Model metrics", "System metrics"], sections
+    first, second = [m.start() for m in SECTION.finditer(dom)][:2]
+    assert "train/loss" in dom[first:second]  # the train section holds the training loss chart
+
+    shot = tmp_path / "chart_view.png"
+    _browser(chromium, tmp_path / "profile", f"--screenshot={shot}", ui)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+    keep = os.environ.get("LINGMAO_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, keep)
+        (Path(keep) / "chart_view.html").write_text(dom, encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_the_shared_view_shows_key_metric_columns_in_the_runs_table(ui, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from lingmao.ui_view import share_view
+
+    chromium = _chromium()
+    link, uri = ui
+    exp_id = re.search(r"/experiments/(\d+)/", link).group(1)
+    sweep = re.search(r"searchFilter=([^&]+)", link).group(1)  # the sweep's runs: the filter goes into the view
+    param = share_view(MlflowClient(uri), exp_id, search=urllib.parse.unquote(sweep), key="sweep")
+    page = link.split("?")[0]
+    table = f"{page}?{param}"  # the runs table, in the shared view
+    # Wide: the grid renders only the header cells that fit the window.
+    dom = _browser(chromium, tmp_path / "profile", "--dump-dom", table, width=2600).stdout
+    assert "viewing a shared view" in dom
+    inputs = [html.unescape(v) for v in re.findall(r'<input[^>]*value="([^"]*)"', dom)]
+    assert urllib.parse.unquote(sweep) in inputs, inputs  # the search box holds the sweep's filter
+    # The table's header cells carry the ids of the columns the view selected.
+    shown = re.findall(r'role="columnheader"[^>]*col-id="([^"]+)"', dom)
+    for column in ("metrics.`train/loss`", "metrics.`val/loss`", "metrics.`samples_per_sec`", "tags.`hardware`",
+                   "tags.`model`"):
+        assert column in shown, (column, shown)
+    # The shared view leaves the chart view's generated sections as they are.
+    charts = _browser(chromium, tmp_path / "profile", "--dump-dom", f"{table}&compareRunsMode=CHART").stdout
+    assert _sections(charts)[:2] == ["train", "val"]
