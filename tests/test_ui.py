@@ -5,7 +5,6 @@ view's section order (train and val first) from the rendered page.
 Needs the Debian package `chromium` (.ci/run installs it). Set
 LINGMAO_SCREENSHOTS=DIR to keep the screenshot and the page's DOM."""
 
-import html
 import os
 import re
 import shutil
@@ -118,31 +117,3 @@ def test_the_printed_link_opens_on_the_train_and_val_charts(ui, tmp_path):
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, keep)
         (Path(keep) / "chart_view.html").write_text(dom, encoding="utf-8")
-
-
-@pytest.mark.slow
-def test_the_shared_view_shows_key_metric_columns_in_the_runs_table(ui, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from lingmao.ui_view import share_view
-
-    chromium = _chromium()
-    link, uri = ui
-    exp_id = re.search(r"/experiments/(\d+)/", link).group(1)
-    sweep = re.search(r"searchFilter=([^&]+)", link).group(1)  # the sweep's runs: the filter goes into the view
-    param = share_view(MlflowClient(uri), exp_id, search=urllib.parse.unquote(sweep), key="sweep")
-    page = link.split("?")[0]
-    table = f"{page}?{param}"  # the runs table, in the shared view
-    # Wide: the grid renders only the header cells that fit the window.
-    dom = _browser(chromium, tmp_path / "profile", "--dump-dom", table, width=2600).stdout
-    assert "viewing a shared view" in dom
-    inputs = [html.unescape(v) for v in re.findall(r'<input[^>]*value="([^"]*)"', dom)]
-    assert urllib.parse.unquote(sweep) in inputs, inputs  # the search box holds the sweep's filter
-    # The table's header cells carry the ids of the columns the view selected.
-    shown = re.findall(r'role="columnheader"[^>]*col-id="([^"]+)"', dom)
-    for column in ("metrics.`train/loss`", "metrics.`val/loss`", "metrics.`samples_per_sec`", "tags.`hardware`",
-                   "tags.`model`"):
-        assert column in shown, (column, shown)
-    # The shared view leaves the chart view's generated sections as they are.
-    charts = _browser(chromium, tmp_path / "profile", "--dump-dom", f"{table}&compareRunsMode=CHART").stdout
-    assert _sections(charts)[:2] == ["train", "val"]
