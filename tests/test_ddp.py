@@ -36,14 +36,20 @@ def test_two_gloo_processes_match_one_process_with_double_batch(tmp_path, traini
     assert train1[-1] < train1[0]
 
 
-def two_nodes(args: list[str], folders: list, cache, store):
+def two_nodes(args: list[str], folders: list, cache, store, stop_after=None):
     """One job as two torchrun "nodes" on this machine, one process each,
-    each in its own run folder (no shared filesystem between them)."""
+    each in its own run folder (no shared filesystem between them). With
+    `stop_after` (a file), node 0's worker gets a SIGTERM once it exists;
+    returns the outputs and exit codes."""
     import os
+    import signal
     import socket
     import subprocess
     import sys
+    import time
     from pathlib import Path
+
+    import psutil
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,9 +63,14 @@ def two_nodes(args: list[str], folders: list, cache, store):
                *args, f"hydra.run.dir={folder}", f"tracking.uri=sqlite:///{store}"]
         procs.append(subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
+    if stop_after is not None:
+        deadline = time.monotonic() + 300
+        while not stop_after.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for child in psutil.Process(procs[0].pid).children(recursive=True):  # the worker, not torchrun
+            child.send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
-    return outs
+    return outs, [p.returncode for p in procs]
 
 
 @pytest.mark.slow
@@ -69,19 +80,27 @@ def test_two_nodes_without_a_shared_disk_resume_alike_with_their_own_dropout(tmp
     from lingmao import checkpoint
 
     base = [a for a in COMMON if not a.startswith(("model.dropout", "trainer.max_steps"))] + [
-        "model.dropout=0.1", "hardware.batch=2", "hardware.threads=1", "checkpoint.every_steps=2"]
+        "model.dropout=0.1", "hardware.batch=2", "hardware.threads=1", "checkpoint.every_steps=2",
+        "trainer.max_steps=8"]
     store = tmp_path / "mlflow.db"
-    two_nodes(base + ["trainer.max_steps=4", "tracking.run_name=cut"], [tmp_path / "a0", tmp_path / "a1"],
-              training_cache, store)
-    assert not (tmp_path / "a1" / "checkpoints").exists() or not list((tmp_path / "a1" / "checkpoints").iterdir())
-    out = two_nodes(base + ["trainer.max_steps=8", "tracking.run_name=cut"], [tmp_path / "a0", tmp_path / "a1"],
-                    training_cache, store)
-    assert "resuming from" in out[0]
-    two_nodes(base + ["trainer.max_steps=8", "tracking.run_name=full"], [tmp_path / "b0", tmp_path / "b1"],
-              training_cache, store)
-    _, cut, _ = losses(store, "cut")
-    _, full, _ = losses(store, "full")
-    assert cut == pytest.approx(full, rel=1e-6)  # node 1 continued from node 0's checkpoint, not from scratch
+    cut = [tmp_path / "a0", tmp_path / "a1"]
+    # Stopped by a signal after its first checkpoint: both ranks stop at the same step, rank 0 saves.
+    two_nodes(base + ["tracking.run_name=cut"], cut, training_cache, store,
+              stop_after=cut[0] / "checkpoints" / "step00000002.pt")
+    assert not (cut[1] / "checkpoints").exists() or not list((cut[1] / "checkpoints").glob("*.pt"))
+    outs, codes = two_nodes(base + ["tracking.run_name=cut"], cut, training_cache, store)
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert "resuming from" in outs[0]
+    outs, codes = two_nodes(base + ["tracking.run_name=full"], [tmp_path / "b0", tmp_path / "b1"], training_cache,
+                            store)
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
+    client = MlflowClient(f"sqlite:///{store}")
+    by_step = {name: {m.step: m.value for m in client.get_metric_history(losses(store, name)[0].info.run_id,
+                                                                          "train/loss")} for name in ("cut", "full")}
+    assert sorted(by_step["cut"]) == list(range(1, 9))
+    # node 1 went on from node 0's checkpoint (it has none of its own), as in one unbroken run
+    assert [by_step["cut"][s] for s in range(1, 9)] == pytest.approx([by_step["full"][s] for s in range(1, 9)],
+                                                                     rel=1e-6)
     state = checkpoint.load(tmp_path / "b0" / "checkpoints" / "last.pt")
     ranks = state["rng_ranks"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # dropout masks differ
