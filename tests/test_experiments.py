@@ -78,7 +78,7 @@ def test_every_preset_and_sweep_cell_composes(name):
 
 
 def test_sweeps_have_the_planned_grids():
-    assert len(sweep_cells("batch_lr")) == 8  # effective batch 8/16/32/64 x sqrt/none
+    assert len(sweep_cells("batch_lr")) == 12  # effective batch 8/16/32 x 4 LRs
     assert sweep_cells("repeater") == [["optim.warmup=0"], ["optim.warmup=2000"]]
     assert len(sweep_cells("context_stride")) == 6
     balanced = [make("experiment=genre_balance", *cell).data.genre_caps for cell in sweep_cells("genre_balance")]
