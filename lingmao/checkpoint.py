@@ -191,6 +191,19 @@ class Folder:
         return path
 
 
+def export_weights(folder: Path) -> Path:
+    """`model.pt` beside the folder's best checkpoint (last.pt if there was
+    no eval): its weights, config and tokenizer only, what generation and
+    eval need; about a third of a checkpoint, which also holds the
+    optimizer's moments."""
+    folder = Path(folder)
+    source = folder / "best.pt" if (folder / "best.pt").exists() else folder / "last.pt"
+    state = load(source)
+    keep = ("format", "model", "config", "plan", "tokenizer_hash", "tokenizer", "mlflow_run_id", "val_loss",
+            "progress", "schedule")
+    return save({k: state[k] for k in keep if k in state}, folder.parent / "model.pt")
+
+
 def find_resume(resume: str, folder: Folder, quiet: bool = False) -> tuple[Path, dict] | None:
     """(path, mmap-loaded state) of the checkpoint to continue from, or None
     for a fresh start. `resume`: auto (the newest readable file in the run's

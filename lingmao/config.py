@@ -297,6 +297,7 @@ RULES: dict[str, Rule] = {
     "tracking.experiment_name": TEXT,
     "tracking.run_name": TEXT,
     "tracking.timeout": POSITIVE,
+    "tracking.tags": each(TEXT),
 }
 
 # Conditions on several keys at once: (what is wrong, when).

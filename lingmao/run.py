@@ -94,7 +94,7 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
 
 
 def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -> dict:
-    from . import engine
+    from . import checkpoint, engine
     from .tracking import SPOOL_NAME, Tracker, git_state, launch_host, resolve_uri, where
 
     dist = job.dist
@@ -105,7 +105,7 @@ def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -
                       run_id=job.resume_run_id if enabled else None, timeout=cfg.tracking.timeout)
     tracker.set_tags({"hardware": plan.preset, "model": cfg.model.name, "data": cfg.data.source,
                       "experiment": cfg.experiment or "", "host": launch_host(), "run_dir": str(run_dir.resolve()),
-                      **git_state(launch_dir), **(tags or {})})
+                      **git_state(launch_dir), **(tags or {}), **cfg.tracking.tags})
     if dist.main:
         look = f"{uri} (its link is printed at the end; mlflow ui --backend-store-uri {uri})" if enabled else "off"
         print(banner(cfg, plan, job, run_dir, look), flush=True)
@@ -113,6 +113,8 @@ def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -
         tracker.log_artifact(f, "hydra")
     try:
         final = engine.train(cfg, plan, tracker, run_dir, dist, job)
+        if cfg.tracking.log_model and dist.main:
+            tracker.log_artifact(checkpoint.export_weights(job.folder.path), "model")
         tracker.log_artifact(run_dir / "run.log")
     except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM: stop now, without a traceback
         tracker.timeout = min(tracker.timeout, SECOND_SIGNAL_WAIT)  # what the store has not taken by then is spooled

@@ -78,3 +78,21 @@ def test_a_plan_that_does_not_fit_says_so_first_and_exits_non_zero(tmp_path):
     assert no.returncode == 3 and no.stdout.lstrip().startswith("DOES NOT FIT"), no.stdout[:500] + no.stderr[-500:]
     yes = run("hardware=t4x2", "model=medium")
     assert yes.returncode == 0 and yes.stdout.lstrip().startswith("FITS")
+
+
+def test_user_tags_and_the_best_weights_go_into_the_run(tmp_path, mlflow_db, shared_cache):
+    import torch
+
+    from lingmao import generate
+    from test_resume import train_here
+
+    train_here(tmp_path, tmp_path / "run", "trainer.max_steps=2", "tracking.run_name=tagged",
+               "tracking.tags={team: poetry}")
+    _, runs = mlflow_runs(mlflow_db, "tagged")
+    run = runs[0]
+    assert run.data.tags["team"] == "poetry"
+    client = MlflowClient(f"sqlite:///{mlflow_db}")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
+    exported = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert "optimizer" not in exported and exported["model"] and exported["tokenizer"]
+    assert generate.main([f"checkpoint={tmp_path / 'run' / 'model.pt'}", "prompt=床前", "max_new_tokens=4"]) == 0
