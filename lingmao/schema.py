@@ -168,7 +168,7 @@ class TrackingConfig:
     run_name: Optional[str] = None
     system_metrics: bool = True  # CPU/RAM/disk/network (and GPU with nvidia-ml-py) every 10 s
     timeout: float = 30.0  # seconds any wait on the store may last; then the spool takes the records
-    tags: Dict[str, str] = field(default_factory=dict)  # your own run tags, e.g. 'tracking.tags={team: poetry}'
+    tags: Dict[str, str] = field(default_factory=dict)  # your own run tags: '+tracking.tags={team: poetry}'
     log_model: bool = True  # the best checkpoint's weights (no optimizer state) as an MLflow artifact
 
 

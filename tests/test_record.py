@@ -87,7 +87,7 @@ def test_user_tags_and_the_best_weights_go_into_the_run(tmp_path, mlflow_db, sha
     from test_resume import train_here
 
     train_here(tmp_path, tmp_path / "run", "trainer.max_steps=2", "tracking.run_name=tagged",
-               "tracking.tags={team: poetry}")
+               "+tracking.tags={team: poetry}")
     _, runs = mlflow_runs(mlflow_db, "tagged")
     run = runs[0]
     assert run.data.tags["team"] == "poetry"
