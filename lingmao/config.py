@@ -107,7 +107,7 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "poetry"  # poetry | jsonl | hf
+    source: str = "poetry"  # poetry | jsonl | hf | prepared
     paths: List[str] = field(default_factory=list)
     text_field: str = "text"
     hf_name: str = ""
@@ -119,6 +119,7 @@ class DataConfig:
     stride: Optional[int] = None
     cache_dir: Optional[str] = None
     on_bad_record: str = "error"
+    prepared_dir: Optional[str] = None  # data=prepared: a folder prepare() wrote, loaded as it is
 
 
 @dataclass
@@ -201,7 +202,7 @@ CHOICES = {
     "optim.name": ("adamw", "muon"),
     "optim.lr_scaling": ("sqrt", "linear", "none"),
     "model.mlp": ("gelu", "relu2"),
-    "data.source": ("poetry", "jsonl", "hf"),
+    "data.source": ("poetry", "jsonl", "hf", "prepared"),
     "data.script": ("simplified", "keep"),
     "data.on_bad_record": ("error", "skip"),
 }
