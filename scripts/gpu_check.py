@@ -2,11 +2,11 @@
 
     python scripts/gpu_check.py smoke RESULTS -- OVERRIDES...   `python -m lingmao.run OVERRIDES`, then what it imported
     python scripts/gpu_check.py bench RESULTS -- OVERRIDES...   a short bare-loop benchmark on CUDA
-    python scripts/gpu_check.py table RESULTS [JUNIT_XML]       the one table of the whole check
+    python scripts/gpu_check.py table RESULTS                   the one table of the whole check
 
-RESULTS is a JSONL file of rows {"check", "result"?, "numbers"}: the steps
-write theirs with a result, tests/test_gpu.py writes numbers only and pytest's
-JUnit XML gives the outcome.
+RESULTS is a JSONL file. The steps write rows {"check", "result", "numbers"};
+tests/test_gpu.py writes {"check", "test", "numbers"} before it asserts, and
+gpu_pytest_plugin {"test", "outcome", "message"} once the test has ended.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import math
 import runpy
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 # What a run with tracking off and a prepared corpus must never import: the GPU
@@ -72,8 +71,8 @@ def bench(results: Path, overrides: list[str], steps: int = 20, warmup: int = 5)
     cfg = Composer(overrides).compose()
     plan = runnable_plan(cfg, detect())
     apply_runtime(plan)
-    name = torch.cuda.get_device_name()
-    dense = dense_bf16_tflops(name)
+    name = torch.cuda.get_device_name() if plan.device == "cuda" else plan.device
+    dense = dense_bf16_tflops(name) if plan.device == "cuda" else None
     peaks = {f"{name} datasheet": dense} if dense else {}
     tokens, vocab, stride, source = train_tokens(cfg, False, 0, 0)
     r = benchmark(cfg, plan, tokens, vocab, stride, steps=steps, warmup=warmup, tracker=silent_tracker(),
@@ -89,20 +88,15 @@ def bench(results: Path, overrides: list[str], steps: int = 20, warmup: int = 5)
     return 0
 
 
-def outcomes(junit: Path | None) -> dict[str, str]:
-    """Test name -> passed | FAILED: first line | skipped: reason, from pytest's JUnit XML."""
-    if not junit or not junit.is_file():
-        return {}
-    out = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        verdict = "passed"
-        for kind, label in (("failure", "FAILED"), ("error", "ERROR"), ("skipped", "skipped")):
-            node = case.find(kind)
-            if node is not None:
-                message = (node.get("message") or node.text or "").strip().splitlines()
-                verdict = f"{label}: {message[0][:100]}" if message else label
-                break
-        out[case.get("name")] = verdict
+def outcomes(lines: list[dict]) -> dict[str, str]:
+    """Test name -> passed | FAILED: message | ERROR: message | skipped: reason,
+    from the rows gpu_pytest_plugin wrote; a failure outranks a pass."""
+    out: dict[str, str] = {}
+    for row in lines:
+        if "outcome" in row:
+            verdict = row["outcome"] + (f": {row['message']}" if row.get("message") else "")
+            if out.get(row["test"], "passed").startswith("passed"):
+                out[row["test"]] = verdict
     return out
 
 
@@ -116,27 +110,28 @@ def fmt(value) -> str:
     return str(value)
 
 
-def rows(results: Path, junit: Path | None) -> list[tuple[str, str, str]]:
+def rows(results: Path) -> list[tuple[str, str, str]]:
     """(check, result, numbers) per row: the steps' and the tests' rows in the
     order written, then every test that recorded no numbers."""
-    verdicts = outcomes(junit)
+    lines = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] \
+        if results.is_file() else []
+    verdicts = outcomes(lines)
     table, seen = [], set()
-    lines = results.read_text().splitlines() if results.is_file() else []
-    for line in filter(str.strip, lines):
-        row = json.loads(line)
+    for row in lines:
+        if "check" not in row:
+            continue
         test = row.get("test")
-        if test:
-            seen.add(test)
-        result = row.get("result") or verdicts.get(test, "no outcome (pytest did not finish)")
+        seen.add(test)
+        result = row.get("result") or verdicts.get(test, "no outcome (stopped before it ended)")
         numbers = ", ".join(f"{k} {fmt(v)}" for k, v in row["numbers"].items() if v is not None)
         table.append((row["check"], result, numbers))
     table += [(name, verdict, "") for name, verdict in verdicts.items() if name not in seen]
     return table
 
 
-def table(results: Path, junit: Path | None) -> int:
+def table(results: Path) -> int:
     """Print the table; exit 1 if any row is not passed or skipped."""
-    body = rows(results, junit)
+    body = rows(results)
     if not body:
         print("gpu_check: no results")
         return 1
@@ -157,7 +152,7 @@ def main(argv: list[str]) -> int:
         return 2
     command, results, rest = argv[0], Path(argv[1]), argv[2:]
     if command == "table":
-        return table(results, Path(rest[0]) if rest else None)
+        return table(results)
     overrides = rest[1:] if rest[:1] == ["--"] else rest
     return smoke(results, overrides) if command == "smoke" else bench(results, overrides)
 

@@ -202,76 +202,6 @@ def test_fp16_matches_bf16_at_the_first_step(ten_steps):
     assert gap is not None and abs(fp16[0] - bf16[0]) < 1e-2 * bf16[0]
 
 
-# --- resume after SIGKILL -------------------------------------------------------------
-
-RESUME = [*TINY, "model.dropout=0.1", "hardware.compile=false", "trainer.max_steps=8", "trainer.eval_every=4",
-          "checkpoint.every_steps=2"]
-
-
-@pytest.mark.gpu
-def test_resume_after_sigkill_continues_the_run(tmp_path):
-    """SIGKILL right after the checkpoint of step 4, then the same command:
-    steps 5-8 continue as if never interrupted. CUDA kernels that add with
-    atomics (the embedding's backward) may not repeat bit for bit, so the
-    stated tolerance is the spread of two uninterrupted runs (x10) plus 1e-6:
-    bit-exact wherever those two are. A resume that lost the optimizer state,
-    the data position or the CUDA RNG (dropout) misses it by ~1e-3."""
-    cut = Run(tmp_path, "cut", RESUME, kill_after=4)
-    full, again = Run(tmp_path, "full", RESUME), Run(tmp_path, "again", RESUME)
-    cut.wait()
-    assert cut.rc == -signal.SIGKILL, cut.output[-3000:]
-    resumed = Run(tmp_path, "cut", RESUME).wait()  # the same folder: resume=auto finds step 4
-    wait_all([full, again])
-    for r in (resumed, full, again):
-        r.ok()
-    assert "resuming from" in resumed.output and "at step 4" in resumed.output
-    a, b, c = resumed.checkpoint(), full.checkpoint(), again.checkpoint()
-    diff, noise = max_difference(a, b), max_difference(b, c)
-    tail = [v for s, v in resumed.series("train/loss") if s > 4]
-    reference = [v for s, v in full.series("train/loss") if s > 4]
-    record("resume after SIGKILL", bit_exact=diff == 0.0, max_weight_diff=diff, two_full_runs_diff=noise,
-           loss_gap=relative_gap(tail, reference) if len(tail) == len(reference) == 4 else None)
-    assert a["progress"]["step"] == b["progress"]["step"] == 8
-    assert len(tail) == 4 and [s for s, _ in resumed.series("train/loss") if s > 4] == [5, 6, 7, 8]
-    assert diff <= 10 * noise + 1e-6
-
-
-# --- DDP: 2 processes on one GPU (gloo) = 1 process -----------------------------------
-
-DDP = [*TINY, "model.dropout=0.0", "hardware.precision=fp32", "hardware.tf32=false", "hardware.compile=false",
-       "trainer.max_steps=6", "trainer.eval_every=3", "hardware.accumulation=2"]
-
-
-@pytest.mark.gpu
-def test_two_gloo_processes_on_one_gpu_match_one_process(tmp_path):
-    """Rank r of 2 as torchrun would start it, both on cuda:0 (LOCAL_RANK 0:
-    one GPU), micro-batch 4, against one process with micro-batch 8: the same
-    effective batch, data and seed, so the same losses and weights up to
-    the order of the gradient sum. fp32 without TF32, so the tolerance is
-    float32 rounding."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ranks = [Run(tmp_path, f"rank{r}", [*DDP, "hardware.batch=4", "hardware.ddp_backend=gloo"],
-                 env={"RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                      "MASTER_PORT": str(port)}) for r in range(2)]
-    one = Run(tmp_path, "one", [*DDP, "hardware.batch=8"])
-    wait_all([*ranks, one])
-    for r in (*ranks, one):
-        r.ok()
-    two_losses = [v for _, v in ranks[0].series("train/loss")]
-    one_losses = [v for _, v in one.series("train/loss")]
-    diff = max_difference(ranks[0].checkpoint(), one.checkpoint())
-    record("DDP 2 x gloo = 1 process", loss_gap=relative_gap(two_losses, one_losses) if two_losses else None,
-           max_weight_diff=diff)
-    assert ranks[0].checkpoint()["plan"]["world_size"] == 2
-    assert len(two_losses) == len(one_losses) == 6
-    assert two_losses == pytest.approx(one_losses, rel=1e-5, abs=1e-5)
-    assert [v for _, v in ranks[0].series("val/loss")] == pytest.approx([v for _, v in one.series("val/loss")],
-                                                                        rel=1e-5)
-    assert diff < 1e-4
-
-
 # --- peak memory against the plan's estimate -------------------------------------------
 
 SIZES = ("small", "medium", "large")
@@ -379,3 +309,73 @@ def test_mfu_medium_context_768_bf16_compiled(tmp_path):
     run.ok()
     assert len(steady) == 2
     assert 0.0 < mfu <= 1.0
+
+
+# --- resume after SIGKILL -------------------------------------------------------------
+
+RESUME = [*TINY, "model.dropout=0.1", "hardware.compile=false", "trainer.max_steps=8", "trainer.eval_every=4",
+          "checkpoint.every_steps=2"]
+
+
+@pytest.mark.gpu
+def test_resume_after_sigkill_continues_the_run(tmp_path):
+    """SIGKILL right after the checkpoint of step 4, then the same command:
+    steps 5-8 continue as if never interrupted. CUDA kernels that add with
+    atomics (the embedding's backward) may not repeat bit for bit, so the
+    stated tolerance is the spread of two uninterrupted runs (x10) plus 1e-6:
+    bit-exact wherever those two are. A resume that lost the optimizer state,
+    the data position or the CUDA RNG (dropout) misses it by ~1e-3."""
+    cut = Run(tmp_path, "cut", RESUME, kill_after=4)
+    full, again = Run(tmp_path, "full", RESUME), Run(tmp_path, "again", RESUME)
+    cut.wait()
+    assert cut.rc == -signal.SIGKILL, cut.output[-3000:]
+    resumed = Run(tmp_path, "cut", RESUME).wait()  # the same folder: resume=auto finds step 4
+    wait_all([full, again])
+    for r in (resumed, full, again):
+        r.ok()
+    assert "resuming from" in resumed.output and "at step 4" in resumed.output
+    a, b, c = resumed.checkpoint(), full.checkpoint(), again.checkpoint()
+    diff, noise = max_difference(a, b), max_difference(b, c)
+    tail = [v for s, v in resumed.series("train/loss") if s > 4]
+    reference = [v for s, v in full.series("train/loss") if s > 4]
+    record("resume after SIGKILL", bit_exact=diff == 0.0, max_weight_diff=diff, two_full_runs_diff=noise,
+           loss_gap=relative_gap(tail, reference) if len(tail) == len(reference) == 4 else None)
+    assert a["progress"]["step"] == b["progress"]["step"] == 8
+    assert len(tail) == 4 and [s for s, _ in resumed.series("train/loss") if s > 4] == [5, 6, 7, 8]
+    assert diff <= 10 * noise + 1e-6
+
+
+# --- DDP: 2 processes on one GPU (gloo) = 1 process -----------------------------------
+
+DDP = [*TINY, "model.dropout=0.0", "hardware.precision=fp32", "hardware.tf32=false", "hardware.compile=false",
+       "trainer.max_steps=6", "trainer.eval_every=3", "hardware.accumulation=2"]
+
+
+@pytest.mark.gpu
+def test_two_gloo_processes_on_one_gpu_match_one_process(tmp_path):
+    """Rank r of 2 as torchrun would start it, both on cuda:0 (LOCAL_RANK 0:
+    one GPU), micro-batch 4, against one process with micro-batch 8: the same
+    effective batch, data and seed, so the same losses and weights up to
+    the order of the gradient sum. fp32 without TF32, so the tolerance is
+    float32 rounding."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [Run(tmp_path, f"rank{r}", [*DDP, "hardware.batch=4", "hardware.ddp_backend=gloo"],
+                 env={"RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                      "MASTER_PORT": str(port)}) for r in range(2)]
+    one = Run(tmp_path, "one", [*DDP, "hardware.batch=8"])
+    wait_all([*ranks, one])
+    for r in (*ranks, one):
+        r.ok()
+    two_losses = [v for _, v in ranks[0].series("train/loss")]
+    one_losses = [v for _, v in one.series("train/loss")]
+    diff = max_difference(ranks[0].checkpoint(), one.checkpoint())
+    record("DDP 2 x gloo = 1 process", loss_gap=relative_gap(two_losses, one_losses) if two_losses else None,
+           max_weight_diff=diff)
+    assert ranks[0].checkpoint()["plan"]["world_size"] == 2
+    assert len(two_losses) == len(one_losses) == 6
+    assert two_losses == pytest.approx(one_losses, rel=1e-5, abs=1e-5)
+    assert [v for _, v in ranks[0].series("val/loss")] == pytest.approx([v for _, v in one.series("val/loss")],
+                                                                        rel=1e-5)
+    assert diff < 1e-4

@@ -104,24 +104,40 @@ def test_gpu_check_sh_rehearses_a_run_that_imports_no_mlflow_datasets_opencc(tmp
     assert "step smoke" in table and "checks passed or skipped" in table
 
 
-JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
-<testcase classname="tests.test_gpu" name="test_a[x]" time="1.0"/>
-<testcase classname="tests.test_gpu" name="test_b" time="1.0"><failure message="assert 0.4 &lt; 0.3">long
-text</failure></testcase>
-<testcase classname="tests.test_gpu" name="test_c" time="0.0"><skipped message="needs a CUDA device"/></testcase>
-</testsuite></testsuites>"""
+def test_pytest_plugin_writes_each_outcome_as_it_ends(tmp_path):
+    (tmp_path / "test_some.py").write_text(
+        "import pytest\n"
+        "def test_ok():\n    assert True\n"
+        "def test_bad():\n    assert 1 == 2, 'one is not two'\n"
+        "@pytest.mark.skip(reason='not here')\ndef test_skipped():\n    pass\n")
+    results = tmp_path / "results.jsonl"
+    env = {**os.environ, "GPU_CHECK_RESULTS": str(results),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "scripts"), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_pytest_plugin",
+                    str(tmp_path / "test_some.py")], cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    verdicts = check.outcomes([json.loads(line) for line in results.read_text().splitlines()])
+    assert verdicts["test_ok"] == "passed"
+    assert verdicts["test_bad"].startswith("FAILED: AssertionError: one is not two")
+    assert verdicts["test_skipped"] == "skipped: not here"
+
+
+def rows_of(*rows: dict) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 def test_table_joins_the_tests_numbers_with_their_outcomes(tmp_path, capsys):
-    results, junit = tmp_path / "results.jsonl", tmp_path / "pytest.xml"
-    junit.write_text(JUNIT)
+    results = tmp_path / "results.jsonl"
     check.add_row(results, "step install", "passed", seconds=3)
     with open(results, "a") as f:
-        f.write(json.dumps({"check": "memory a", "test": "test_a[x]", "numbers": {"ratio": 0.91234, "gb": None}}) + "\n")
-        f.write(json.dumps({"check": "mfu b", "test": "test_b", "numbers": {"mfu": 0.4}}) + "\n")
-    assert check.table(results, junit) == 1  # test_b failed
+        f.write(rows_of({"check": "memory a", "test": "test_a[x]", "numbers": {"ratio": 0.91234, "gb": None}},
+                        {"test": "test_a[x]", "outcome": "passed", "when": "call", "message": ""},
+                        {"check": "mfu b", "test": "test_b", "numbers": {"mfu": 0.4}},
+                        {"test": "test_b", "outcome": "FAILED", "when": "call", "message": "assert 0.4 < 0.3"},
+                        {"test": "test_b", "outcome": "passed", "when": "teardown", "message": ""},
+                        {"test": "test_c", "outcome": "skipped", "when": "setup", "message": "needs a CUDA device"}))
+    assert check.table(results) == 1  # test_b failed
     lines = capsys.readouterr().out.splitlines()
-    row = {line.split()[0] + " " + line.split()[1]: line for line in lines[2:-1]}
+    row = {" ".join(line.split()[:2]): line for line in lines[2:-1]}
     assert "passed" in row["step install"] and "seconds 3" in row["step install"]
     assert "passed" in row["memory a"] and "ratio 0.9123" in row["memory a"] and "gb" not in row["memory a"]
     assert "FAILED: assert 0.4 < 0.3" in row["mfu b"] and "mfu 0.4" in row["mfu b"]
@@ -129,8 +145,8 @@ def test_table_joins_the_tests_numbers_with_their_outcomes(tmp_path, capsys):
     assert lines[-1] == "3 of 4 checks passed or skipped; not: mfu b"
 
 
-def test_table_without_pytests_report_says_so(tmp_path, capsys):
+def test_table_of_a_test_stopped_before_it_ended_says_so(tmp_path, capsys):
     results = tmp_path / "results.jsonl"
-    results.write_text(json.dumps({"check": "memory a", "test": "test_a", "numbers": {"ratio": 1.0}}) + "\n")
-    assert check.table(results, tmp_path / "absent.xml") == 1
-    assert "no outcome (pytest did not finish)" in capsys.readouterr().out
+    results.write_text(rows_of({"check": "memory a", "test": "test_a", "numbers": {"ratio": 1.0}}))
+    assert check.table(results) == 1
+    assert "no outcome (stopped before it ended)" in capsys.readouterr().out
