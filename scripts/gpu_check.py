@@ -142,7 +142,8 @@ def table(results: Path) -> int:
     for check, result, numbers in body:
         print(f"{check:<{w_check}}  {result[:w_result]:<{w_result}}  {numbers}")
     bad = [c for c, r, _ in body if not r.startswith(("passed", "skipped"))]
-    print(f"{len(body) - len(bad)} of {len(body)} checks passed or skipped" + (f"; not: {', '.join(bad)}" if bad else ""))
+    not_ok = f"; not: {', '.join(bad)}" if bad else ""
+    print(f"{len(body) - len(bad)} of {len(body)} checks passed or skipped{not_ok}")
     return 1 if bad else 0
 
 

@@ -53,7 +53,7 @@ def wheel_versions() -> dict[str, str]:
 
 
 def _pip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=600, check=False)
 
 
 def download_wheels(dest: Path, python_version: str, versions: dict[str, str]) -> list[Path]:
