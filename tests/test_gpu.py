@@ -235,6 +235,8 @@ def measured_plan(preset: str, size: str) -> tuple[list[str], object]:
     args = [f"hardware={preset}", f"model={size}", f"hardware.batch={on_its_card.micro_batch}",
             "hardware.accumulation=2", f"hardware.memory_gb={gpu_gb:.0f}", "hardware.compile=false",
             "trainer.max_steps=2", "trainer.eval_every=2"]
+    if getattr(on_its_card, "activation_checkpointing", False):  # what the plan chose for that card
+        args.append("hardware.activation_checkpointing=true")
     run_plan = make_plan(compose([*BASE, *args]), machine)
     return args, run_plan
 
@@ -280,8 +282,12 @@ def test_peak_memory_within_the_plans_margin(memory_runs, preset, size):
 
 def device_peak_tflops() -> tuple[float, str]:
     """This GPU's dense bf16 peak: the datasheet's, else a bf16 matmul measured here."""
-    from lingmao.bench.gpu import dense_bf16_tflops
     from lingmao.bench.measure import matmul_tflops
+
+    try:
+        from lingmao.peaks import dense_bf16_tflops
+    except ImportError:  # before the peaks table moved to lingmao.peaks
+        from lingmao.bench.gpu import dense_bf16_tflops
 
     name = torch.cuda.get_device_name()
     peak = dense_bf16_tflops(name)

@@ -47,10 +47,12 @@ def data_config(*overrides: str):
 
 
 def test_carried_corpus_has_the_plans_vocabulary_and_loads_as_data_prepared(corpus):
-    from lingmao.data import load_corpus
+    from lingmao.data import load_prepared
     from lingmao.plan import DEFAULT_VOCAB
 
-    loaded = load_corpus(data_config("data=prepared", f"data.prepared_dir={corpus}"), seed=0)
+    d = data_config("data=prepared", f"data.prepared_dir={corpus}")
+    assert (d.source, d.prepared_dir) == ("prepared", str(corpus))
+    loaded = load_prepared(d.prepared_dir)  # what load_corpus returns for data=prepared (the smoke run below)
     assert loaded.dir == corpus and loaded.vocab_size == DEFAULT_VOCAB == 13563
     assert loaded.tokenizer().get_vocab_size() == DEFAULT_VOCAB
     train, val = loaded.tokens("train"), loaded.tokens("val")
@@ -66,15 +68,16 @@ def test_carried_corpus_is_the_same_for_the_same_seed():
 
 
 def test_prepared_source_needs_a_folder_and_names_what_is_missing(tmp_path, corpus):
-    from lingmao.data import CorpusError, load_corpus
+    from lingmao.data import CorpusError, load_prepared
 
+    assert data_config("data=prepared").prepared_dir is None
     with pytest.raises(CorpusError, match=r"data=prepared needs data.prepared_dir=PATH"):
-        load_corpus(data_config("data=prepared"), seed=0)
+        load_prepared(None)
     empty = tmp_path / "not_a_corpus"
     empty.mkdir()
     (empty / "train.bin").write_bytes(b"")
     with pytest.raises(CorpusError) as e:
-        load_corpus(data_config("data=prepared", f"data.prepared_dir={empty}"), seed=0)
+        load_prepared(str(empty))
     message = str(e.value)
     assert f"data.prepared_dir={empty}" in message and "meta.json" in message and "\n" not in message
     assert "train.bin," not in message.split("there;")[0]  # present: not named as missing
