@@ -93,16 +93,18 @@ class Run:
                                      cwd=self.dir, env=full_env, stdout=self.out, stderr=subprocess.STDOUT)
 
     def wait(self) -> Run:
+        self.timed_out = False
         try:
             self.rc = self.proc.wait(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # killed here: not the SIGKILL a test asked for
             self.proc.kill()
-            self.rc = self.proc.wait()
+            self.rc, self.timed_out = self.proc.wait(), True
         self.out.close()
         self.output = (self.dir / "output.txt").read_text(errors="replace")
         return self
 
     def ok(self) -> Run:
+        assert not self.timed_out, f"{self.name}: still running after {self.timeout} s\n{self.output[-3000:]}"
         assert self.rc == 0, f"{self.name}: exit {self.rc}\n{self.output[-3000:]}"
         return self
 
@@ -336,7 +338,7 @@ def test_resume_after_sigkill_continues_the_run(tmp_path):
     cut = Run(tmp_path, "cut", RESUME, kill_after=4)
     full, again = Run(tmp_path, "full", RESUME), Run(tmp_path, "again", RESUME)
     cut.wait()
-    assert cut.rc == -signal.SIGKILL, cut.output[-3000:]
+    assert cut.rc == -signal.SIGKILL and not cut.timed_out, cut.output[-3000:]
     resumed = Run(tmp_path, "cut", RESUME).wait()  # the same folder: resume=auto finds step 4
     wait_all([full, again])
     for r in (resumed, full, again):
