@@ -27,7 +27,8 @@ clock = time.monotonic  # checkpoint.every_minutes is measured on it
 RESUMABLE = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "trainer.eval_every",
              "trainer.eval_batches", "trainer.log_every", "trainer.progress", "trainer.early_stop_patience",
              "trainer.on_nan", "trainer.nan_lr_factor", "checkpoint.", "tracking.", "hardware.", "night_mode",
-             "night.", "resume", "plan", "experiment", "data.cache_dir", "data.on_bad_record", "data.paths")
+             "night.", "resume", "plan", "experiment", "data.cache_dir", "data.on_bad_record", "data.paths",
+             "data.prepared_dir")
 
 
 def _flat(node, prefix: str = "") -> dict:

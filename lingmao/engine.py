@@ -320,7 +320,8 @@ class Run:
                                      "steps_per_epoch": job.steps_per_epoch, "verse_form": form}},
                            step=self.state.step)
         d = self.cfg.data
-        source = {"poetry": "npm:chinese-poetry", "hf": f"hf://{d.hf_name}"}.get(d.source, ",".join(d.paths))
+        source = {"poetry": "npm:chinese-poetry", "hf": f"hf://{d.hf_name}",
+                  "prepared": str(d.prepared_dir)}.get(d.source, ",".join(d.paths))
         tracker.log_input_dataset(d.source, data.dir.name, source, n_records=data.meta["records"],
                                   profile={"train_tokens": data.meta["tokens"]["train"],
                                            "val_tokens": data.meta["tokens"]["val"]})

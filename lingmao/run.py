@@ -175,6 +175,8 @@ def _absolute_paths(cfg: DictConfig, launch_dir: Path) -> None:
     """Hydra runs each job in its own folder: paths the user typed are
     relative to where they launched."""
     cfg.data.paths = [str((launch_dir / p).resolve()) for p in cfg.data.paths]
+    if cfg.data.prepared_dir:
+        cfg.data.prepared_dir = str((launch_dir / cfg.data.prepared_dir).resolve())
     if cfg.data.cache_dir:
         cfg.data.cache_dir = str((launch_dir / cfg.data.cache_dir).resolve())
     if cfg.resume not in ("auto", "never"):

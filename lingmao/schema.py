@@ -123,6 +123,7 @@ class DataConfig:
     stride: Optional[int] = None
     cache_dir: Optional[str] = None
     on_bad_record: str = "error"
+    prepared_dir: Optional[str] = None  # data=prepared: a folder prepare() wrote, loaded as it is
 
 
 @dataclass

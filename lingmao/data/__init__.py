@@ -8,7 +8,10 @@ from pathlib import Path
 from .corpus import POETRY_PACKAGE, CorpusError, fetch_poetry, hf_records, jsonl_records, poetry_records
 from .prepare import Prepared, prepare
 
-__all__ = ["CorpusError", "Prepared", "cache_root", "load_corpus"]
+__all__ = ["CorpusError", "Prepared", "cache_root", "load_corpus", "load_prepared"]
+
+# What prepare() writes into a corpus folder; meta.json last, so it marks the folder complete.
+PREPARED_FILES = ("train.bin", "val.bin", "val_docs.npy", "tokenizer.json", "meta.json")
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -34,9 +37,24 @@ def _source(d, root: Path):
     return hf_records(d.hf_name, split=d.hf_split, config=d.hf_config, text_field=d.text_field), key
 
 
+def load_prepared(path: str | None) -> Prepared:
+    """data=prepared: a folder prepare() wrote (here or on another machine),
+    loaded as it is; no source is read, `datasets` and opencc stay unimported."""
+    if not path:
+        raise CorpusError("data=prepared needs data.prepared_dir=PATH, a folder holding " + ", ".join(PREPARED_FILES))
+    folder = Path(path).expanduser()
+    missing = [f for f in PREPARED_FILES if not (folder / f).is_file()]
+    if missing:
+        raise CorpusError(f"data.prepared_dir={folder}: no {', '.join(missing)} there; a prepared corpus folder holds "
+                          f"{', '.join(PREPARED_FILES)} (meta.json written last, when it is complete)")
+    return Prepared.load(folder)
+
+
 def load_corpus(d, progress: bool = False) -> Prepared:
     """The prepared corpus of data config `d`; the split by `d.split_seed`,
     not the run's seed, so runs that differ in their seed share a val set."""
+    if d.source == "prepared":
+        return load_prepared(d.prepared_dir)
     root = cache_root(d.cache_dir)
     records, key = _source(d, root)
     return prepare(records, root / "prepared", key, script=d.script, genre_caps=dict(d.genre_caps),
