@@ -65,16 +65,55 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _nvml_gpus() -> tuple[Gpu, ...] | None:
+    """The visible CUDA devices through NVML, which (unlike asking torch)
+    does not start CUDA: PYTORCH_CUDA_ALLOC_CONF, set from the plan, only
+    counts if it is in the environment before CUDA starts. None where NVML
+    is missing or CUDA_VISIBLE_DEVICES names devices by UUID."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no NVIDIA driver, or no nvidia-ml-py
+        return None
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        parts = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else None
+        if parts is not None and not all(p.lstrip("-").isdigit() for p in parts):
+            return None
+        indices = []
+        for i in (range(count) if parts is None else map(int, parts)):
+            if not 0 <= i < count:
+                break  # CUDA ignores the list from the first invalid entry on
+            indices.append(i)
+        gpus = []
+        for i in indices:
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+            gpus.append(Gpu(name.decode() if isinstance(name, bytes) else name,
+                            pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30, float(f"{major}.{minor}")))
+        return tuple(gpus)
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def detect() -> Machine:
-    """This machine: every CUDA device torch sees (CUDA_VISIBLE_DEVICES
-    applies), its name, memory and compute capability; MPS; CPU cores, RAM
-    and flags."""
+    """This machine: every visible CUDA device (CUDA_VISIBLE_DEVICES
+    applies), its name, memory and compute capability, read through NVML
+    so CUDA is not started yet (torch where NVML is missing); MPS; CPU
+    cores, RAM and flags."""
     import torch
 
-    gpus = []
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            gpus.append(Gpu(p.name, p.total_memory / 2**30, float(f"{p.major}.{p.minor}")))
+    gpus = _nvml_gpus()
+    if gpus is None:
+        gpus = []
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                gpus.append(Gpu(p.name, p.total_memory / 2**30, float(f"{p.major}.{p.minor}")))
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return Machine(cores=_cores(), ram_gb=_ram_gb(), cpu_flags=_cpu_flags(), gpus=tuple(gpus), mps=mps)

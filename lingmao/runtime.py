@@ -25,12 +25,15 @@ def apply_runtime(plan: Plan) -> None:
     if plan.device == "cpu" and plan.threads:
         torch.set_num_threads(plan.threads)
     if plan.device == "cuda":
-        # The allocator reads PYTORCH_CUDA_ALLOC_CONF once, at its first use;
-        # a value the user exported wins over the preset's.
+        # The allocator reads PYTORCH_CUDA_ALLOC_CONF once, when CUDA starts
+        # (machine.detect reads the GPUs through NVML so it has not yet); a
+        # value the user exported wins over the preset's.
         if plan.alloc_conf and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = plan.alloc_conf
-            if torch.cuda.is_initialized():  # too late for the variable alone
-                torch.cuda.memory._set_allocator_settings(plan.alloc_conf)
+            if torch.cuda.is_initialized():
+                print(f"warning: CUDA started before the plan's allocator settings ({plan.alloc_conf}) could "
+                      f"apply; export PYTORCH_CUDA_ALLOC_CONF={plan.alloc_conf} to have them", file=sys.stderr)
+            else:
+                os.environ["PYTORCH_CUDA_ALLOC_CONF"] = plan.alloc_conf
         # The current TF32 API; the old allow_tf32 flags warn since torch 2.9.
         torch.backends.cuda.matmul.fp32_precision = "tf32" if plan.tf32 else "ieee"
         torch.backends.cudnn.conv.fp32_precision = "tf32" if plan.tf32 else "ieee"

@@ -72,3 +72,68 @@ def test_peak_names_match_whole_words_only():
     assert peak_for("Some Future GPU") is None
     assert dense_bf16_tflops("Tesla T4") is None  # no bf16 tensor cores
     assert len({key for key, _ in PEAKS}) == len(PEAKS)
+
+
+class FakeNvml:
+    """pynvml as a machine with these (name, total bytes, major, minor) devices answers it."""
+
+    def __init__(self, *gpus):
+        self.gpus = gpus
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return self.gpus[i]
+
+    def nvmlDeviceGetName(self, h):
+        return h[0].encode()
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return type("Memory", (), {"total": h[1]})()
+
+    def nvmlDeviceGetCudaComputeCapability(self, h):
+        return h[2], h[3]
+
+
+def test_gpus_are_read_through_nvml_without_starting_cuda(monkeypatch):
+    import sys
+
+    from lingmao.machine import detect
+
+    t4 = ("Tesla T4", 15 * 2**30, 7, 5)
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(t4, t4, t4))
+
+    def no_cuda(*a):
+        raise AssertionError("asking torch would start CUDA before PYTORCH_CUDA_ALLOC_CONF is set")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_cuda)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [(g.name, g.compute_capability) for g in detect().gpus] == [("Tesla T4", 7.5)] * 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    assert len(detect().gpus) == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,7,1")  # CUDA stops at the first invalid entry
+    assert len(detect().gpus) == 1
+
+
+def test_allocator_settings_go_through_the_environment_or_a_warning_never_a_private_api(monkeypatch, capsys):
+    import os
+
+    from lingmao.plan import make_plan
+    from lingmao.runtime import apply_runtime
+    from test_plan import H100, make
+
+    plan = make_plan(make("hardware=rtx4090"), H100)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # CUDA already started
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings",
+                        lambda *a: (_ for _ in ()).throw(AssertionError("private, deprecated API")))
+    apply_runtime(plan)
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    assert "export PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:128" in capsys.readouterr().err
