@@ -177,6 +177,7 @@ class Run:
             self.final.update({"val/loss": saved_val, "val/perplexity": math.exp(min(saved_val, 50))})
             self.val_at = self.state.step
         self.status = "FINISHED"
+        self.linked = False  # the MLflow run's link was printed
 
     # -- the loop ---------------------------------------------------------------
 
@@ -262,6 +263,9 @@ class Run:
         m = self.meter.read(stats, self.scaler, self.state.skipped_steps)
         if self.dist.main:
             self.tracker.log_metrics(m, self.state.step)
+            if not self.linked and (link := self.tracker.run_link()):  # the run opens off the start-up path
+                self.linked = True
+                self.say(f"MLflow run: {link}")
             if self.bar:
                 self.bar.set_postfix(loss=f"{m['train/loss']:.3f}", lr=f"{m['lr']:.2e}",
                                      sps=f"{m['samples_per_sec']:.1f}", refresh=False)
@@ -352,6 +356,8 @@ class Run:
         final.update({"step": s.step, "wall_seconds": wall, "tracking_seconds": self.tracker.seconds,
                       "status": self.status})
         if self.dist.main:
+            if not self.linked and self.tracker.run_id and (link := self.tracker.run_link()):
+                self.say(f"MLflow run: {link}")  # the run opened only now (a short run)
             self.tracker.log_artifact(self.job.run_dir / "samples.jsonl")
             self.tracker.log_metrics({"mean_samples_per_sec": final.get("samples_per_sec", 0.0)},
                                      s.step)

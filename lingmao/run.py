@@ -107,7 +107,8 @@ def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -
                       "experiment": cfg.experiment or "", "host": launch_host(), "run_dir": str(run_dir.resolve()),
                       **git_state(launch_dir), **(tags or {}), **cfg.tracking.tags})
     if dist.main:
-        look = f"{uri} (its link is printed at the end; mlflow ui --backend-store-uri {uri})" if enabled else "off"
+        look = (f"{uri} (the run's link follows once it is open; mlflow ui --backend-store-uri {uri})"
+                if enabled else "off")
         print(banner(cfg, plan, job, run_dir, look), flush=True)
     for f in sorted((run_dir / ".hydra").glob("*.yaml")):  # the composed config, as Hydra wrote it
         tracker.log_artifact(f, "hydra")

@@ -192,6 +192,13 @@ class Tracker:
 
     # -- the training thread's calls: each only queues ---------------------
 
+    def run_link(self) -> str:
+        """The chart view of this run's curves once the run is open (never
+        waits), else ""."""
+        if not (self.enabled and self._opened and self._run_id and self.offline is None):
+            return ""
+        return ui_url(self.uri, self._experiment_id, f"attributes.run_id = '{self._run_id}'")
+
     def ui_url(self) -> str:
         return ui_url(self.uri, self.experiment_id) if self.enabled and self.experiment_id else ""
 

@@ -96,3 +96,15 @@ def test_user_tags_and_the_best_weights_go_into_the_run(tmp_path, mlflow_db, sha
     exported = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert "optimizer" not in exported and exported["model"] and exported["tokenizer"]
     assert generate.main([f"checkpoint={tmp_path / 'run' / 'model.pt'}", "prompt=床前", "max_new_tokens=4"]) == 0
+
+
+def test_the_runs_link_is_printed_once_the_run_is_open(tmp_path, mlflow_db, shared_cache, monkeypatch, capsys):
+    args = ["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "trainer.max_steps=40",
+            "trainer.log_every=1", "trainer.eval_every=40", f"hydra.run.dir={tmp_path / 'run'}",
+            "tracking.run_name=linked"]
+    assert cli(args, tmp_path, monkeypatch) == 0
+    out = capsys.readouterr().out
+    _, runs = mlflow_runs(mlflow_db, "linked")
+    lines = [line for line in out.splitlines() if line.startswith("MLflow run: ")]
+    assert len(lines) == 1 and "compareRunsMode=CHART" in lines[0] and runs[0].info.run_id in lines[0]
+    assert out.index("MLflow run: ") < out.index("done: step 40")  # printed by the run, before its end line
