@@ -290,6 +290,8 @@ RULES: dict[str, Rule] = {
     "trainer.on_nan": one_of("stop", "skip", "rollback"),
     "trainer.nan_lr_factor": interval("(0, 1)"),
     "trainer.early_stop_patience": POSITIVE,
+    "trainer.overfit_batches": NON_NEGATIVE,
+    "trainer.profile_steps": NON_NEGATIVE,
     "checkpoint.dir": TEXT,
     "checkpoint.every_steps": POSITIVE,
     "checkpoint.every_minutes": POSITIVE,

@@ -28,7 +28,7 @@ from .checkpointer import Checkpointer, RunLock, job_differences
 from .console import interactive
 from .data import CorpusError, load_corpus
 from .data.prepare import Prepared
-from .data.stream import BatchStream, loader_args
+from .data.stream import BatchStream, Replay, loader_args
 from .data.tokenizer import tokenizer_hash
 from .data.windows import TokenWindows, default_stride, make_loader
 from .distributed import Dist, Parallel, agree, finish, gather, rank_seed, start
@@ -38,6 +38,7 @@ from .nan_policy import NanPolicy, NonFiniteError, nonfinite_report  # noqa: F40
 from .night import NightMode
 from .optim import Schedule
 from .plan import Plan
+from .profiling import StepProfiler
 from .runtime import apply_night, apply_runtime
 from .signals import Stopper
 from .step import TrainStep, build
@@ -170,6 +171,8 @@ class Run:
         self.bar = self._progress_bar()
         self.evaluator = Evaluator(self.raw, plan, self.device, dist, self._val_data(), cfg, self.tokenizer,
                                    job.run_dir / "samples.jsonl", tracker, self.say)
+        self.profiler = StepProfiler(cfg.trainer.profile_steps if dist.main else 0, job.run_dir, self.device,
+                                     self.say)
         self.final: dict = {}
         self.val_at = -1  # step of the latest eval
         saved_val = job.found[1].get("val_loss") if job.found else None
@@ -199,6 +202,7 @@ class Run:
                 s.seconds = before + time.perf_counter() - start
                 s.epoch, s.epoch_windows = self.stream.epoch, self.stream.seen
                 self.meter.add(stats)
+                self.profiler.step()
                 if s.step == self.started_at + 1:
                     self.tracker.start_sending()  # MLflow's imports now overlap training, not start-up
                 if self.bar:
@@ -225,6 +229,7 @@ class Run:
                 self.evaluate(scheduled=False)
             if self.checkpointer.saved_at != s.step:
                 self.save()
+        self.profiler.stop()
         return self.close(time.perf_counter() - start)
 
     # -- the steps of the loop ----------------------------------------------------
@@ -370,10 +375,12 @@ class Run:
 
     # -- parts ----------------------------------------------------------------------
 
-    def _stream(self) -> BatchStream:
+    def _stream(self) -> BatchStream | Replay:
         p, s = self.plan, self.state
-        return BatchStream(self.job.train_windows, p.micro_batch, self.cfg.seed, self.dist.rank,
-                           self.dist.world_size, loader_args(p), s.epoch, s.epoch_windows)
+        stream = BatchStream(self.job.train_windows, p.micro_batch, self.cfg.seed, self.dist.rank,
+                             self.dist.world_size, loader_args(p), s.epoch, s.epoch_windows)
+        n = self.cfg.trainer.overfit_batches
+        return Replay(stream, n) if n else stream
 
     def _val_data(self) -> ValData:
         job, data = self.job, self.job.data

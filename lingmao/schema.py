@@ -151,6 +151,8 @@ class TrainerConfig:
     on_nan: str = "stop"  # stop | skip | rollback, for a non-finite loss or gradient (fp16: the GradScaler's)
     nan_lr_factor: float = 0.5  # on_nan=rollback multiplies the LR by this
     early_stop_patience: Optional[int] = None  # scheduled evals without a val/loss improvement; None: off
+    overfit_batches: int = 0  # > 0: train on the first N batches over and over (debug=overfit)
+    profile_steps: int = 0  # > 0: torch.profiler over that many steps after two warm-up ones (debug=profile)
 
 
 @dataclass

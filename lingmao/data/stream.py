@@ -48,3 +48,22 @@ class BatchStream:
                 self.seen += self.per_batch
                 return batch
             self.epoch, self.seen, self._batches = self.epoch + 1, 0, None
+
+
+class Replay:
+    """The first `n` batches of `stream`, over and over: a model that cannot
+    drive their loss towards zero has a bug (debug=overfit)."""
+
+    def __init__(self, stream: BatchStream, n: int):
+        self.stream, self.n, self.cache = stream, n, []
+        self.epoch, self.seen = stream.epoch, stream.seen
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if len(self.cache) < self.n:
+            self.cache.append(next(self.stream))
+            return self.cache[-1]
+        self.cache.append(self.cache.pop(0))
+        return self.cache[-1]
