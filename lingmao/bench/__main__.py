@@ -36,7 +36,8 @@ def benchmark_mode(cfg, plan, opts, tracker) -> None:
     windows = (opts.warmup + 2 * opts.steps + 2) * plan.effective_batch
     tokens, vocab, stride, source = train_tokens(cfg, opts.synthetic, opts.vocab, windows,
                                                  progress=cfg.trainer.progress)
-    peaks = {f"the {plan.preset} preset's peak": plan.peak_tflops_per_device} if plan.device != "cpu" and plan.peak_tflops_per_device else {}
+    peak = plan.peak_tflops_per_device if plan.device != "cpu" else None
+    peaks = {f"the {plan.preset} preset's peak": peak} if peak else {}
     print(f"lingmao bench: hardware={plan.preset} model={cfg.model.name} | {plan.device} {plan.precision}"
           f"{' compiled' if plan.compile else ' eager'} | micro-batch {plan.micro_batch} x accumulation "
           f"{plan.accumulation}, context {cfg.model.context_length} | {source}")
