@@ -126,10 +126,9 @@ class Checkpointer:
         return bool(self.every_minutes) and clock() - self._last_time >= self.every_minutes * 60
 
     def start(self, found: tuple[Path, dict] | None, raw, optimizer, scaler, device, dist: Dist) -> TrainState:
-        """The state to start from: rank 0's checkpoint `found` (see
-        checkpoint.find_resume), loaded on every rank into the model,
-        optimizer, scaler and RNGs, or a fresh one."""
-        found = from_rank0(found, dist)
+        """The state to start from: the checkpoint `found` (rank 0's, the same
+        on every rank), loaded into the model, optimizer, scaler and this
+        rank's RNGs, or a fresh one."""
         if found is None:
             return TrainState()
         path, state = found

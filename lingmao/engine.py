@@ -31,7 +31,7 @@ from .data.prepare import Prepared
 from .data.stream import BatchStream, Replay, loader_args
 from .data.tokenizer import tokenizer_hash
 from .data.windows import TokenWindows, default_stride, make_loader
-from .distributed import Dist, Parallel, agree, finish, gather, rank_seed, start
+from .distributed import Dist, Parallel, agree, finish, from_rank0, gather, rank_seed, start
 from .evaluation import Evaluator, ValData, corpus_verse_form
 from .metrics import Meter
 from .nan_policy import NanPolicy, NonFiniteError, nonfinite_report  # noqa: F401 (NonFiniteError: the CLI's)
@@ -159,8 +159,9 @@ class Run:
             "tokenizer_hash": tokenizer_hash(self.tokenizer), "tokenizer": self.tokenizer.to_str()}, dist.main)
         if dist.rank:  # the same initial weights on every rank, other dropout masks
             torch.manual_seed(rank_seed(cfg.seed, dist.rank))
-        self.state = self.checkpointer.start(job.found, self.raw, self.optimizer, self.scaler, self.device, dist)
-        self.resumed, self.started_at = job.found is not None, self.state.step
+        found = from_rank0(job.found, dist)  # rank 0 read it: every rank starts from the same state
+        self.state = self.checkpointer.start(found, self.raw, self.optimizer, self.scaler, self.device, dist)
+        self.resumed, self.started_at = found is not None, self.state.step
         self.model = Parallel(self.raw, plan, dist, self.device)
         self.train_step = TrainStep(self.model, self.optimizer, self.scaler, cfg, plan, self.device, dist.ddp)
         self.stream = self._stream()
@@ -175,7 +176,7 @@ class Run:
                                      self.say)
         self.final: dict = {}
         self.val_at = -1  # step of the latest eval
-        saved_val = job.found[1].get("val_loss") if job.found else None
+        saved_val = found[1].get("val_loss") if found else None
         if saved_val is not None:  # the checkpoint's own eval: a finished run rerun adds no second one
             self.final.update({"val/loss": saved_val, "val/perplexity": math.exp(min(saved_val, 50))})
             self.val_at = self.state.step

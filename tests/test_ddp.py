@@ -91,6 +91,9 @@ def test_two_nodes_without_a_shared_disk_resume_alike_with_their_own_dropout(tmp
     outs, codes = two_nodes(base + ["tracking.run_name=cut"], cut, training_cache, store)
     assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
     assert "resuming from" in outs[0]
+    # Run once more: finished, so no step and no eval, on both ranks alike (rank 1 once evaluated alone and hung).
+    outs, codes = two_nodes(base + ["tracking.run_name=cut"], cut, training_cache, store)
+    assert codes == [0, 0] and "done: step 8" in outs[0], "\n".join(o[-3000:] for o in outs)
     outs, codes = two_nodes(base + ["tracking.run_name=full"], [tmp_path / "b0", tmp_path / "b1"], training_cache,
                             store)
     assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
