@@ -234,11 +234,12 @@ _FREE_KEYS = {"model.name", "model.dropout", "model.moe.capacity_factor", "model
               "data.cache_dir", "data.stride", "data.on_bad_record"}
 
 
-def _flat(node: dict, prefix: str) -> dict:
+def flat(node: dict, prefix: str = "") -> dict:
+    """Nested dicts as dotted keys; an empty dict is a value."""
     out = {}
     for k, v in node.items():
         if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -247,8 +248,8 @@ def _flat(node: dict, prefix: str) -> dict:
 def _bound_settings(cfg: dict) -> dict:
     data = dict(cfg.get("data", {}))
     data.setdefault("split_seed", cfg.get("seed"))  # before data.split_seed the run's seed chose the split
-    flat = _flat({"model": cfg.get("model", {}), "data": data}, "")
-    return {k: v for k, v in flat.items() if k not in _FREE_KEYS}
+    settings = flat({"model": cfg.get("model", {}), "data": data})
+    return {k: v for k, v in settings.items() if k not in _FREE_KEYS}
 
 
 def check_compatible(state: dict, cfg: dict, tokenizer_hash: str, path: Path) -> None:

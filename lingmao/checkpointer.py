@@ -31,20 +31,11 @@ RESUMABLE = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "tra
              "data.prepared_dir")
 
 
-def _flat(node, prefix: str = "") -> dict:
-    if not isinstance(node, dict):
-        return {prefix[:-1]: node}
-    out = {}
-    for k, v in node.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out or {prefix[:-1]: {}}
-
-
 def job_differences(saved: dict, now: dict) -> list[str]:
     """The settings, outside RESUMABLE, in which config `now` differs from a
     checkpoint's `saved` one. A key the checkpoint lacks came after it (its
     shape-bearing keys are checkpoint.check_compatible's): not a difference."""
-    a, b = _flat(saved), _flat(now)
+    a, b = checkpoint.flat(saved), checkpoint.flat(now)
     return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(a)
             if a.get(k) != b.get(k) and not k.startswith(RESUMABLE)]
 
