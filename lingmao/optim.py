@@ -35,44 +35,53 @@ def cosine(progress: float, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
+def _ramp(done: float, length: float) -> float:
+    """Linear warmup: `done` steps or seconds of `length`."""
+    return min(1.0, max(done, 1e-3) / length)
+
+
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to `floor` at step `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return cosine((step - warmup) / max(1, total - warmup), floor)
+    return _ramp(step + 1, warmup) if step < warmup else cosine((step - warmup) / max(1, total - warmup), floor)
 
 
 @dataclass
 class Schedule:
-    """The LR as a function of the step, or of the training time when only
-    `trainer.max_time` bounds the run (so a 30-minute run reaches the floor
-    at 30 minutes). A checkpoint stores it; a resumed run continues on it."""
+    """The LR as a function of the step and of the training time. Each bound
+    the run has (`trainer.max_steps`/epochs, `trainer.max_time`) is a clock
+    with its own warmup and cosine; warmup ends on the first clock to finish
+    it, and the decay follows the clock furthest along. So the LR reaches the
+    floor when the run ends, whichever bound ends it: a 30-minute run with a
+    step budget it will not reach ends at the floor at 30 minutes. A
+    checkpoint stores the schedule; a resumed run continues on it."""
     peak_lr: float
     warmup: int  # steps
-    total_steps: int | None  # None: bounded by time or a signal only
+    total_steps: int | None  # None: no step bound
     min_lr_ratio: float
-    max_time: float | None = None  # seconds; the clock of the schedule when total_steps is None
-    warmup_time: float = 0.0  # seconds of warmup on that clock
+    max_time: float | None = None  # seconds; None: no time bound
+    warmup_time: float = 0.0  # seconds of warmup on the time clock
 
     @classmethod
     def for_run(cls, peak_lr: float, warmup: float, total_steps: int | None, min_lr_ratio: float,
                 max_time: float | None = None) -> Schedule:
-        if total_steps is None and max_time:
-            by_time = warmup < 1
-            return cls(peak_lr, 0 if by_time else int(warmup), None, min_lr_ratio, max_time,
-                       warmup * max_time if by_time else 0.0)
-        return cls(peak_lr, max(1, warmup_steps(warmup, total_steps or 0)), total_steps, min_lr_ratio)
+        by_fraction = warmup < 1
+        steps = max(1, warmup_steps(warmup, total_steps)) if total_steps else (0 if by_fraction else int(warmup))
+        return cls(peak_lr, steps, total_steps, min_lr_ratio, max_time or None,
+                   warmup * max_time if max_time and by_fraction else 0.0)
 
     def lr(self, step: int, scale: float = 1.0, seconds: float = 0.0) -> float:
         """At `step`, after `seconds` of training; `scale`: on_nan=rollback's cuts."""
+        ramps = [_ramp(step + 1, self.warmup)] if self.warmup else []
+        if self.warmup_time:
+            ramps.append(_ramp(seconds, self.warmup_time))
+        decays = []
         if self.total_steps is not None or not self.max_time:
-            return self.peak_lr * scale * lr_factor(step, self.warmup, self.total_steps or 10**12, self.min_lr_ratio)
-        if step < self.warmup:
-            return self.peak_lr * scale * (step + 1) / self.warmup
-        if seconds < self.warmup_time:
-            return self.peak_lr * scale * max(seconds, 1e-3) / self.warmup_time
-        w = self.warmup_time
-        return self.peak_lr * scale * cosine((seconds - w) / max(1e-9, self.max_time - w), self.min_lr_ratio)
+            total = self.total_steps or 10**12
+            decays.append(cosine((step - self.warmup) / max(1, total - self.warmup), self.min_lr_ratio))
+        if self.max_time:
+            w = self.warmup_time
+            decays.append(cosine((seconds - w) / max(1e-9, self.max_time - w), self.min_lr_ratio))
+        return self.peak_lr * scale * min(max(ramps, default=1.0), *decays)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, exclude=()) -> list[dict]:

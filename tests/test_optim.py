@@ -35,6 +35,20 @@ def test_a_run_bounded_by_time_decays_by_time():
     assert steps.lr(550, seconds=5.0) == steps.lr(550, seconds=5000.0) == pytest.approx(0.55, abs=0.01)
 
 
+def test_with_a_step_and_a_time_bound_the_lr_follows_whichever_ends_the_run():
+    s = Schedule.for_run(1.0, 0.1, 1000, 0.1, max_time=1800.0)
+    # a slow machine: 110 steps in 30 minutes. Warmup ends at 180 s (step 11), not at step 100,
+    # and the LR is at the floor at 1800 s though the step budget is far off
+    assert s.lr(11, seconds=180.0) == pytest.approx(1.0, abs=1e-3)
+    assert s.lr(55, seconds=990.0) == pytest.approx(0.55, abs=0.01)
+    assert s.lr(110, seconds=1800.0) == pytest.approx(0.1)
+    # a fast machine: 1000 steps in 3 minutes. Warmup by steps, the floor at step 1000
+    assert s.lr(99, seconds=18.0) == pytest.approx(1.0)
+    assert s.lr(1000, seconds=180.0) == pytest.approx(0.1)
+    slow = [s.lr(k, seconds=k * 1800 / 110) for k in range(11, 111)]
+    assert all(a > b for a, b in zip(slow, slow[1:]))
+
+
 def test_warmup_as_step_count():
     assert warmup_steps(2000, 110400) == 2000
 
