@@ -30,12 +30,19 @@ class Fit:
     refusal: str = ""  # why it does not fit and what would
 
 
+# Tokens of logits the training loss takes at a time (model.token_loss_sum):
+# the fp32 logits of a whole micro-batch (tokens x 13.5k, a third of the small
+# model's training memory at batch 16) never exist at once, for one more head
+# matmul per token in backward (python -m lingmao.bench suite=cpu parts=loss).
+LOSS_CHUNK = 1024
+
+
 def model_shape(mc, *, vocab: int, precision: str, device: str, ddp: bool) -> dict:
     """estimate_memory's keyword arguments for the model node `mc`."""
     return dict(d_model=mc.d_model, n_heads=mc.n_heads, n_layers=mc.n_layers, context_length=mc.context_length,
                 vocab_size=vocab, mlp_ratio=mc.mlp_ratio, precision=precision, dropout=mc.dropout,
                 device=device, rotary=bool(mc.rotary), qk_norm=bool(mc.qk_norm), moe_experts=mc.moe.experts,
-                moe_top_k=mc.moe.top_k, vocab_multiple=mc.vocab_multiple, ddp=ddp)
+                moe_top_k=mc.moe.top_k, vocab_multiple=mc.vocab_multiple, ddp=ddp, loss_chunk=LOSS_CHUNK)
 
 
 def _fits(shape: dict, budget: int, micro: int, ckpt: bool) -> bool:

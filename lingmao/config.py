@@ -223,6 +223,7 @@ RULES: dict[str, Rule] = {
     "hardware.effective_batch": POSITIVE,
     "hardware.num_workers": NON_NEGATIVE,
     "hardware.prefetch_factor": POSITIVE,
+    "hardware.compile": Rule(lambda v, _: isinstance(v, bool) or v == "auto", lambda _: "must be true, false or auto"),
     "hardware.compile_mode": one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "hardware.alloc_conf": matches(r"(\w+:[\w.]+(,\w+:[\w.]+)*)?", "empty or key:value[,key:value...]"),
     "hardware.threads": NON_NEGATIVE,
@@ -248,6 +249,7 @@ RULES: dict[str, Rule] = {
     "model.vocab_multiple": POSITIVE,  # 1: no padding
     "optim.name": one_of("adamw", "muon"),
     "optim.lr": POSITIVE,
+    "optim.lr_by_size": each(POSITIVE),
     "optim.base_batch": POSITIVE,
     "optim.lr_scaling": one_of("sqrt", "linear", "none"),
     "optim.betas": each(FRACTION, count=2),
@@ -322,9 +324,13 @@ def _show(v: Any) -> str:
 def problems(cfg: Any, section: str = "") -> list[str]:
     """What is wrong with `cfg` (a DictConfig, a RunConfig or nested dicts),
     one message per key; `section` ("model") checks only that part's keys."""
-    out = []
+    from omegaconf import OmegaConf
+
+    if not section and not OmegaConf.is_config(cfg):  # so that interpolations (optim.lr's default) resolve
+        cfg = OmegaConf.create(asdict(cfg) if is_dataclass(cfg) else cfg)
+    out = [] if section else [m for m in [_no_default_lr(cfg)] if m]
     for key, rule in RULES.items():
-        if not key.startswith(section):
+        if not key.startswith(section) or (key == "optim.lr" and out and not section):
             continue
         try:
             value, optional = _get(cfg, key), _optional(_LEAVES[key][0])
@@ -385,6 +391,17 @@ def validate(cfg: Any) -> None:
     found = problems(cfg)
     if found:
         raise ConfigError("; ".join(found))
+
+
+def _no_default_lr(cfg: Any) -> str:
+    """optim.lr left to optim.lr_by_size for a model size the table lacks."""
+    from omegaconf import OmegaConf
+
+    o, name = cfg.optim, cfg.model.name
+    if not OmegaConf.is_config(o) or not OmegaConf.is_interpolation(o, "lr") or name in o.lr_by_size:
+        return ""
+    return (f"optim.lr: model.name={name} has no default LR in optim.lr_by_size "
+            f"({', '.join(o.lr_by_size)}); set optim.lr=... or optim.lr_by_size.{name}=...")
 
 
 def check_model(model: Mapping) -> None:

@@ -220,13 +220,15 @@ def estimate_memory(*, d_model: int, n_heads: int, n_layers: int, context_length
                     micro_batch: int, precision: str, mlp_ratio: int = 4, activation_checkpointing: bool = False,
                     dropout: float = 0.0, device: str = "cuda", rotary: bool = False, qk_norm: bool = False,
                     moe_experts: int = 0, moe_top_k: int = 2, vocab_multiple: int = 1,
-                    ddp: bool = False) -> MemoryEstimate:
+                    ddp: bool = False, loss_chunk: int = 0) -> MemoryEstimate:
     """Peak training memory per device for one micro-batch of full-length sequences.
 
     Totals add all terms: gradients exist during every micro-batch's forward
     and backward once gradient accumulation is on (every lingmao preset
     accumulates), and the fused AdamW step needs no extra buffers. `ddp`: more
     than one process, so DDP holds its gradient buckets beside the gradients.
+    `loss_chunk`: the loss takes that many tokens' logits at a time and
+    recomputes them in backward (model.token_loss_sum), so only one chunk's exist.
     """
     if precision not in ELEMENT_BYTES:
         raise ValueError(f"precision={precision!r}: expected one of {', '.join(ELEMENT_BYTES)}")
@@ -245,7 +247,7 @@ def estimate_memory(*, d_model: int, n_heads: int, n_layers: int, context_length
     activations = _activation_bytes(d=d_model, h=n_heads, L=n_layers, T=context_length, r=mlp_ratio, a=a,
                                     tokens=tokens, dropout=dropout, device=device, rotary=rotary, qk_norm=qk_norm,
                                     experts=moe_experts, top_k=moe_top_k, checkpointing=activation_checkpointing)
-    logits = _logits_bytes(a=a, tokens=tokens, vocab=padded)
+    logits = _logits_bytes(a=a, tokens=min(tokens, loss_chunk) if loss_chunk else tokens, vocab=padded)
 
     # Autocast casts each weight per op and autograd keeps the 16-bit copy until
     # backward: every weight but the position table (embedding lookups stay fp32).

@@ -71,6 +71,7 @@ class Plan:
     base_lr: float
     base_batch: int
     lr: float
+    lr_source: str  # where base_lr came from: optim.lr, or optim.lr_by_size.<model> by default
     fused_optimizer: bool
     params: int
     memory_gb: float  # per device: the detected GPU's, the preset's, or the machine's RAM on CPU
@@ -84,7 +85,7 @@ class Plan:
     vocab_assumed: int
     peak_tflops_per_device: float | None  # datasheet peak of ONE device at the plan's precision; None: unknown
     peak_source: str
-    assumed_mfu: float  # of the peak, for the time estimates
+    assumed_mfu: float | None  # of the peak, for the time estimates; None: the time was measured (CPU calibration)
     est_step_seconds: float | None
     est_run_seconds: float | None  # trainer.max_steps steps; None without max_steps or a peak
     est_tokens_per_sec: float | None
@@ -158,13 +159,33 @@ def choose_precision(asked: str, device: str, cc: float, m: Machine) -> tuple[st
         return "bf16", f"compute capability {cc} >= 8.0: bf16 autocast, no loss scaling"
     if device == "mps":
         return "fp32", "MPS: fp32 (no AMP on Apple silicon)"
-    if asked == "auto":
-        if m.native_bf16_cpu:
-            return "bf16", "CPU has AMX bf16 tiles: bf16 autocast"
-        return "fp32", "CPU without AMX: fp32 (bf16 autocast measured slower there)"
+    if asked == "auto":  # a CPU flag does not predict the speed: a calibration decides (calibrate.py)
+        return "fp32", "not measured: fp32 (on CPU a run's calibration chooses, see lingmao.calibrate)"
     if asked == "fp16":
         return "fp32", "fp16 autocast is not useful on CPU: fp32"
     return asked, f"asked for {asked}"
+
+
+def choose_compile(asked, device: str) -> bool:
+    """`auto`: on for CUDA, off on MPS and, unless a calibration says otherwise, on CPU."""
+    return device == "cuda" if asked == "auto" else bool(asked)
+
+
+def calibrated(cfg, hw: dict, threads: int, run_seconds: float | None, cpu_choice) -> dict | None:
+    """On CPU with precision or compile `auto`: cpu_choice's measured answer
+    (calibrate.choose), None where nothing is to be measured."""
+    if hw["device"] != "cpu" or "auto" not in (hw["precision"], hw["compile"]) or cpu_choice is None:
+        return None
+    from .calibrate import shape_of
+
+    model = OmegaConf.to_container(cfg.model) if OmegaConf.is_config(cfg.model) else asdict(cfg.model)
+    return cpu_choice(shape_of(model, DEFAULT_VOCAB, threads), hw["precision"], hw["compile"], run_seconds)
+
+
+def lr_source(cfg) -> str:
+    """optim.lr_by_size.<model> where optim.lr was left to the size's default, else optim.lr."""
+    default = OmegaConf.is_config(cfg.optim) and OmegaConf.is_interpolation(cfg.optim, "lr")
+    return f"optim.lr_by_size.{cfg.model.name}" if default else "optim.lr"
 
 
 def shape_params(shape: dict) -> int:
@@ -245,10 +266,12 @@ def step_seconds(mc, n_params: int, fit: Fit, peak: float | None) -> float | Non
     return s * 4 / 3 if fit.checkpointing else s  # checkpointing runs each block's forward twice: ~1 more of 3 passes
 
 
-def make_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
+def make_plan(cfg, m: Machine, world_size: int | None = None, cpu_choice=None) -> Plan:
     """`cfg` is the composed RunConfig (DictConfig or dataclass). `world_size`:
     the processes of a launcher that set WORLD_SIZE (torchrun across nodes),
-    when not the preset's `devices` on this one machine."""
+    when not the preset's `devices` on this one machine. `cpu_choice`: the
+    CPU calibration (calibrate.chooser), which times this machine; without it
+    the plan is a pure function and `auto` on CPU means fp32 eager."""
     hw_in = OmegaConf.to_container(cfg.hardware) if OmegaConf.is_config(cfg.hardware) else asdict(cfg.hardware)
     hw, preset_reason = resolve_hardware(hw_in, m)
     missing = [k for k, v in hw.items() if v is None and k not in ("prefetch_factor",)]
@@ -279,13 +302,26 @@ def make_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
     threads = hw["threads"] or m.cores
     if device == "cpu":  # DDP on CPU: the processes share the cores
         threads = max(1, threads // world)
+    compile_, assumed_mfu = choose_compile(hw["compile"], device), ASSUMED_MFU
+    run_s = [x for x in (cfg.trainer.max_time, step_s and max_steps and step_s * max_steps) if x]
+    choice = calibrated(cfg, hw, threads, min(run_s) if run_s else None, cpu_choice)
+    if choice:
+        from .calibrate import describe, name
+
+        precision, compile_, precision_reason = choice["precision"], choice["compile"], describe(choice)
+        if choice["seconds"]:  # measured: the time estimate from the winner's own steps
+            per_token = choice["seconds"][name(precision, compile_)] / choice["tokens"]
+            step_s = per_token * fit.micro * fit.accum * mc.context_length
+            assumed_mfu = None
+        shape["precision"] = precision
+        est = estimate_memory(micro_batch=max(fit.micro, 1), activation_checkpointing=fit.checkpointing, **shape)
     return Plan(
         preset=hw["name"], model=mc.name, preset_reason=preset_reason, device=device, device_name=gpu.name if gpu else "",
         devices=int(hw["devices"]), world_size=world, ddp_backend=hw["ddp_backend"],
         precision=precision, precision_reason=precision_reason, grad_scaler=precision == "fp16", tf32=tf32,
         cudnn_benchmark=bool(hw["cudnn_benchmark"]) and device == "cuda",
         alloc_conf=hw["alloc_conf"] if device == "cuda" else "",
-        compile=bool(hw["compile"]), compile_mode=hw["compile_mode"], threads=threads,
+        compile=compile_, compile_mode=hw["compile_mode"], threads=threads,
         num_workers=hw["num_workers"], pin_memory=bool(hw["pin_memory"]) and device == "cuda",
         persistent_workers=bool(hw["persistent_workers"]) and hw["num_workers"] > 0,
         prefetch_factor=hw["prefetch_factor"] if hw["num_workers"] > 0 else None,
@@ -293,7 +329,7 @@ def make_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
         target_effective_batch=int(hw["effective_batch"]), batch_reason=fit.reason,
         activation_checkpointing=fit.checkpointing,
         context_length=mc.context_length, lr_scaling=o.lr_scaling, base_lr=o.lr, base_batch=o.base_batch,
-        lr=scaled_lr(o.lr, o.base_batch, fit.effective, o.lr_scaling),
+        lr=scaled_lr(o.lr, o.base_batch, fit.effective, o.lr_scaling), lr_source=lr_source(cfg),
         # One kernel over all tensors; on this 2-core CPU AdamW's step for the
         # small model took 43 ms fused vs 166 ms in the default per-tensor loop.
         fused_optimizer=o.fused if o.fused is not None else device in ("cuda", "cpu"),
@@ -302,18 +338,18 @@ def make_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
         estimate_checkpointed_gb=round(ckpt_gb, 2) if show_ckpt else None, estimate_margin=MARGIN,
         headroom_gb=round(memory_gb - est.gb(), 2), fits=fit.fits, refusal=fit.refusal,
         vocab_assumed=DEFAULT_VOCAB, peak_tflops_per_device=peak, peak_source=peak_source,
-        assumed_mfu=ASSUMED_MFU, est_step_seconds=round(step_s, 4) if step_s else None,
+        assumed_mfu=assumed_mfu, est_step_seconds=round(step_s, 4) if step_s else None,
         est_run_seconds=round(step_s * max_steps, 1) if step_s and max_steps else None,
         est_tokens_per_sec=round(fit.effective * mc.context_length / step_s) if step_s else None,
-        notes=notes, warnings=warnings,
+        notes=notes, warnings=warnings, loss_chunk=shape["loss_chunk"],
     )
 
 
-def runnable_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
+def runnable_plan(cfg, m: Machine, world_size: int | None = None, cpu_choice=None) -> Plan:
     """The plan, refused before any work if it does not fit or the machine
     lacks its device; with hardware.fallback=true, a warning and the closest
     preset instead of the missing device."""
-    plan = make_plan(cfg, m, world_size)
+    plan = make_plan(cfg, m, world_size, cpu_choice)
     if not plan.fits:
         raise ConfigError(f"hardware={plan.preset} model={cfg.model.name}: {plan.refusal}")
     have = {"cuda": len(m.gpus), "mps": int(m.mps), "cpu": plan.world_size}[plan.device]
@@ -327,6 +363,6 @@ def runnable_plan(cfg, m: Machine, world_size: int | None = None) -> Plan:
         raise ConfigError(msg)
     fallback_cfg = OmegaConf.merge(cfg, {"hardware": {**{k: None for k in cfg.hardware if k not in ("name", "fallback")},
                                                       "name": "auto"}})
-    plan = make_plan(fallback_cfg, m, world_size)
+    plan = make_plan(fallback_cfg, m, world_size, cpu_choice)
     plan.warnings.append("fallback: " + msg)
     return plan

@@ -16,12 +16,12 @@ def short(x: float) -> str:
 
 
 def lr_rule(p: Plan) -> str:
-    """The LR with its rule, e.g. '5e-5 x sqrt(32/16) = 7.1e-5'."""
+    """The LR with where it came from and its rule, e.g. '1e-3 (optim.lr) x sqrt(128/32) = 2e-3'."""
     if p.lr_scaling == "none" or p.effective_batch == p.base_batch:
-        return f"{short(p.lr)} (optim.lr_scaling={p.lr_scaling}, effective batch {p.effective_batch})"
+        return f"{short(p.lr)} ({p.lr_source}; optim.lr_scaling={p.lr_scaling}, effective batch {p.effective_batch})"
     ratio = f"{p.effective_batch}/{p.base_batch}"
     factor = f"sqrt({ratio})" if p.lr_scaling == "sqrt" else f"({ratio})"
-    return f"{short(p.base_lr)} x {factor} = {short(p.lr)}"
+    return f"{short(p.base_lr)} ({p.lr_source}) x {factor} = {short(p.lr)}"
 
 
 def duration(seconds: float) -> str:
@@ -46,7 +46,8 @@ def _rows(p: Plan) -> list[tuple[str, str]]:
     split = (f"micro-batch {p.micro_batch} x accumulation {p.accumulation} x {p.world_size} device(s) = "
              f"{p.effective_batch}" + (" (hardware.effective_batch)" if p.effective_batch == p.target_effective_batch
                                         else f" (hardware.effective_batch is {p.target_effective_batch})"))
-    rows = [("preset", p.preset_reason), ("devices", where), ("precision", f"{p.precision}: {p.precision_reason}"),
+    how = f"{p.precision}{' + compile' if p.compile and p.device == 'cpu' else ''}: {p.precision_reason}"
+    rows = [("preset", p.preset_reason), ("devices", where), ("precision", how),
             ("batch", split), ("lr", lr_rule(p)),
             ("model", f"{p.params / 1e6:.1f}M parameters, context {p.context_length}"
                       + (", activation checkpointing" if p.activation_checkpointing else ""))]
@@ -60,7 +61,8 @@ def _rows(p: Plan) -> list[tuple[str, str]]:
         peak = p.peak_source
     rows.append(("peak", peak))
     if p.est_step_seconds:
-        t = f"~{duration(p.est_step_seconds)} per step at an assumed {p.assumed_mfu:.0%} MFU"
+        t = f"~{duration(p.est_step_seconds)} per step " + (f"at an assumed {p.assumed_mfu:.0%} MFU" if p.assumed_mfu
+                                                             else "as calibrated")
         if p.est_run_seconds:
             t += f"; the run ~{duration(p.est_run_seconds)}"
         rows.append(("time", t))

@@ -65,7 +65,9 @@ def swept_values(job: list[str], sweep: list[str]) -> str:
 def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None = None) -> dict | None:
     """Validate, plan, and (unless plan=true) train; returns the final metrics."""
     from . import engine
+    from .calibrate import chooser
     from .console import RunLog
+    from .data import cache_root
     from .distributed import Dist
     from .machine import detect
     from .plan import exit_status, make_plan, runnable_plan
@@ -75,11 +77,12 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
     # Under torchrun (or our own spawn) the launcher fixed the world: across
     # nodes it is larger than the preset's devices on this one.
     world = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
-    if cfg.plan:
-        plan = make_plan(cfg, machine, world)
+    cache = cache_root(cfg.data.cache_dir)
+    if cfg.plan:  # reads a calibration the machine has, measures none: plan=true writes nothing
+        plan = make_plan(cfg, machine, world, chooser(cache, measure_now=False))
         print(plan.table())
         return {"plan_exit_status": exit_status(plan)}
-    plan = runnable_plan(cfg, machine, world)
+    plan = runnable_plan(cfg, machine, world, chooser(cache))
     for note in plan.notes:
         print(f"note: {note}")
     for warning in plan.warnings:
@@ -137,9 +140,9 @@ def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -
 
 def banner(cfg, plan, job, run_dir: Path, look: str) -> str:
     """What the run will do, in a few lines, before it does it."""
+    from .plan_text import lr_rule
+
     o, t = cfg.optim, cfg.trainer
-    ratio = f"{plan.effective_batch}/{o.base_batch}"
-    rule = {"sqrt": f"x sqrt({ratio})", "linear": f"x {ratio}", "none": "(no scaling)"}[o.lr_scaling]
     limits = [f"{job.schedule.total_steps} steps" if job.schedule.total_steps else "",
               f"{t.max_time:g} s" if t.max_time else ""]
     start = f", resuming at step {job.found[1]['progress']['step']}" if job.found else ""
@@ -148,7 +151,7 @@ def banner(cfg, plan, job, run_dir: Path, look: str) -> str:
         f"({plan.precision_reason}){', compiled' if plan.compile else ''}",
         f"  batch {plan.micro_batch} x accumulation {plan.accumulation} x {plan.world_size} process(es) = "
         f"{plan.effective_batch} windows of {plan.context_length} tokens per step",
-        f"  lr {compact(o.lr)} {rule} = {compact(plan.lr)}, warmup + cosine to {o.min_lr_ratio:g}x | "
+        f"  lr {lr_rule(plan)}, warmup + cosine to {o.min_lr_ratio:g}x | "
         f"{' and '.join(x for x in limits if x) or 'until stopped'}{start}",
         f"  run folder {run_dir} | MLflow: {look}"])
 

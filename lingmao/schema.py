@@ -41,7 +41,7 @@ class HardwareConfig:
     pin_memory: Optional[bool] = None
     persistent_workers: Optional[bool] = None
     prefetch_factor: Optional[int] = None
-    compile: Optional[bool] = None
+    compile: Optional[Any] = None  # true | false | auto (CUDA: on; CPU: measured, lingmao/calibrate.py)
     compile_mode: Optional[str] = None
     tf32: Optional[bool] = None
     cudnn_benchmark: Optional[bool] = None
@@ -83,18 +83,32 @@ class ModelConfig:
     qk_norm: bool = added_later(False, before=False)
     # gelu, or relu2: ReLU squared (So et al. 2021, Primer).
     mlp: str = added_later("gelu", before="gelu")
-    # Embedding/head rows padded to a multiple of this (64: faster GPU matmuls).
-    vocab_multiple: int = added_later(1, before=1)
+    # Embedding/head rows padded to a multiple of this: GPU matmuls run faster
+    # on whole tiles (nanoGPT: 50257 -> 50304 rows, ~25%). On every preset, so
+    # that a model is the same on all hardware: the default 13,563-character
+    # vocabulary gains 5 rows, which are no token (forward slices them off).
+    vocab_multiple: int = added_later(64, before=1)
     # Attention/MLP output projections start at zero: each block starts as the identity.
     zero_init_proj: bool = added_later(False, before=False)
+
+
+# AdamW's peak LR per model size. tiny and small: measured here (README,
+# "Batch size and learning rate": the best of an LR grid on the CPU, the same
+# at effective batch 8, 16 and 32, hence lr_scaling none). medium and large:
+# the from-scratch values of GPT-3's same-width models (Brown et al. 2020,
+# Table 2.1: d_model 768 -> 6e-4, 1024 -> 3e-4), until a GPU measures them.
+LR_BY_SIZE = {"tiny": 3e-3, "small": 1e-3, "medium": 6e-4, "large": 3e-4}
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 5e-5  # the rate at base_batch, scaled to the effective batch by lr_scaling
-    base_batch: int = 16
-    lr_scaling: str = "sqrt"
+    # The peak LR at base_batch (scaled to the effective batch by lr_scaling):
+    # by default the model size's entry in lr_by_size.
+    lr: float = "${.lr_by_size.${model.name}}"  # type: ignore[assignment]  # an interpolation until resolved
+    lr_by_size: Dict[str, float] = field(default_factory=lambda: dict(LR_BY_SIZE))
+    base_batch: int = 32
+    lr_scaling: str = "none"
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.05

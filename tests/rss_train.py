@@ -45,10 +45,15 @@ def main(cfg: dict) -> dict:
         for _ in range(accum):
             x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum") / (y.numel() * accum)
+                if cfg.get("loss_chunk"):  # the plan's chunked loss: one chunk's logits at a time
+                    loss = model(x, targets=y, loss_chunk=cfg["loss_chunk"]) / (y.numel() * accum)
+                else:
+                    logits = model(x)
+            if not cfg.get("loss_chunk"):
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum") / (y.numel() * accum)
+                del logits
             loss.backward()
-            del logits, loss
+            del loss
         norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), 1.0, norm)
         opt.step()

@@ -26,7 +26,8 @@ def make(*overrides):
 
 
 def test_the_cli_default_run_is_the_schemas_defaults():
-    assert asdict(OmegaConf.to_object(make())) == asdict(RunConfig())
+    python = asdict(OmegaConf.to_object(OmegaConf.structured(RunConfig())))  # optim.lr resolved from its table
+    assert asdict(OmegaConf.to_object(make())) == python
 
 
 def test_python_and_the_small_preset_build_the_same_model():
@@ -59,13 +60,14 @@ def test_a_key_added_later_reads_as_it_was_before_in_an_old_config():
 
 
 def test_an_old_checkpoints_config_is_compared_as_rotary_false(tmp_path):
-    now = {"seed": 1, "model": asdict(ModelConfig(rotary=False)), "data": {"source": "poetry"}}
+    now = {"seed": 1, "model": asdict(ModelConfig(rotary=False, vocab_multiple=1)), "data": {"source": "poetry"}}
     old_model = {k: v for k, v in now["model"].items() if k not in ("rotary", "qk_norm", "vocab_multiple")}
     state = {"config": {**now, "model": old_model}, "tokenizer_hash": "h"}
     checkpoint.check_compatible(state, now, "h", tmp_path / "old.pt")  # no error
-    default = {**now, "model": asdict(ModelConfig())}  # today's default: rotary on
-    with pytest.raises(checkpoint.ResumeError, match="model.rotary: checkpoint False vs config True"):
+    default = {**now, "model": asdict(ModelConfig())}  # today's default: rotary on, the vocabulary padded to 64
+    with pytest.raises(checkpoint.ResumeError, match="model.rotary: checkpoint False vs config True") as e:
         checkpoint.check_compatible(state, default, "h", tmp_path / "old.pt")
+    assert "model.vocab_multiple: checkpoint 1 vs config 64" in str(e.value)
 
 
 def test_a_checkpoint_without_rotary_in_its_config_resumes_as_rotary_false(tmp_path, shared_cache, monkeypatch,

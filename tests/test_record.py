@@ -44,12 +44,13 @@ def test_the_corpus_is_a_dataset_input_and_a_resume_records_what_changed(tmp_pat
 def test_the_banner_says_what_the_run_will_do_before_it_starts(tmp_path, mlflow_db, shared_cache, monkeypatch,
                                                                capsys):
     args = ["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "hardware.accumulation=2",
-            "optim.lr=1e-3", "trainer.max_steps=2", "hardware.precision=fp32", f"hydra.run.dir={tmp_path / 'run'}"]
+            "optim.lr=1e-3", "optim.lr_scaling=sqrt", "optim.base_batch=16", "trainer.max_steps=2",
+            "hardware.precision=fp32", f"hydra.run.dir={tmp_path / 'run'}"]
     assert cli(args, tmp_path, monkeypatch) == 0
     out = capsys.readouterr().out
     head = out[:out.index("corpus:")]  # printed before the run's own lines
     assert "batch 4 x accumulation 2 x 1 process(es) = 8 windows of 32 tokens per step" in head
-    assert "lr 1e-3 x sqrt(8/16) = 7.07e-4" in head and "2 steps" in head
+    assert "lr 1e-3 (optim.lr) x sqrt(8/16) = 7.1e-4" in head and "2 steps" in head
     assert f"run folder {tmp_path / 'run'}" in head and "MLflow: sqlite:///" in head
 
 

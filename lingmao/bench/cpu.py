@@ -6,6 +6,7 @@ part prints its wall time; the total is checked at the end):
     3 startup    process start -> first optimizer step: lingmao.run vs a bare script
     5 scaling    tokens/s and peak RSS for tiny/small/medium x context 128/512
     7 precision  bf16 autocast + torch.compile vs fp32 eager, model=tiny (paired blocks)
+    8 loss       chunked vs whole-batch cross-entropy, model=small (paired blocks)
 
 Every part starts from the composed command line (hardware, data, optim, any
 override) and sets only what its question needs, and prints what it set.
@@ -212,6 +213,48 @@ def cpu_precision(s: Suite) -> dict:
             "bf16_tokens_per_sec": median(paired.a), "fp32_tokens_per_sec": median(paired.b)}
 
 
+# --- 8. chunked loss ---
+
+
+def chunked_loss(s: Suite) -> dict:
+    """The plan's chunked cross-entropy (LOSS_CHUNK tokens of logits at a
+    time, recomputed in backward) against the whole micro-batch's logits at
+    once: model=small at the preset's micro-batch 8 x context 512 (4096 tokens,
+    4 chunks), accumulation 1, fp32 eager; tokens/s in paired blocks, and the
+    estimate's logits memory for both."""
+    from dataclasses import replace
+
+    from ..batching import model_shape
+    from ..data.windows import TokenWindows
+    from ..estimate import estimate_memory
+    from .loop import Steps
+    from .measure import train_tokens
+
+    cfg, plan = s.variant("small", **{"hardware.accumulation": 1, "hardware.precision": "fp32",
+                                      "hardware.compile": False})
+    whole = replace(plan, loss_chunk=0)
+    tokens, vocab, stride, _ = train_tokens(cfg, True, s.opts.vocab, 4096)
+    windows = TokenWindows(tokens, cfg.model.context_length, stride)
+    chunked, full = (Steps(cfg, p, windows, vocab, total_steps=cfg.trainer.max_steps) for p in (plan, whole))
+    chunked.run_for(s.opts.block_seconds)
+    full.run_for(s.opts.block_seconds)
+    paired = interleave(lambda: chunked.run_for(s.opts.block_seconds), lambda: full.run_for(s.opts.block_seconds),
+                        s.opts.pairs)
+    verdict = compare(paired)
+    shape = model_shape(cfg.model, vocab=vocab, precision="fp32", device="cpu", ddp=False)
+    gb = {k: estimate_memory(micro_batch=plan.micro_batch, **{**shape, "loss_chunk": c}).logits / 2**30
+          for k, c in (("chunked", plan.loss_chunk), ("full", 0))}
+    print(verdict.describe("chunked / whole-batch loss tokens/s"))
+    print(f"logits memory (estimate): chunked {gb['chunked']:.2f} GB, whole batch {gb['full']:.2f} GB | "
+          f"model=small, micro-batch {plan.micro_batch}, context {cfg.model.context_length}, chunk {plan.loss_chunk}")
+    ratio = f"{verdict.ratio.median:.3f}x" if verdict.conclusive else "inconclusive"
+    logits = f"logits {gb['chunked']:.2f} vs {gb['full']:.2f} GB"
+    return {"summary": f"chunked / whole-batch loss tokens/s {ratio}; {logits}",
+            "ratio": verdict.ratio.median, "ratio_low": verdict.ratio.low, "ratio_high": verdict.ratio.high,
+            "control": verdict.control.median, "conclusive": verdict.conclusive,
+            "logits_gb_chunked": gb["chunked"], "logits_gb_full": gb["full"]}
+
+
 CPU_PARTS = {"engine": ("1. engine overhead", engine_overhead), "data": ("2. data pipeline", data_pipeline),
              "startup": ("3. start-up", startup), "scaling": ("5. scaling", scaling),
-             "precision": ("7. CPU precision", cpu_precision)}
+             "precision": ("7. CPU precision", cpu_precision), "loss": ("8. chunked loss", chunked_loss)}

@@ -32,7 +32,7 @@ class BenchOptions:
     block_seconds: float = field(default=1.0, metadata={"help": "minimum length of one timed block"})
     startup_pairs: int = field(default=4, metadata={"help": "launch pairs for the start-up comparison"})
     parts: str = field(default="all", metadata={"help": "suite=cpu parts, comma-separated: "
-                                                "engine,data,startup,scaling,precision"})
+                                                "engine,data,startup,scaling,precision,loss"})
     out: Optional[str] = field(default=None, metadata={"help": "suite output folder; unset: "
                                                        "outputs/bench/DATE/TIME"})
     engine_model: str = field(default="tiny", metadata={"help": "suite=cpu engine overhead: the model preset "

@@ -1,0 +1,99 @@
+"""CPU precision and compile by measurement: the decision rule, the cache,
+the short-run rule, one real (small) measurement, and the plan's use of it."""
+
+import pytest
+
+from lingmao import calibrate
+from lingmao.machine import Machine
+from lingmao.plan import make_plan
+from test_config import make
+
+MODEL = {"d_model": 32, "n_heads": 2, "n_layers": 1, "context_length": 16, "dropout": 0.0, "mlp_ratio": 4,
+         "rotary": True, "qk_norm": False, "mlp": "gelu", "vocab_multiple": 1, "zero_init_proj": False,
+         "moe": {"experts": 0, "top_k": 2, "capacity_factor": 1.25, "aux_loss_weight": 0.01}}
+SHAPE = calibrate.shape_of(MODEL, 50, 1)
+CPU = Machine(cores=2, ram_gb=16.0)
+
+
+def fake_measure(calls):
+    def measure(shape, candidates):
+        calls.append(list(candidates))
+        return {calibrate.name(p, c): (0.5 if p == "bf16" else 1.0) for p, c in candidates}
+    return measure
+
+
+def test_the_fastest_wins_only_beyond_the_noise_margin():
+    s = {"fp32": 1.0, "bf16": 0.97, "fp32+compile": 0.99, "bf16+compile": 0.96}
+    assert calibrate.decide(s, list(calibrate.CANDIDATES))["precision"] == "fp32"  # 4% faster: noise
+    s["bf16+compile"] = 0.5
+    d = calibrate.decide(s, list(calibrate.CANDIDATES))
+    assert (d["precision"], d["compile"], d["speedup"]) == ("bf16", True, pytest.approx(2.0))
+    d = calibrate.decide({**s, "bf16": 0.8}, calibrate.allowed("auto", False))  # compile fixed off
+    assert (d["precision"], d["compile"]) == ("bf16", False)
+    # a candidate that failed to build (no C++ compiler) has no time and cannot win
+    d = calibrate.decide({"fp32": 1.0, "bf16": 0.9}, list(calibrate.CANDIDATES))
+    assert (d["precision"], d["compile"]) == ("bf16", False)
+
+
+def test_measured_once_per_cpu_torch_and_shape_then_cached(tmp_path):
+    calls = []
+    first = calibrate.choose(SHAPE, "auto", "auto", tmp_path, None, fake_measure(calls))
+    again = calibrate.choose(SHAPE, "auto", "auto", tmp_path, None, fake_measure(calls))
+    assert len(calls) == 1 and len(calls[0]) == 4
+    assert first["precision"] == again["precision"] == "bf16"
+    assert (first["how"], again["how"]) == ("measured", "cached")
+    other = calibrate.shape_of({**MODEL, "context_length": 8}, 50, 1)
+    calibrate.choose(other, "auto", False, tmp_path, None, fake_measure(calls))
+    assert len(calls) == 2 and all(not c for _, c in calls[1])  # compile fixed off: not measured
+
+
+def test_a_short_run_measures_nothing_but_reads_the_cache(tmp_path):
+    calls = []
+    short = calibrate.choose(SHAPE, "auto", "auto", tmp_path, 30.0, fake_measure(calls))
+    assert calls == [] and (short["precision"], short["compile"], short["how"]) == ("fp32", False, "too short")
+    calibrate.choose(SHAPE, "auto", "auto", tmp_path, 3600.0, fake_measure(calls))
+    assert calibrate.choose(SHAPE, "auto", "auto", tmp_path, 30.0, fake_measure(calls))["how"] == "cached"
+    assert len(calls) == 1
+
+
+def test_a_real_measurement_times_each_candidate():
+    seconds = calibrate.measure(SHAPE, [("fp32", False), ("bf16", False)], rounds=2)
+    assert set(seconds) == {"fp32", "bf16"} and all(0 < v < 10 for v in seconds.values())
+
+
+def test_the_plan_takes_the_measured_choice_and_its_time_and_says_so(tmp_path):
+    cfg = make("hardware=cpu", "model=tiny", "trainer.max_time=1800", "trainer.max_steps=null")
+    seen = []
+
+    def choice(shape, precision, compile, run_seconds):
+        seen.append((shape["model"]["context_length"], precision, compile, run_seconds))
+        return calibrate.choose(shape, precision, compile, tmp_path, run_seconds, fake_measure([]))
+
+    plan = make_plan(cfg, CPU, cpu_choice=choice)
+    assert seen == [(128, "auto", "auto", 1800)]
+    assert (plan.precision, plan.compile, plan.assumed_mfu) == ("bf16", False, None)
+    assert "measured on this CPU" in plan.precision_reason and "bf16 2.00x" in plan.precision_reason
+    # the fake's 0.5 s per step of 1024 tokens, scaled to the plan's 32 x 128 tokens
+    assert plan.est_step_seconds == pytest.approx(2.0)
+    fixed = make_plan(make("hardware=cpu", "model=tiny", "hardware.precision=fp32", "hardware.compile=false"),
+                      CPU, cpu_choice=choice)
+    assert len(seen) == 1 and (fixed.precision, fixed.compile) == ("fp32", False)  # nothing left to measure
+    pure = make_plan(cfg, CPU)
+    assert (pure.precision, pure.compile) == ("fp32", False) and "not measured" in pure.precision_reason
+
+
+def test_plan_true_reads_a_calibration_but_measures_none(tmp_path, monkeypatch, capsys):
+    from lingmao.run import execute
+
+    monkeypatch.setenv("LINGMAO_CACHE", str(tmp_path / "cache"))
+    args = ("hardware=cpu", "model=tiny", "plan=true", "trainer.max_time=3600", "trainer.max_steps=null")
+    execute(make(*args), tmp_path, tmp_path / "run")
+    assert "not measured yet" in capsys.readouterr().out and not (tmp_path / "cache").exists()
+    from omegaconf import OmegaConf
+
+    from lingmao.machine import detect
+
+    shape = calibrate.shape_of(OmegaConf.to_container(make(*args).model), 13563, detect().cores)
+    calibrate.choose(shape, "auto", "auto", tmp_path / "cache", None, fake_measure([]))
+    execute(make(*args), tmp_path, tmp_path / "run")
+    assert "bf16: cached on this CPU" in capsys.readouterr().out
