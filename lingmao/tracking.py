@@ -46,6 +46,7 @@ __all__ = ["SPOOL_NAME", "Tracker", "TrackingError", "ensure_store", "import_spo
            "read_spool", "resolve_uri", "sweep_id", "sweep_report", "unreachable", "where"]
 
 _BATCH = 900  # buffered metrics that trigger a flush: one log_batch takes up to 1000
+FLUSH_SECONDS = 10.0  # or this long since the last flush: slow steps still show in the UI as they happen
 _QUEUE = 256  # records waiting for the sender before a log call waits (bounded memory)
 _OPEN_DELAY = 20.0  # seconds the sender waits for start_sending() before it opens the store anyway
 _IMPORT_LIMIT = 120.0  # seconds allowed for importing MLflow, which is not waiting on the store
@@ -143,6 +144,7 @@ class Tracker:
         self.send_seconds = 0.0  # time the sender thread spent sending or spooling (overlaps training)
         self.errors: list[str] = []
         self._buffer: list = []
+        self._flushed_at = time.monotonic()
         self._lock = threading.Lock()  # the metric buffer
         self._cv = threading.Condition()  # the queue, the record in flight, the spool, the state below
         self._records: deque = deque()
@@ -237,7 +239,7 @@ class Tracker:
         ms = int(time.time() * 1000)
         with self._lock:
             self._buffer.extend((k, float(v), ms, step) for k, v in metrics.items())
-            full = len(self._buffer) >= _BATCH
+            full = len(self._buffer) >= _BATCH or time.monotonic() - self._flushed_at >= FLUSH_SECONDS
         self.seconds += time.perf_counter() - t
         if full:
             self.flush()
@@ -250,7 +252,7 @@ class Tracker:
         if not self.enabled:
             return
         with self._lock:
-            batch, self._buffer = self._buffer, []
+            batch, self._buffer, self._flushed_at = self._buffer, [], time.monotonic()
         if batch:
             self._put({"op": "metrics", "metrics": batch})
         if wait:

@@ -314,3 +314,24 @@ def test_stores_with_a_scheme_or_a_profile_name_are_not_made_into_folders(tmp_pa
         assert resolve_uri(uri, tmp_path) == uri
     assert resolve_uri("mlruns", tmp_path) == str((tmp_path / "mlruns").resolve())
     assert resolve_uri("sqlite:///m.db", tmp_path) == f"sqlite:///{(tmp_path / 'm.db').resolve()}"
+
+
+def test_metrics_of_slow_steps_reach_the_store_within_seconds(tmp_path, mlflow_db, monkeypatch):
+    """A CPU step of the small model takes ~12 s: waiting for a full batch of
+    900 values kept the UI empty for the first ten minutes of a run."""
+    import lingmao.tracking as tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tracking, "FLUSH_SECONDS", 0.3)
+    uri = f"sqlite:///{mlflow_db}"
+    tr = Tracker(uri, "lingmao", "slow", spool=tmp_path / SPOOL_NAME)
+    tr.start_sending()
+    tr.log_metrics({"train/loss": 9.0}, 10)
+    time.sleep(0.4)
+    tr.log_metrics({"train/loss": 8.0}, 20)  # the clock, not the count, sends these two
+    client = MlflowClient(uri)
+    deadline = time.time() + 20
+    while time.time() < deadline and len(history(client, tr.run_id, "train/loss") if tr.run_id else []) < 2:
+        time.sleep(0.2)
+    assert history(client, tr.run_id, "train/loss") == [(10, 9.0), (20, 8.0)]
+    tr.end()
