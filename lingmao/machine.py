@@ -35,9 +35,8 @@ class Machine:
 
     @property
     def native_bf16_cpu(self) -> bool:
-        # AMX tiles run bf16 matmuls several times faster than fp32. AVX512-BF16
-        # alone did not pay here: bf16 autocast + compile ran at 0.64x fp32 eager
-        # on a 2-core avx512_bf16 Xeon without AMX (python -m lingmao.bench suite=cpu).
+        # Only for the bench's report: whether the CPU has AMX bf16 tiles. The
+        # plan does not decide by it; lingmao/calibrate.py measures instead.
         return "amx_bf16" in self.cpu_flags
 
 

@@ -10,8 +10,8 @@ import torch
 
 
 def scaled_lr(lr: float, base_batch: int, effective_batch: int, rule: str) -> float:
-    """LR for `effective_batch` given `lr` at `base_batch`: sqrt (5e-5 at 16
-    -> 1e-4 at 64), linear (Goyal et al. 2017) or none."""
+    """LR for `effective_batch` given `lr` at `base_batch`: sqrt (1e-3 at 32
+    -> 2e-3 at 128), linear (Goyal et al. 2017) or none."""
     ratio = effective_batch / base_batch
     if rule == "sqrt":
         return lr * math.sqrt(ratio)
@@ -168,7 +168,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas, eps: float, weight
     # spectral norm muon_lr * sqrt(max(1, fan_out/fan_in)), set by a matrix's
     # aspect ratio and not its width, so the speedrun's 0.02 carries across
     # model sizes. (Moonshot's "match_rms_adamw" would reuse AdamW's LR instead,
-    # which here is tuned per model size and, at 5e-5 for medium, far below
+    # which here is tuned per model size and, at 6e-4 for medium, far below
     # what Muon wants.)
     muon = torch.optim.Muon([{"params": matrices, "lr_ratio": muon_lr / lr}], lr=muon_lr,
                             weight_decay=muon_weight_decay, momentum=muon_momentum, nesterov=MUON_NESTEROV,

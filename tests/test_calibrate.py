@@ -73,8 +73,9 @@ def test_the_plan_takes_the_measured_choice_and_its_time_and_says_so(tmp_path):
     assert seen == [(128, "auto", "auto", 1800)]
     assert (plan.precision, plan.compile, plan.assumed_mfu) == ("bf16", False, None)
     assert "measured on this CPU" in plan.precision_reason and "bf16 2.00x" in plan.precision_reason
-    # the fake's 0.5 s per step of 1024 tokens, scaled to the plan's 32 x 128 tokens
-    assert plan.est_step_seconds == pytest.approx(2.0)
+    # the fake's 0.5 s per step of 1024 tokens, scaled to the plan's step
+    tokens = plan.micro_batch * plan.accumulation * plan.context_length
+    assert plan.est_step_seconds == pytest.approx(0.5 * tokens / 1024, rel=1e-3)
     fixed = make_plan(make("hardware=cpu", "model=tiny", "hardware.precision=fp32", "hardware.compile=false"),
                       CPU, cpu_choice=choice)
     assert len(seen) == 1 and (fixed.precision, fixed.compile) == ("fp32", False)  # nothing left to measure

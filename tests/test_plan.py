@@ -24,7 +24,7 @@ EXPECTED = {
     "t4x2": ("cuda", "fp16", 32, 4, 2),
     "t4": ("cuda", "fp16", 32, 8, 1),
     "m1": ("mps", "fp32", 16, 2, 1),
-    "cpu": ("cpu", "fp32", 8, 4, 1),
+    "cpu": ("cpu", "fp32", 8, 1, 1),
 }
 SIZES = ("small", "medium", "large")
 
@@ -156,7 +156,7 @@ def test_unknown_gpu_has_no_peak_and_says_the_engine_measures():
 def test_auto_keeps_what_the_user_set():
     plan = make_plan(make("hardware.batch=3", "hardware.accumulation=5"), LAPTOP)
     assert (plan.preset, plan.micro_batch, plan.accumulation, plan.effective_batch) == ("cpu", 3, 5, 15)
-    assert any("15, not the cpu preset's effective batch 32" in w for w in plan.warnings)
+    assert any("15, not the cpu preset's effective batch 8" in w for w in plan.warnings)
 
 
 def test_a_split_that_keeps_the_effective_batch_gives_no_warning():
@@ -327,7 +327,7 @@ def test_a_launchers_world_size_keeps_the_effective_batch():
 
 
 def test_a_world_that_does_not_divide_the_target_comes_close_and_warns():
-    plan = make_plan(make("hardware=cpu", "model=tiny"), LAPTOP, world_size=3)
+    plan = make_plan(make("hardware=cpu", "model=tiny", "hardware.effective_batch=32"), LAPTOP, world_size=3)
     assert plan.effective_batch != 32 and abs(plan.effective_batch - 32) <= 3
     assert any("do not divide" in w for w in plan.warnings)
 
@@ -337,6 +337,6 @@ def test_run_plans_for_the_world_size_torchrun_set(tmp_path, monkeypatch, capsys
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    execute(make("hardware=cpu", "model=tiny", "plan=true"), tmp_path, tmp_path / "run")
+    execute(make("hardware=cpu", "model=tiny", "hardware.effective_batch=32", "plan=true"), tmp_path, tmp_path / "run")
     out = capsys.readouterr().out
     assert "micro-batch 8 x accumulation 1 x 4 device(s) = 32" in out  # 8 per process
