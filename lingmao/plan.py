@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from omegaconf import OmegaConf
 
 from .batching import Fit, budget_bytes, fit_batch, model_shape, refusal, suggest_split
+from .calibrate import describe, shape_of
+from .calibrate import name as candidate_name
 from .config import CONF_DIR, ConfigError
 from .estimate import GiB, MARGIN, count_params, estimate_memory, estimate_step_time, flops_per_token
 from .machine import Machine
@@ -176,8 +178,6 @@ def calibrated(cfg, hw: dict, threads: int, run_seconds: float | None, cpu_choic
     (calibrate.choose), None where nothing is to be measured."""
     if hw["device"] != "cpu" or "auto" not in (hw["precision"], hw["compile"]) or cpu_choice is None:
         return None
-    from .calibrate import shape_of
-
     model = OmegaConf.to_container(cfg.model) if OmegaConf.is_config(cfg.model) else asdict(cfg.model)
     return cpu_choice(shape_of(model, DEFAULT_VOCAB, threads), hw["precision"], hw["compile"], run_seconds)
 
@@ -186,6 +186,19 @@ def lr_source(cfg) -> str:
     """optim.lr_by_size.<model> where optim.lr was left to the size's default, else optim.lr."""
     default = OmegaConf.is_config(cfg.optim) and OmegaConf.is_interpolation(cfg.optim, "lr")
     return f"optim.lr_by_size.{cfg.model.name}" if default else "optim.lr"
+
+
+def run_seconds(cfg, step_s: float | None) -> float | None:
+    """The run's expected length: trainer.max_time, or the estimated steps' time if shorter."""
+    bounds = [x for x in (cfg.trainer.max_time, step_s and cfg.trainer.max_steps and step_s * cfg.trainer.max_steps)
+              if x]
+    return min(bounds) if bounds else None
+
+
+def measured_step_seconds(choice: dict, tokens_per_step: int) -> float:
+    """Seconds per optimizer step from the calibration's timing of its winner."""
+    winner = candidate_name(choice["precision"], choice["compile"])
+    return choice["seconds"][winner] / choice["tokens"] * tokens_per_step
 
 
 def shape_params(shape: dict) -> int:
@@ -303,16 +316,11 @@ def make_plan(cfg, m: Machine, world_size: int | None = None, cpu_choice=None) -
     if device == "cpu":  # DDP on CPU: the processes share the cores
         threads = max(1, threads // world)
     compile_, assumed_mfu = choose_compile(hw["compile"], device), ASSUMED_MFU
-    run_s = [x for x in (cfg.trainer.max_time, step_s and max_steps and step_s * max_steps) if x]
-    choice = calibrated(cfg, hw, threads, min(run_s) if run_s else None, cpu_choice)
+    choice = calibrated(cfg, hw, threads, run_seconds(cfg, step_s), cpu_choice)
     if choice:
-        from .calibrate import describe, name
-
         precision, compile_, precision_reason = choice["precision"], choice["compile"], describe(choice)
         if choice["seconds"]:  # measured: the time estimate from the winner's own steps
-            per_token = choice["seconds"][name(precision, compile_)] / choice["tokens"]
-            step_s = per_token * fit.micro * fit.accum * mc.context_length
-            assumed_mfu = None
+            step_s, assumed_mfu = measured_step_seconds(choice, fit.micro * fit.accum * mc.context_length), None
         shape["precision"] = precision
         est = estimate_memory(micro_batch=max(fit.micro, 1), activation_checkpointing=fit.checkpointing, **shape)
     return Plan(
