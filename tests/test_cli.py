@@ -131,7 +131,7 @@ def test_run_help_describes_the_groups_keys_and_examples(tmp_path):
     proc = _lingmao(["lingmao", "run", "--help"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     for text in ("usage: lingmao run", "hardware: auto, cpu", "model: large, medium, small, tiny",
-                 "trainer.max_steps=1000", "optim.lr=5e-5", "lingmao run -m hardware=cpu model=tiny"):
+                 "trainer.max_steps=1000", "optim.lr=1e-3", "lingmao run -m hardware=cpu model=tiny"):
         assert text in proc.stdout
     assert "Powered by Hydra" not in proc.stdout  # not Hydra's default page
     # the same page from the module, asked for by name

@@ -128,8 +128,8 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, mlflow_d
     ("latin1.jsonl", '{"text": "café"}\n'.encode("latin-1"), "latin1.jsonl:1: not UTF-8"),
     ("cut.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 100)[:30], "cut.jsonl.gz: truncated or corrupt gzip file"),
     ("small.jsonl", b'{"text": "a"}\n{"text": "b"}\n', "the training split has 2 tokens; context length 32 needs at least 33"),
-    ("few.jsonl", "".join(f'{{"text": "{c * 60}"}}\n' for c in "春夏秋冬").encode(),
-     "fewer than one effective batch (32); lower hardware.batch / hardware.accumulation or add data"),
+    ("few.jsonl", "".join(f'{{"text": "{c * 60}"}}\n' for c in "春夏").encode(),
+     "fewer than one effective batch (8); lower hardware.batch / hardware.accumulation or add data"),
 ])
 def test_bad_input_is_one_error_line_with_exit_2(tmp_path, monkeypatch, capsys, name, content, message):
     (tmp_path / name).write_bytes(content)
