@@ -40,11 +40,6 @@ def _ramp(done: float, length: float) -> float:
     return min(1.0, max(done, 1e-3) / length)
 
 
-def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to `floor` at step `total`."""
-    return _ramp(step + 1, warmup) if step < warmup else cosine((step - warmup) / max(1, total - warmup), floor)
-
-
 @dataclass
 class Schedule:
     """The LR as a function of the step and of the training time. Each bound

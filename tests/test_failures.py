@@ -13,7 +13,7 @@ import torch
 from lingmao import checkpoint
 from lingmao.nan_policy import NonFiniteError
 from lingmao.machine import detect
-from lingmao.optim import lr_factor, warmup_steps
+from lingmao.optim import Schedule
 from lingmao.plan import make_plan
 from test_resume import _keep_torch_threads, cli, configure, history, mlflow_runs, train_here, write_poems  # noqa: F401
 
@@ -88,7 +88,7 @@ def test_nan_rollback_reloads_the_last_checkpoint_with_a_lower_lr(tmp_path, shar
     assert final["status"] == "FINISHED" and final["step"] == 6
     assert "on_nan=rollback: back to step 4" in capsys.readouterr().err
     plan = make_plan(configure(*args), detect())
-    assert final["lr"] == pytest.approx(0.25 * plan.lr * lr_factor(5, max(1, warmup_steps(0.1, 6)), 6, 0.1))
+    assert final["lr"] == pytest.approx(0.25 * Schedule.for_run(plan.lr, 0.1, 6, 0.1).lr(5))
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["lr_scale"] == 0.25
 
     poison_gradient(monkeypatch, 1)  # before any checkpoint

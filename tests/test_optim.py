@@ -2,7 +2,7 @@
 import pytest
 
 from lingmao.model import GPT, GPTConfig
-from lingmao.optim import Schedule, lr_factor, param_groups, scaled_lr, warmup_steps
+from lingmao.optim import Schedule, param_groups, scaled_lr, warmup_steps
 
 
 def test_sqrt_scaling_matches_seed_000_example():
@@ -15,7 +15,8 @@ def test_sqrt_scaling_matches_seed_000_example():
 def test_schedule_warms_up_then_decays_to_the_floor():
     total, warm = 1000, warmup_steps(0.1, 1000)
     assert warm == 100
-    f = [lr_factor(s, warm, total, 0.1) for s in range(total + 1)]
+    schedule = Schedule(1.0, warm, total, 0.1)
+    f = [schedule.lr(s) for s in range(total + 1)]
     assert f[0] == pytest.approx(0.01) and f[99] == pytest.approx(1.0)
     assert all(a <= b for a, b in zip(f[:100], f[1:100]))
     assert all(a > b for a, b in zip(f[100:], f[101:]))  # decays at every step: never flat at the floor

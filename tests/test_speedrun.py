@@ -14,7 +14,7 @@ from lingmao import checkpoint, run
 from lingmao.config import CONF_DIR, ConfigError, register, validate
 from lingmao.model import GPT, GPTConfig, KVCache, rope_angles
 from lingmao.model import rotate as rope
-from lingmao.optim import MuonAdamW, build_optimizer, lr_factor
+from lingmao.optim import MuonAdamW, Schedule, build_optimizer
 
 register()
 V, D, CTX = 50, 32, 16
@@ -279,7 +279,7 @@ def test_the_schedule_reaches_both_optimizers_at_their_own_rates():
     opt = muon_of(tiny(), lr=1e-3, muon_lr=0.02)
     assert [g["lr"] for g in opt.adamw.param_groups] == [1e-3, 1e-3]
     assert opt.muon.param_groups[0]["lr"] == 0.02
-    factor = lr_factor(3, 10, 100, 0.1)
+    factor = Schedule(1.0, 10, 100, 0.1).lr(3)
     for group in opt.param_groups:  # what the engine does every step
         group["lr"] = 1e-3 * factor * group.get("lr_ratio", 1.0)
     assert [g["lr"] for g in opt.adamw.param_groups] == [1e-3 * factor] * 2
@@ -348,7 +348,7 @@ def test_all_switches_train_and_resume_exactly(tmp_path, shared_cache, keep_thre
     adamw_lr = last["optimizer"]["adamw"]["param_groups"][0]["lr"]
     muon_lr = last["optimizer"]["muon"]["param_groups"][0]["lr"]
     assert muon_lr / adamw_lr == pytest.approx(0.02 / last["plan"]["lr"])
-    assert adamw_lr == pytest.approx(last["plan"]["lr"] * lr_factor(3, 2, 4, 0.1))
+    assert adamw_lr == pytest.approx(Schedule(last["plan"]["lr"], 2, 4, 0.1).lr(3))
 
     resumed = run.execute(compose_cfg(*COMMON, "trainer.max_steps=4", f"resume={folder / 'step00000002.pt'}"),
                           tmp_path, tmp_path / "resumed")
