@@ -276,10 +276,16 @@ class Run:
                 self.bar.set_postfix(loss=f"{m['train/loss']:.3f}", lr=f"{m['lr']:.2e}",
                                      sps=f"{m['samples_per_sec']:.1f}", refresh=False)
             elif self.cfg.trainer.progress:  # not a terminal: a plain line instead of bar frames
-                total = self.job.schedule.total_steps
-                print(f"step {self.state.step}{f'/{total}' if total else ''} | train/loss {m['train/loss']:.3f} | "
+                print(f"{self.position()} | train/loss {m['train/loss']:.3f} | "
                       f"lr {m['lr']:.2e} | {m['samples_per_sec']:.1f} samples/s", flush=True)
         self.final.update(m)
+
+    def position(self) -> str:
+        """How far along each of its bounds the run is: `step 40/1000 | 131/1800 s`.
+        A run bounded by time usually ends well before its step bound."""
+        s, sched = self.state, self.job.schedule
+        where = f"step {s.step}" + (f"/{sched.total_steps}" if sched.total_steps else "")
+        return where + (f" | {s.seconds:.0f}/{sched.max_time:.0f} s" if sched.max_time else "")
 
     def evaluate(self, scheduled: bool) -> bool:
         """Eval now; True when early stopping says stop."""

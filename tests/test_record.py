@@ -109,3 +109,13 @@ def test_the_runs_link_is_printed_once_the_run_is_open(tmp_path, mlflow_db, shar
     lines = [line for line in out.splitlines() if line.startswith("MLflow run: ")]
     assert len(lines) == 1 and "compareRunsMode=CHART" in lines[0] and runs[0].info.run_id in lines[0]
     assert out.index("MLflow run: ") < out.index("done: step 40")  # printed by the run, before its end line
+
+
+def test_a_run_bounded_by_time_shows_its_clock_beside_the_steps(tmp_path, mlflow_db, shared_cache, monkeypatch,
+                                                                 capsys):
+    args = ["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "trainer.max_steps=4",
+            "trainer.max_time=900", "trainer.log_every=2", "trainer.eval_every=4",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    assert cli(args, tmp_path, monkeypatch) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 2/4 | ")]
+    assert lines and lines[0].split(" | ")[1].endswith("/900 s"), lines
