@@ -289,6 +289,7 @@ RULES: dict[str, Rule] = {
     "trainer.sample.top_p": interval("(0, 1]"),  # 1: off
     "trainer.sample.repetition_penalty": POSITIVE,  # 1: off
     "trainer.sample.prompts": each(TEXT, min_count=1),
+    "trainer.sample.per_prompt": POSITIVE,
     "trainer.on_nan": one_of("stop", "skip", "rollback"),
     "trainer.nan_lr_factor": interval("(0, 1)"),
     "trainer.early_stop_patience": POSITIVE,

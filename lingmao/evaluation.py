@@ -51,13 +51,15 @@ def evaluate(model, loader, plan, device, batches: int, dist, n_windows: int) ->
 
 
 def sample(model, tokenizer, s, n_tokens: int, device, seed: int, greedy: bool = False) -> list[dict]:
-    """One continuation per prompt of `s` (trainer.sample), decoded as it
-    says, with its repetition metrics; `greedy`: argmax with no penalty, the
-    decoding most prone to loops."""
+    """`s.per_prompt` continuations of each prompt of `s` (trainer.sample),
+    decoded as it says, with their repetition metrics; `greedy`: one, by
+    argmax with no penalty, the decoding most prone to loops."""
     g = torch.Generator(device=device).manual_seed(seed)
     decoding = (dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0) if greedy else
                 dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty))
-    return [complete(model, tokenizer, prompt, 1, n_tokens, generator=g, **decoding)[0] for prompt in s.prompts]
+    n = 1 if greedy else s.per_prompt  # argmax would repeat itself
+    return [out for prompt in s.prompts for out in complete(model, tokenizer, prompt, n, n_tokens, generator=g,
+                                                             **decoding)]
 
 
 @torch.no_grad()

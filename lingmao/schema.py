@@ -148,6 +148,7 @@ class SampleConfig:
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off; 1.2 breaks most loops
     prompts: List[str] = field(default_factory=lambda: ["床前明月光", "明月几时有", "子曰"])
+    per_prompt: int = 4  # continuations of each prompt; the samples' metrics average them all
     greedy_baseline: bool = False  # also decode greedily, no penalty: val/samples/greedy_rep4 ...
 
 

@@ -73,3 +73,18 @@ def test_every_eval_logs_verse_form_beside_rep4_and_the_corpus_reference(tmp_pat
     reference = float(runs[0].data.params["data.verse_form"])
     assert reference > 0.9  # the fixture corpus is five- and seven-character verse
     assert MlflowClient(f"sqlite:///{mlflow_db}").get_metric_history(runs[0].info.run_id, "val/samples/form")
+
+
+def test_each_prompt_gets_per_prompt_sampled_continuations_and_one_greedy():
+    from lingmao.data.tokenizer import build_char_tokenizer
+    from lingmao.evaluation import sample
+    from lingmao.schema import SampleConfig
+
+    tok = build_char_tokenizer(["床前明月光，疑是地上霜。举头望明月，低头思故乡。"])
+    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), d_model=16, n_heads=2, n_layers=1, context_length=32,
+                          dropout=0.0))
+    s = SampleConfig(prompts=["床前", "举头"], per_prompt=3)
+    sampled = sample(model, tok, s, 8, "cpu", seed=0)
+    assert [r["prompt"] for r in sampled] == ["床前"] * 3 + ["举头"] * 3
+    assert len({r["text"] for r in sampled[:3]}) > 1  # three draws, not one copied
+    assert [r["prompt"] for r in sample(model, tok, s, 8, "cpu", seed=0, greedy=True)] == ["床前", "举头"]

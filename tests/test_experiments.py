@@ -107,7 +107,9 @@ def test_every_preset_trains_a_few_steps(name, shared_cache, tmp_path):
     assert ("blocks.0.mlp.experts.0.fc.weight" in state["model"]) == (experts > 0)  # the preset's model was built
     rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     decodings = ["sampled", "greedy"] if name == "repeater" else ["sampled"]
-    assert [r["decoding"] for r in rows] == [d for d in decodings for _ in cfg.trainer.sample.prompts]
+    per_prompt = {"sampled": cfg.trainer.sample.per_prompt, "greedy": 1}
+    assert [r["decoding"] for r in rows] == [d for d in decodings for _ in cfg.trainer.sample.prompts
+                                             for _ in range(per_prompt[d])]
 
 
 @pytest.mark.slow
