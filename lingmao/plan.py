@@ -250,7 +250,7 @@ def plan_batch(hw: dict, shape: dict, memory_gb: float, world: int, notes: list,
         if micro * accum * world != target:
             warnings.append(f"hardware.batch={micro} x hardware.accumulation={accum} x {world} device(s) = "
                             f"{micro * accum * world}, not the {hw['name']} preset's effective batch {target}: "
-                            f"the LR is rescaled and runs are not step-comparable with the preset's")
+                            f"runs are comparable step by step only at the same effective batch")
         if not fit.fits:
             fit.refusal = suggest_split(shape, budget, micro, accum, world, memory_gb)
         return fit

@@ -167,6 +167,12 @@ def test_a_split_that_keeps_the_effective_batch_gives_no_warning():
     assert other.effective_batch == 64 and any("not the rtx4090 preset's 32" in w for w in other.warnings)
 
 
+@pytest.mark.parametrize("hardware", ["cpu", "rtx4090", "t4x2"])
+def test_the_quick_start_runs_at_the_presets_own_batch_without_a_warning(hardware):
+    plan = make_plan(make("experiment=quickstart", f"hardware={hardware}"), T4S)
+    assert plan.effective_batch == plan.target_effective_batch and not plan.warnings, plan.warnings
+
+
 def test_lr_is_scaled_to_the_effective_batch():
     plan = make_plan(make("hardware=t4x2", "optim.lr=5e-5", "optim.lr_scaling=sqrt", "optim.base_batch=16"), LAPTOP)
     assert plan.effective_batch == 256
