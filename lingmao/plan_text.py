@@ -16,12 +16,17 @@ def short(x: float) -> str:
 
 
 def lr_rule(p: Plan) -> str:
-    """The LR with where it came from and its rule, e.g. '1e-3 (optim.lr) x sqrt(128/32) = 2e-3'."""
+    """The LR with where it came from and its rule, e.g. '1e-3 (optim.lr) x sqrt(128/32) = 2e-3';
+    with Muon, its own LR first."""
     if p.lr_scaling == "none" or p.effective_batch == p.base_batch:
-        return f"{short(p.lr)} ({p.lr_source}; optim.lr_scaling={p.lr_scaling}, effective batch {p.effective_batch})"
-    ratio = f"{p.effective_batch}/{p.base_batch}"
-    factor = f"sqrt({ratio})" if p.lr_scaling == "sqrt" else f"({ratio})"
-    return f"{short(p.base_lr)} ({p.lr_source}) x {factor} = {short(p.lr)}"
+        adamw = f"{short(p.lr)} ({p.lr_source}; optim.lr_scaling={p.lr_scaling}, effective batch {p.effective_batch})"
+    else:
+        ratio = f"{p.effective_batch}/{p.base_batch}"
+        factor = f"sqrt({ratio})" if p.lr_scaling == "sqrt" else f"({ratio})"
+        adamw = f"{short(p.base_lr)} ({p.lr_source}) x {factor} = {short(p.lr)}"
+    if p.optimizer != "muon":
+        return adamw
+    return f"Muon {short(p.muon_lr)} (optim.muon_lr) for the blocks' matrices, AdamW {adamw} for the rest"
 
 
 def duration(seconds: float) -> str:
