@@ -77,3 +77,29 @@ def test_muon_keeps_its_lr_while_adamw_is_batch_scaled():
     opt = make_optimizer(model, o, plan)
     assert opt.adamw.param_groups[0]["lr"] == pytest.approx(4e-3)
     assert opt.muon.param_groups[0]["lr"] == pytest.approx(0.02)  # not 0.08
+
+
+def test_the_loss_scaler_steps_muon_and_adamw_and_skips_a_step_with_an_inf_gradient():
+    # fp16 presets (t4x2, rtx3060) train the default optimizer through GradScaler
+    import torch
+
+    from lingmao.optim import build_optimizer
+
+    model = GPT(GPTConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=1, context_length=8, dropout=0.0))
+    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.0, False, name="muon")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randint(0, 20, (2, 8))
+
+    def step(poison: bool) -> int:
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        scaler.scale(model(x, targets=x)).backward()
+        if poison:
+            model.blocks[0].attn.qkv.weight.grad[0, 0] = float("inf")
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        return sum(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    assert step(poison=False) == len(list(model.parameters()))  # Muon's matrices and AdamW's rest all moved
+    assert step(poison=True) == 0 and scaler.get_scale() == 2.0**9  # skipped, the scale backed off

@@ -194,7 +194,7 @@ def test_the_plan_names_muons_own_lr_beside_adamws():
     muon = make_plan(make("hardware=t4x2", "optim=muon", "optim.muon_lr=0.03", "optim.lr_scaling=sqrt"), LAPTOP)
     assert muon.muon_lr == 0.03  # not batch-scaled, unlike AdamW's part
     assert lr_rule(muon).startswith("Muon 3e-2 (optim.muon_lr) for the blocks' matrices, AdamW ")
-    assert "sqrt(" in lr_rule(muon) and "Muon" not in lr_rule(make_plan(make("hardware=t4x2"), LAPTOP))
+    assert "sqrt(" in lr_rule(muon) and "Muon" not in lr_rule(make_plan(make("hardware=t4x2", "optim=adamw"), LAPTOP))
 
 
 def test_missing_device_is_refused_before_any_work():

@@ -50,7 +50,8 @@ def test_the_banner_says_what_the_run_will_do_before_it_starts(tmp_path, mlflow_
     out = capsys.readouterr().out
     head = out[:out.index("corpus:")]  # printed before the run's own lines
     assert "batch 4 x accumulation 2 x 1 process(es) = 8 windows of 32 tokens per step" in head
-    assert "lr 1e-3 (optim.lr) x sqrt(8/16) = 7.1e-4" in head and "2 steps" in head
+    assert "lr Muon 2e-2 (optim.muon_lr) for the blocks' matrices, AdamW 1e-3 (optim.lr) x sqrt(8/16) = 7.1e-4" \
+        in head and "2 steps" in head
     assert f"run folder {tmp_path / 'run'}" in head and "MLflow: sqlite:///" in head
 
 

@@ -202,7 +202,7 @@ def test_fp16_divergence_reaches_on_nan_instead_of_skipping_forever(tmp_path, sh
     real = torch.amp.GradScaler.unscale_
 
     def overflowing(self, optimizer):  # every step's scaled gradients overflow, as in a diverged fp16 run
-        optimizer.param_groups[0]["params"][0].grad.fill_(float("inf"))
+        next(p for g in optimizer.param_groups for p in g["params"]).grad.fill_(float("inf"))
         return real(self, optimizer)
 
     monkeypatch.setattr(torch.amp.GradScaler, "unscale_", overflowing)
