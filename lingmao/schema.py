@@ -103,7 +103,7 @@ LR_BY_SIZE = {"tiny": 3e-3, "small": 1e-3, "medium": 6e-4, "large": 3e-4}
 @dataclass
 class OptimConfig:
     # muon: Muon for the blocks' matrices, AdamW for the rest; it beat tuned
-    # AdamW at equal training time on the CPU for tiny and small (README, "Muon").
+    # AdamW at equal training time on the CPU for tiny and small (README, "Experiments").
     name: str = "muon"
     # The peak LR at base_batch (scaled to the effective batch by lr_scaling):
     # by default the model size's entry in lr_by_size.
