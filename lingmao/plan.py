@@ -20,8 +20,7 @@ from dataclasses import asdict, dataclass, field
 from omegaconf import OmegaConf
 
 from .batching import Fit, budget_bytes, fit_batch, model_shape, refusal, suggest_split
-from .calibrate import describe, shape_of
-from .calibrate import name as candidate_name
+from .calibrate import describe, name as candidate_name, shape_of
 from .config import CONF_DIR, ConfigError
 from .estimate import GiB, MARGIN, count_params, estimate_memory, estimate_step_time, flops_per_token
 from .machine import Machine
@@ -74,8 +73,7 @@ class Plan:
     base_batch: int
     lr: float
     lr_source: str  # where base_lr came from: optim.lr, or optim.lr_by_size.<model> by default
-    optimizer: str  # optim.name: adamw, or muon (Muon for the blocks' matrices, AdamW at `lr` for the rest)
-    muon_lr: float | None  # optim=muon: Muon's LR, not batch-scaled; None with AdamW
+    muon_lr: float | None  # optim=muon: Muon's LR for the blocks' matrices, not batch-scaled; None: AdamW alone
     fused_optimizer: bool
     params: int
     memory_gb: float  # per device: the detected GPU's, the preset's, or the machine's RAM on CPU
@@ -340,7 +338,7 @@ def make_plan(cfg, m: Machine, world_size: int | None = None, cpu_choice=None) -
         activation_checkpointing=fit.checkpointing,
         context_length=mc.context_length, lr_scaling=o.lr_scaling, base_lr=o.lr, base_batch=o.base_batch,
         lr=scaled_lr(o.lr, o.base_batch, fit.effective, o.lr_scaling), lr_source=lr_source(cfg),
-        optimizer=o.name, muon_lr=o.muon_lr if o.name == "muon" else None,
+        muon_lr=o.muon_lr if o.name == "muon" else None,
         # One kernel over all tensors; on this 2-core CPU AdamW's step for the
         # small model took 43 ms fused vs 166 ms in the default per-tensor loop.
         fused_optimizer=o.fused if o.fused is not None else device in ("cuda", "cpu"),

@@ -24,7 +24,7 @@ def lr_rule(p: Plan) -> str:
         ratio = f"{p.effective_batch}/{p.base_batch}"
         factor = f"sqrt({ratio})" if p.lr_scaling == "sqrt" else f"({ratio})"
         adamw = f"{short(p.base_lr)} ({p.lr_source}) x {factor} = {short(p.lr)}"
-    if p.optimizer != "muon":
+    if p.muon_lr is None:
         return adamw
     return f"Muon {short(p.muon_lr)} (optim.muon_lr) for the blocks' matrices, AdamW {adamw} for the rest"
 
