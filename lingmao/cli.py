@@ -41,7 +41,7 @@ def usage() -> str:
 def _run(argv: list[str]) -> int:
     """Hydra reads sys.argv itself: hand it the arguments after `run`
     (its --help page is conf/hydra/help/lingmao.yaml, in the defaults list)."""
-    from .run import main as hydra_main
+    from lingmao.run import main as hydra_main
 
     sys.argv = [sys.argv[0], *argv]
     hydra_main()

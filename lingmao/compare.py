@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List
 
-from .compare_page import write_page
-from .compare_plots import PLOTS  # noqa: F401 (the report's plot files; tests and callers import them here)
-from .compare_plots import find_cjk_font, steady, throughput_note, warn_no_font, write_plots
-from .options import OptionError, doc, parse, usage
+from lingmao.report.page import write_page
+from lingmao.report.plots import PLOTS  # noqa: F401 (the report's plot files; tests and callers import them here)
+from lingmao.report.plots import find_cjk_font, steady, throughput_note, warn_no_font, write_plots
+from lingmao.config.options import OptionError, doc, parse, usage
 
 DEFAULT_EXPERIMENT = "lingmao"  # tracking.experiment_name's default in conf/config.yaml
 UI_HOST = "http://127.0.0.1:5000"
@@ -149,7 +149,7 @@ def resolve_uri(uri: str | None) -> str:
     """tracking_uri=, else $MLFLOW_TRACKING_URI, else the tracker's default
     `sqlite:///<cwd>/mlflow.db`, made absolute as the tracker does, so the
     printed `mlflow ui` hint works from anywhere."""
-    from .tracking import resolve_uri as tracker_uri
+    from lingmao.tracking.tracker import resolve_uri as tracker_uri
 
     return tracker_uri(uri or os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd())
 

@@ -22,12 +22,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
-from .data.prepare import normalizer
-from .evaluation import genre_metric_names
-from .generate import DEVICES, load, pick_device, script_of
-from .locate import WHICH, checkpoint_path
-from .options import OptionError, asked_for_help, choice, doc, parse
+from lingmao.data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
+from lingmao.data.prepare import normalizer
+from lingmao.train.evaluation import genre_metric_names
+from lingmao.generate import DEVICES, load, pick_device, script_of
+from lingmao.tracking.locate import WHICH, checkpoint_path
+from lingmao.config.options import OptionError, asked_for_help, choice, doc, parse
 
 
 @dataclass
@@ -72,8 +72,8 @@ def corpus_split(state: dict, tok_hash: str) -> Scored:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import DataConfig, RunConfig
-    from .data import load_corpus
+    from lingmao.config.rules import DataConfig, RunConfig
+    from lingmao.data import load_corpus
 
     config = state["config"]
     try:  # onto the schema: a checkpoint from before a data key existed gets its default
@@ -92,8 +92,8 @@ def corpus_split(state: dict, tok_hash: str) -> Scored:
 
 def jsonl_docs(path: Path, text_field: str, script: str, tokenizer) -> Scored:
     """Every document of a JSONL file, normalised like the corpus and tokenised."""
-    from .data import CorpusError
-    from .data.corpus import jsonl_records
+    from lingmao.data import CorpusError
+    from lingmao.data.corpus import jsonl_records
 
     try:
         records = list(jsonl_records([path], text_field=text_field))
@@ -116,9 +116,9 @@ def jsonl_docs(path: Path, text_field: str, script: str, tokenizer) -> Scored:
 
 def score(model, s: Scored, context: int, device, batch_size: int, max_batches: int, genre_docs: int) -> dict:
     """{"loss", "perplexity", "bpc", "unk_rate", "windows", "tokens", "genres": {genre: {loss, tokens, docs}}}."""
-    from .data.windows import TokenWindows, make_loader
-    from .distributed import Dist
-    from .evaluation import evaluate, per_genre_loss
+    from lingmao.data.windows import TokenWindows, make_loader
+    from lingmao.train.distributed import Dist
+    from lingmao.train.evaluation import evaluate, per_genre_loss
 
     windows = TokenWindows(s.tokens, context, context)
     loader = make_loader(windows, batch_size, shuffle=False, seed=0, drop_last=False)
@@ -162,9 +162,9 @@ def report(result: dict, title: str) -> None:
 def log_to_run(state: dict, path: Path, result: dict, name: str, tracking_uri: str) -> str:
     """Add the metrics (at the checkpoint's step) and eval/<name>.json to the
     checkpoint's MLflow run; the run keeps its status and end time."""
-    from .compare import resolve_uri as store_uri
-    from .locate import launch_dir, mlflow_run
-    from .tracking import Tracker, resolve_uri
+    from lingmao.compare import resolve_uri as store_uri
+    from lingmao.tracking.locate import launch_dir, mlflow_run
+    from lingmao.tracking.tracker import Tracker, resolve_uri
 
     run_id = state.get("mlflow_run_id")
     if not run_id:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if asked_for_help(argv, Options, "eval", SUMMARY, EXAMPLES):
         return 0
-    from .data import CorpusError
+    from lingmao.data import CorpusError
 
     try:
         o = parse(Options, argv)

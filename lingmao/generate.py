@@ -1,6 +1,6 @@
 """`lingmao generate checkpoint=RUN_FOLDER prompt=床前明月光 n=4`: sample from a trained model.
 
-Arguments are key=value (lingmao.options; no Hydra: a checkpoint carries its
+Arguments are key=value (lingmao.config.options; no Hydra: a checkpoint carries its
 own config). A prompt is normalised as the checkpoint's corpus was (data.script
 simplified: OpenCC t2s), so a traditional-script prompt meets the characters
 the model learned. The decoding defaults are the remedy for a model that
@@ -18,13 +18,13 @@ from typing import List
 
 import torch
 
-from . import checkpoint as ckpt
-from .data.prepare import normalizer
-from .data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
-from .locate import WHICH, checkpoint_path
-from .model import GPT, GPTConfig
-from .options import OptionError, asked_for_help, choice, doc, parse
-from .textmetrics import repetition
+from lingmao.train import checkpoint as ckpt
+from lingmao.data.prepare import normalizer
+from lingmao.data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
+from lingmao.tracking.locate import WHICH, checkpoint_path
+from lingmao.model.gpt import GPT, GPTConfig
+from lingmao.config.options import OptionError, asked_for_help, choice, doc, parse
+from lingmao.data.textmetrics import repetition
 
 FORMATS = ("text", "jsonl")
 DEVICES = ("auto", "cpu", "cuda", "mps")

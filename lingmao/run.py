@@ -20,8 +20,8 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .config import CONF_DIR, ConfigError, register, validate
-from .data import CorpusError
+from lingmao.config.rules import CONF_DIR, ConfigError, register, validate
+from lingmao.data import CorpusError
 
 register()
 
@@ -64,13 +64,13 @@ def swept_values(job: list[str], sweep: list[str]) -> str:
 
 def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None = None) -> dict | None:
     """Validate, plan, and (unless plan=true) train; returns the final metrics."""
-    from . import engine
-    from .calibrate import chooser
-    from .console import RunLog
-    from .data import cache_root
-    from .distributed import Dist
-    from .machine import detect
-    from .plan import exit_status, make_plan, runnable_plan
+    from lingmao.train import engine
+    from lingmao.plan.calibration import chooser
+    from lingmao.train.console import RunLog
+    from lingmao.data import cache_root
+    from lingmao.train.distributed import Dist
+    from lingmao.plan.machine import detect
+    from lingmao.plan.make import exit_status, make_plan, runnable_plan
 
     validate(cfg)
     machine = detect()
@@ -97,8 +97,8 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
 
 
 def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -> dict:
-    from . import checkpoint, engine
-    from .tracking import SPOOL_NAME, Tracker, git_state, launch_host, resolve_uri, where
+    from lingmao.train import checkpoint, engine
+    from lingmao.tracking.tracker import SPOOL_NAME, Tracker, git_state, launch_host, resolve_uri, where
 
     dist = job.dist
     uri = resolve_uri(cfg.tracking.uri, launch_dir)
@@ -140,7 +140,7 @@ def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -
 
 def banner(cfg, plan, job, run_dir: Path, look: str) -> str:
     """What the run will do, in a few lines, before it does it."""
-    from .plan_text import lr_rule
+    from lingmao.plan.text import lr_rule
 
     o, t = cfg.optim, cfg.trainer
     limits = [f"{job.schedule.total_steps} steps" if job.schedule.total_steps else "",
@@ -291,7 +291,7 @@ def job_slot(launcher: dict, sweep_dir: Path, job_num: int) -> tuple[int, int, l
 def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from .tracking import sweep_id
+    from lingmao.tracking.tracker import sweep_id
 
     hc = HydraConfig.get()
     launch_dir = Path(hydra.utils.get_original_cwd())
@@ -318,8 +318,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
-        from .checkpoint import CheckpointWriteError  # loaded by execute already: torch stays off --help's path
-        from .nan_policy import NonFiniteError
+        from lingmao.train.checkpoint import CheckpointWriteError  # loaded by execute already: torch stays off --help's path
+        from lingmao.train.nan_policy import NonFiniteError
 
         if not isinstance(e, (NonFiniteError, CheckpointWriteError)):
             raise
@@ -335,7 +335,7 @@ class SweepSummary(Callback):
     ended, say where its runs are in MLflow (or which spools to import)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from .tracking import resolve_uri, sweep_id, sweep_report
+        from lingmao.tracking.tracker import resolve_uri, sweep_id, sweep_report
 
         if config.plan or not config.tracking.enabled:
             return
@@ -353,7 +353,7 @@ def main() -> None:
     preset) come out as one `error:` line saying what is valid, exit 2.
     HYDRA_FULL_ERROR=1 (Hydra's documented switch) makes Hydra raise them
     instead of printing them; set by the user, it keeps Hydra's full report."""
-    from .hydra_errors import explain
+    from lingmao.config.errors import explain
 
     if "plan=true" in (a.lower() for a in sys.argv[1:]) and not {"-m", "--multirun"} & set(sys.argv[1:]):
         # plan=true touches nothing: no run folder, no .hydra copy of the config

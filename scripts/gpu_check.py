@@ -63,13 +63,13 @@ def bench(results: Path, overrides: list[str], steps: int = 20, warmup: int = 5)
     from lingmao.bench.compose import Composer
     from lingmao.bench.measure import benchmark, train_tokens
     from lingmao.bench.suites import silent_tracker
-    from lingmao.machine import detect
-    from lingmao.plan import runnable_plan
-    from lingmao.runtime import apply_runtime
+    from lingmao.plan.machine import detect
+    from lingmao.plan.make import runnable_plan
+    from lingmao.train.runtime import apply_runtime
 
     try:
-        from lingmao.peaks import dense_bf16_tflops
-    except ImportError:  # before the peaks table moved to lingmao.peaks
+        from lingmao.plan.peaks import dense_bf16_tflops
+    except ImportError:  # before the peaks table moved to lingmao.plan.peaks
         from lingmao.bench.gpu import dense_bf16_tflops
 
     cfg = Composer(overrides).compose()

@@ -140,7 +140,7 @@ def folder_bytes(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lingmao.plan import DEFAULT_VOCAB
+    from lingmao.plan.make import DEFAULT_VOCAB
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path(".gpu_carry"), help="the folder to build (default .gpu_carry)")

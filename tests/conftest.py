@@ -141,7 +141,7 @@ def training_cache(tmp_path: Path, monkeypatch) -> Path:
 def _mlflow_template(tmp_path_factory) -> Path:
     """An MLflow sqlite store migrated once per session: creating one costs
     seconds, copying one costs nothing."""
-    from lingmao.tracking import ensure_store
+    from lingmao.tracking.tracker import ensure_store
 
     db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     ensure_store(f"sqlite:///{db}")

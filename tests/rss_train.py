@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lingmao.model import GPT, Block, GPTConfig
-from lingmao.optim import build_optimizer
+from lingmao.model.gpt import GPT, Block, GPTConfig
+from lingmao.train.optim import build_optimizer
 
 
 def rss_bytes() -> int:

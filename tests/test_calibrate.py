@@ -3,9 +3,9 @@ the short-run rule, one real (small) measurement, and the plan's use of it."""
 
 import pytest
 
-from lingmao import calibrate
-from lingmao.machine import Machine
-from lingmao.plan import make_plan
+from lingmao.plan import calibration as calibrate
+from lingmao.plan.machine import Machine
+from lingmao.plan.make import make_plan
 from test_config import make
 
 MODEL = {"d_model": 32, "n_heads": 2, "n_layers": 1, "context_length": 16, "dropout": 0.0, "mlp_ratio": 4,
@@ -92,7 +92,7 @@ def test_plan_true_reads_a_calibration_but_measures_none(tmp_path, monkeypatch, 
     assert "not measured yet" in capsys.readouterr().out and not (tmp_path / "cache").exists()
     from omegaconf import OmegaConf
 
-    from lingmao.machine import detect
+    from lingmao.plan.machine import detect
 
     shape = calibrate.shape_of(OmegaConf.to_container(make(*args).model), 13563, detect().cores)
     calibrate.choose(shape, "auto", "auto", tmp_path / "cache", None, fake_measure([]))

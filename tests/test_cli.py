@@ -13,7 +13,7 @@ import pytest
 
 from lingmao import cli, compare, generate
 from lingmao import eval as evaluation
-from lingmao.options import OptionError, parse, usage
+from lingmao.config.options import OptionError, parse, usage
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -76,7 +76,7 @@ def test_in_process_main_gives_hydras_switch_back(tmp_path, monkeypatch, capsys)
 def test_an_error_inside_the_task_is_not_taken_for_hydras():
     from omegaconf.errors import ConfigKeyError
 
-    from lingmao.hydra_errors import explain
+    from lingmao.config.errors import explain
 
     def task():
         raise ConfigKeyError("Key 'x' not in 'Foo'")
@@ -91,7 +91,7 @@ def test_an_error_inside_the_task_is_not_taken_for_hydras():
 def test_a_missing_sweeper_plugin_gets_an_install_hint():
     from hydra.errors import MissingConfigException
 
-    from lingmao.hydra_errors import explain
+    from lingmao.config.errors import explain
 
     e = MissingConfigException("Could not find 'hydra/sweeper/optuna'", missing_cfg_file="hydra/sweeper/optuna",
                                options=["basic"])

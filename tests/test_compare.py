@@ -280,7 +280,7 @@ def test_index_html_shows_the_last_samples_of_a_run(report):
 def test_chinese_run_and_genre_names_render_with_a_cjk_font(store, tmp_path):
     import warnings
 
-    from lingmao.compare_plots import find_cjk_font
+    from lingmao.report.plots import find_cjk_font
 
     font = find_cjk_font()
     assert font.family, f"no CJK font on this machine ({font.source})"
@@ -292,7 +292,7 @@ def test_chinese_run_and_genre_names_render_with_a_cjk_font(store, tmp_path):
 
 
 def test_throughput_note_tells_noise_from_a_real_difference():
-    from lingmao.compare_plots import throughput_note
+    from lingmao.report.plots import throughput_note
 
     same = {"a": [40.0, 43.0, 17.0, 41.0, 39.0], "b": [42.0, 18.0, 44.0, 40.0, 38.0]}
     assert "within the runs' own" in throughput_note(same)

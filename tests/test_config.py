@@ -3,8 +3,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from lingmao.config import CONF_DIR, ConfigError, register, validate
-from lingmao.plan import PRESETS
+from lingmao.config.rules import CONF_DIR, ConfigError, register, validate
+from lingmao.plan.make import PRESETS
 
 register()
 MODELS = ("tiny", "small", "medium", "large")
@@ -106,7 +106,7 @@ def test_balanced_data_preset_has_seed_caps():
 
 # -- every key has a rule -----------------------------------------------------
 
-from lingmao.config import RULES, NEEDS, schema_keys, tracking_uri_ok  # noqa: E402
+from lingmao.config.rules import RULES, NEEDS, schema_keys, tracking_uri_ok  # noqa: E402
 
 
 def _needs_a_rule(tp) -> bool:
@@ -139,7 +139,7 @@ def test_the_default_config_passes_every_rule():
     validate(make())
     from dataclasses import asdict
 
-    from lingmao.config import problems, RunConfig
+    from lingmao.config.rules import problems, RunConfig
 
     assert problems(RunConfig()) == []
     assert problems(asdict(RunConfig())) == []

@@ -334,7 +334,7 @@ def test_jsonl_random_lines_only_raise_corpus_error(tmp_path, lines, gz, mode):
 
 
 def test_duplicate_window_counts_are_scanned_once_per_corpus_and_window(poetry_dist, tmp_path, monkeypatch):
-    import lingmao.textmetrics as textmetrics
+    import lingmao.data.textmetrics as textmetrics
 
     recs = list(poetry_records(poetry_dist))
     p = prepare(iter(recs), tmp_path / "c", KEY, val_fraction=0.2)

@@ -81,7 +81,7 @@ def two_nodes(args: list[str], folders: list, cache, store, stop_after=None):
 def test_two_nodes_without_a_shared_disk_resume_alike_with_their_own_dropout(tmp_path, training_cache):
     import torch
 
-    from lingmao import checkpoint
+    from lingmao.train import checkpoint
 
     base = [a for a in COMMON if not a.startswith(("model.dropout", "trainer.max_steps"))] + [
         "model.dropout=0.1", "hardware.batch=2", "hardware.threads=1", "checkpoint.every_steps=2",

@@ -9,10 +9,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lingmao import checkpoint
-from lingmao.config import (CONF_DIR, ModelConfig, RunConfig, fill_absent, register, schema_keys,
-                            value_when_absent)
-from lingmao.model import GPT, GPTConfig
+from lingmao.train import checkpoint
+from lingmao.config.rules import CONF_DIR, ModelConfig, RunConfig, fill_absent, register, schema_keys, value_when_absent
+from lingmao.model.gpt import GPT, GPTConfig
 from test_resume import COMMON, cli
 
 register()

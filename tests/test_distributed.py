@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lingmao import distributed
-from lingmao.distributed import Dist, Parallel, rank_seed
-from lingmao.model import GPT, GPTConfig
+from lingmao.train import distributed
+from lingmao.train.distributed import Dist, Parallel, rank_seed
+from lingmao.model.gpt import GPT, GPTConfig
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_ranks_get_their_own_dropout_seed_and_rank_0_keeps_the_run_seed():
 
 
 def test_mfu_divides_by_the_peak_of_every_device_of_the_run():
-    from lingmao.metrics import run_peak_tflops
+    from lingmao.train.metrics import run_peak_tflops
 
     t4 = SimpleNamespace(peak_tflops_per_device=65.0, precision="fp16")
     assert run_peak_tflops(t4, torch.device("cuda"), world_size=2) == 130.0  # t4x2: two T4s, not one

@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lingmao.estimate import (MARGIN, MemoryEstimate, count_params, estimate_memory, estimate_step_time,
-                              fit_micro_batch, flops_per_token)
-from lingmao.model import GPT, GPTConfig
+from lingmao.plan.estimate import MARGIN, MemoryEstimate, count_params, estimate_memory, estimate_step_time, fit_micro_batch, flops_per_token
+from lingmao.model.gpt import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [  # (d_model, n_heads, n_layers, context_length, vocab_size, mlp_ratio)
@@ -196,8 +195,8 @@ def test_checkpointed_blocks_keep_only_their_input(autocast, monkeypatch):
     that backward recomputes at a time."""
     from torch.utils.checkpoint import checkpoint
 
-    from lingmao.estimate import _layer_activation_bytes
-    from lingmao.model import Block
+    from lingmao.plan.estimate import _layer_activation_bytes
+    from lingmao.model.gpt import Block
 
     d, h, L, T, V, B = 64, 4, 3, 64, 500, 4
     plain = Block.forward

@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 
 from lingmao import cli
 from lingmao import eval as evaluation
-from lingmao.config import CONF_DIR, register
-from lingmao.evaluation import genre_metric_names
+from lingmao.config.rules import CONF_DIR, register
+from lingmao.train.evaluation import genre_metric_names
 
 register()
 
@@ -123,7 +123,7 @@ def test_bad_input_is_one_line_naming_the_key(trained, tmp_path, capsys):
 
 
 def test_the_launch_folder_comes_from_the_run_folders_hydra_record(tmp_path):
-    from lingmao.locate import launch_dir
+    from lingmao.tracking.locate import launch_dir
 
     (tmp_path / "run" / ".hydra").mkdir(parents=True)
     (tmp_path / "run" / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {tmp_path / 'here'}\n")

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from lingmao.data.tokenizer import EOS_ID
-from lingmao.evaluation import per_genre_loss
-from lingmao.model import GPT, GPTConfig
+from lingmao.train.evaluation import per_genre_loss
+from lingmao.model.gpt import GPT, GPTConfig
 
 GENRES = ["文", "曲", "诗", "词"]
 
@@ -77,8 +77,8 @@ def test_every_eval_logs_verse_form_beside_rep4_and_the_corpus_reference(tmp_pat
 
 def test_each_prompt_gets_per_prompt_sampled_continuations_and_one_greedy():
     from lingmao.data.tokenizer import build_char_tokenizer
-    from lingmao.evaluation import sample
-    from lingmao.schema import SampleConfig
+    from lingmao.train.evaluation import sample
+    from lingmao.config.schema import SampleConfig
 
     tok = build_char_tokenizer(["床前明月光，疑是地上霜。举头望明月，低头思故乡。"])
     model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), d_model=16, n_heads=2, n_layers=1, context_length=32,

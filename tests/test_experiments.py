@@ -15,9 +15,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
 from omegaconf import OmegaConf
 
-from lingmao import checkpoint
-from lingmao.config import CONF_DIR, EXPERIMENTS_DIR, register, validate
-from lingmao.model import GPTConfig
+from lingmao.train import checkpoint
+from lingmao.config.rules import CONF_DIR, EXPERIMENTS_DIR, register, validate
+from lingmao.model.gpt import GPTConfig
 from lingmao.run import execute
 
 register()

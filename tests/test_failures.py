@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from lingmao import checkpoint
-from lingmao.nan_policy import NonFiniteError
-from lingmao.machine import detect
-from lingmao.optim import Schedule
-from lingmao.plan import make_plan
+from lingmao.train import checkpoint
+from lingmao.train.nan_policy import NonFiniteError
+from lingmao.plan.machine import detect
+from lingmao.train.optim import Schedule
+from lingmao.plan.make import make_plan
 from test_resume import _keep_torch_threads, cli, configure, history, mlflow_runs, train_here, write_poems  # noqa: F401
 
 

@@ -6,7 +6,7 @@ a full disk: test_failures.py and test_reliability.py.)"""
 
 import pytest
 
-from lingmao import checkpoint
+from lingmao.train import checkpoint
 from test_resume import COMMON, cli_env, finish, history, train_here
 
 ARGS = [*COMMON, "trainer.max_steps=8", "checkpoint.every_steps=2", "hydra.run.dir=cut", "tracking.run_name=cut"]
@@ -31,7 +31,8 @@ run.main()
 # before step 4's checkpoint).
 KILLED_IN_TRACKER_SEND = """
 import os, signal
-from lingmao import run, tracking
+from lingmao import run
+from lingmao.tracking import tracker as tracking
 real = tracking.apply
 def apply(client, run_id, rec):
     if rec["op"] == "metrics" and any(step == 3 for _, _, _, step in rec["metrics"]):

@@ -5,12 +5,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lingmao import checkpoint, generate
-from lingmao.config import CONF_DIR, register
+from lingmao.train import checkpoint
+from lingmao import generate
+from lingmao.config.rules import CONF_DIR, register
 from lingmao.data.tokenizer import build_char_tokenizer, tokenizer_hash
-from lingmao.model import GPT, GPTConfig
-from lingmao.sampling import nucleus, penalize_repetition
-from lingmao.textmetrics import repeated_ngram_rate
+from lingmao.model.gpt import GPT, GPTConfig
+from lingmao.model.sampling import nucleus, penalize_repetition
+from lingmao.data.textmetrics import repeated_ngram_rate
 
 register()
 
@@ -31,7 +32,7 @@ def test_cached_greedy_equals_uncached_token_for_token_past_the_context():
 
 
 def test_cached_logits_match_a_full_forward():
-    from lingmao.model import KVCache
+    from lingmao.model.gpt import KVCache
 
     model = tiny()
     x = torch.randint(0, 50, (2, 12))
@@ -240,7 +241,7 @@ def test_a_run_folder_without_the_checkpoint_says_what_it_has(checkpoint_file, t
 
 
 def _mlflow_run(db, tags: dict) -> str:
-    from lingmao.tracking import Tracker
+    from lingmao.tracking.tracker import Tracker
 
     tracker = Tracker(f"sqlite:///{db}", "lingmao", "generate-test", system_metrics=False)
     tracker.set_tags(tags)

@@ -48,7 +48,9 @@ TINY = ["model=tiny", "optim.lr=1e-3"]
 # $LINGMAO_METRICS, and SIGKILL right after the checkpoint of step $LINGMAO_KILL_AFTER.
 CLI = """
 import json, os, signal, sys
-from lingmao import checkpointer, run, tracking
+from lingmao import run
+from lingmao.tracking import tracker as tracking
+from lingmao.train import recovery as checkpointer
 log = tracking.Tracker.log_metrics
 def recorded(self, metrics, step):
     with open(os.environ["LINGMAO_METRICS"], "a") as f:
@@ -117,7 +119,7 @@ class Run:
         return [(m["step"], m[key]) for m in self.metrics() if key in m]
 
     def checkpoint(self) -> dict:
-        from lingmao import checkpoint
+        from lingmao.train import checkpoint
 
         return checkpoint.load(self.dir / "run" / "checkpoints" / "last.pt")
 
@@ -214,7 +216,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from lingmao.config import CONF_DIR, register
+    from lingmao.config.rules import CONF_DIR, register
 
     register()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -228,8 +230,8 @@ def measured_plan(preset: str, size: str) -> tuple[list[str], object]:
     micro-batches per step, so gradients live through accumulation as the
     estimate assumes; the preset's memory raised to this GPU's so the plan
     lets it run."""
-    from lingmao.machine import detect
-    from lingmao.plan import make_plan
+    from lingmao.plan.machine import detect
+    from lingmao.plan.make import make_plan
 
     machine = detect()
     on_its_card = make_plan(compose([f"hardware={preset}", f"model={size}", "hardware.devices=1"]), machine)
@@ -287,8 +289,8 @@ def device_peak_tflops() -> tuple[float, str]:
     from lingmao.bench.measure import matmul_tflops
 
     try:
-        from lingmao.peaks import dense_bf16_tflops
-    except ImportError:  # before the peaks table moved to lingmao.peaks
+        from lingmao.plan.peaks import dense_bf16_tflops
+    except ImportError:  # before the peaks table moved to lingmao.plan.peaks
         from lingmao.bench.gpu import dense_bf16_tflops
 
     name = torch.cuda.get_device_name()

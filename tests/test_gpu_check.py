@@ -31,7 +31,7 @@ check = _script("gpu_check")
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A carried corpus as make_gpu_carry builds it, at the real vocabulary, small."""
-    from lingmao.plan import DEFAULT_VOCAB
+    from lingmao.plan.make import DEFAULT_VOCAB
 
     return carry.build_corpus(tmp_path_factory.mktemp("carry") / "corpus", tokens=40_000, vocab_size=DEFAULT_VOCAB)
 
@@ -39,7 +39,7 @@ def corpus(tmp_path_factory) -> Path:
 def data_config(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from lingmao.config import CONF_DIR, register
+    from lingmao.config.rules import CONF_DIR, register
 
     register()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -48,7 +48,7 @@ def data_config(*overrides: str):
 
 def test_carried_corpus_has_the_plans_vocabulary_and_loads_as_data_prepared(corpus):
     from lingmao.data import load_prepared
-    from lingmao.plan import DEFAULT_VOCAB
+    from lingmao.plan.make import DEFAULT_VOCAB
 
     d = data_config("data=prepared", f"data.prepared_dir={corpus}")
     assert (d.source, d.prepared_dir) == ("prepared", str(corpus))

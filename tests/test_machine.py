@@ -3,9 +3,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lingmao.machine import Gpu, Machine, detect
-from lingmao.peaks import PEAKS, dense_bf16_tflops, peak_for
-from lingmao.plan import make_plan, runnable_plan
+from lingmao.plan.machine import Gpu, Machine, detect
+from lingmao.plan.peaks import PEAKS, dense_bf16_tflops, peak_for
+from lingmao.plan.make import make_plan, runnable_plan
 from test_config import make
 
 
@@ -105,7 +105,7 @@ class FakeNvml:
 def test_gpus_are_read_through_nvml_without_starting_cuda(monkeypatch):
     import sys
 
-    from lingmao.machine import detect
+    from lingmao.plan.machine import detect
 
     t4 = ("Tesla T4", 15 * 2**30, 7, 5)
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(t4, t4, t4))
@@ -125,8 +125,8 @@ def test_gpus_are_read_through_nvml_without_starting_cuda(monkeypatch):
 def test_allocator_settings_go_through_the_environment_or_a_warning_never_a_private_api(monkeypatch, capsys):
     import os
 
-    from lingmao.plan import make_plan
-    from lingmao.runtime import apply_runtime
+    from lingmao.plan.make import make_plan
+    from lingmao.train.runtime import apply_runtime
     from test_plan import H100, make
 
     plan = make_plan(make("hardware=rtx4090"), H100)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lingmao.model import GPT, GPTConfig
+from lingmao.model.gpt import GPT, GPTConfig
 
 
 def model(**kw):
@@ -66,7 +66,7 @@ def test_activation_checkpointing_recomputes_blocks_with_the_same_dropout():
 
 
 def test_a_run_with_both_savers_trains_like_one_without(tmp_path, shared_cache, monkeypatch):
-    from lingmao import plan as plan_module
+    from lingmao.plan import make as plan_module
     from test_resume import _keep_torch_threads, train_here  # noqa: F401
 
     # AdamW: Muon's bf16 orthogonalisation would turn the savers' last-bit differences into ~1e-4

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lingmao.model import GPT, MLP, GPTConfig, MoE
+from lingmao.model.gpt import GPT, MLP, GPTConfig, MoE
 
 D, V, CTX = 32, 50, 16
 

@@ -2,7 +2,7 @@ import datetime as dt
 
 import pytest
 
-from lingmao.night import NightMode, in_window, parse_hhmm
+from lingmao.train.night import NightMode, in_window, parse_hhmm
 
 
 class Clock:
@@ -60,7 +60,7 @@ def test_bad_time_names_the_key():
 def test_a_run_crossing_21_00_switches_and_keeps_the_maths(tmp_path, shared_cache, monkeypatch, capsys):
     import torch
 
-    from lingmao import checkpoint, engine
+    from lingmao.train import checkpoint, engine
     from test_resume import train_here
 
     n = torch.get_num_threads()

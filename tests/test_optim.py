@@ -1,8 +1,8 @@
 
 import pytest
 
-from lingmao.model import GPT, GPTConfig
-from lingmao.optim import Schedule, param_groups, scaled_lr, warmup_steps
+from lingmao.model.gpt import GPT, GPTConfig
+from lingmao.train.optim import Schedule, param_groups, scaled_lr, warmup_steps
 
 
 def test_sqrt_scaling_matches_seed_000_example():
@@ -68,8 +68,8 @@ def test_no_decay_on_norms_biases_and_embeddings():
 def test_muon_keeps_its_lr_while_adamw_is_batch_scaled():
     from types import SimpleNamespace
 
-    from lingmao.config import OptimConfig
-    from lingmao.optim import make_optimizer
+    from lingmao.config.rules import OptimConfig
+    from lingmao.train.optim import make_optimizer
 
     model = GPT(GPTConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=1, context_length=8))
     o = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02)
@@ -83,7 +83,7 @@ def test_the_loss_scaler_steps_muon_and_adamw_and_skips_a_step_with_an_inf_gradi
     # fp16 presets (t4x2, rtx3060) train the default optimizer through GradScaler
     import torch
 
-    from lingmao.optim import build_optimizer
+    from lingmao.train.optim import build_optimizer
 
     model = GPT(GPTConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=1, context_length=8, dropout=0.0))
     opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.0, False, name="muon")

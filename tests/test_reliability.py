@@ -14,8 +14,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from lingmao import checkpoint, engine
-from lingmao.checkpointer import RunLock, job_differences
+from lingmao.train import checkpoint, engine
+from lingmao.train.recovery import RunLock, job_differences
 from test_failures import poison_gradient
 from test_resume import (_keep_torch_threads, cli, configure, history, mlflow_runs,  # noqa: F401
                          train_here, write_poems)
@@ -80,7 +80,7 @@ def test_an_explicit_resume_with_another_lr_is_a_new_run_that_logs_it(tmp_path, 
 def test_a_second_process_in_the_same_run_folder_is_refused(tmp_path):
     folder = tmp_path / "run" / "checkpoints"
     held = RunLock(folder).acquire()
-    code = f"from lingmao.checkpointer import RunLock; RunLock({str(folder)!r}).acquire()"
+    code = f"from lingmao.train.recovery import RunLock; RunLock({str(folder)!r}).acquire()"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert other.returncode != 0 and f"{folder} is in use by process" in other.stderr
     assert f"process {__import__('os').getpid()} on " in other.stderr  # names the holder
@@ -90,7 +90,7 @@ def test_a_second_process_in_the_same_run_folder_is_refused(tmp_path):
 
 def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
     folder = tmp_path / "checkpoints"
-    code = (f"from lingmao.checkpointer import RunLock; import time; lock = RunLock({str(folder)!r}).acquire(); "
+    code = (f"from lingmao.train.recovery import RunLock; import time; lock = RunLock({str(folder)!r}).acquire(); "
             f"print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -119,7 +119,7 @@ def test_a_full_disk_reported_as_runtimeerror_is_a_checkpoint_write_error(tmp_pa
 
 def test_a_second_signal_stops_at_once_marked_killed_in_one_line(tmp_path, mlflow_db, shared_cache, monkeypatch,
                                                                  capsys):
-    from lingmao import checkpointer
+    from lingmao.train import recovery as checkpointer
 
     save = checkpointer.Checkpointer.save
 
@@ -206,7 +206,7 @@ def test_fp16_divergence_reaches_on_nan_instead_of_skipping_forever(tmp_path, sh
         return real(self, optimizer)
 
     monkeypatch.setattr(torch.amp.GradScaler, "unscale_", overflowing)
-    from lingmao import plan as plan_module
+    from lingmao.plan import make as plan_module
     real_plan = plan_module.make_plan
 
     def fp16_plan(*a, **k):  # a CPU stand-in for a T4: fp16 with a GradScaler
@@ -215,7 +215,7 @@ def test_fp16_divergence_reaches_on_nan_instead_of_skipping_forever(tmp_path, sh
         return p
 
     monkeypatch.setattr(plan_module, "make_plan", fp16_plan)
-    from lingmao.nan_policy import NonFiniteError
+    from lingmao.train.nan_policy import NonFiniteError
 
     with pytest.raises(NonFiniteError, match="loss scale 0.5"):
         train_here(tmp_path, tmp_path / "run", "trainer.max_steps=40", "tracking.enabled=false")
@@ -223,15 +223,15 @@ def test_fp16_divergence_reaches_on_nan_instead_of_skipping_forever(tmp_path, sh
 
 def test_poisoned_step_still_reported_after_the_split(tmp_path, shared_cache, monkeypatch):
     poison_gradient(monkeypatch, 1)
-    from lingmao.nan_policy import NonFiniteError
+    from lingmao.train.nan_policy import NonFiniteError
 
     with pytest.raises(NonFiniteError, match="grad of tok_emb.weight"):
         train_here(tmp_path, tmp_path / "run", "trainer.max_steps=3", "tracking.enabled=false")
 
 
 def test_a_run_bounded_only_by_time_ends_at_the_lr_floor(tmp_path, shared_cache):
-    from lingmao import plan as plan_module
-    from lingmao.machine import detect
+    from lingmao.plan import make as plan_module
+    from lingmao.plan.machine import detect
 
     args = ["trainer.max_steps=null", "trainer.max_time=8", "optim.min_lr_ratio=0.1", "tracking.enabled=false",
             "trainer.eval_every=100000"]

@@ -16,9 +16,10 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from conftest import LINES, _write_jsonl
-from lingmao import checkpoint, checkpointer, evaluation, run
-from lingmao.signals import Stopper
-from lingmao.config import CONF_DIR
+from lingmao.train import checkpoint, recovery as checkpointer, evaluation
+from lingmao import run
+from lingmao.train.signals import Stopper
+from lingmao.config.rules import CONF_DIR
 from lingmao.data.tokenizer import load_tokenizer, tokenizer_hash
 
 COMMON = ["hardware=cpu", "hardware.precision=fp32", "hardware.threads=1", "hardware.batch=4",
@@ -67,7 +68,8 @@ def cli_env(cache: Path, **extra) -> dict:
 # The CLI in a process that SIGKILLs itself right after writing the checkpoint of step {step}.
 KILLED_AFTER_CHECKPOINT = """
 import os, signal, sys
-from lingmao import checkpointer, run
+from lingmao import run
+from lingmao.train import recovery as checkpointer
 save = checkpointer.Checkpointer.save
 def save_then_die(self, s, *args, **kwargs):
     path = save(self, s, *args, **kwargs)

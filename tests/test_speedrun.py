@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lingmao import checkpoint, run
-from lingmao.config import CONF_DIR, ConfigError, register, validate
-from lingmao.model import GPT, GPTConfig, KVCache, rope_angles
-from lingmao.model import rotate as rope
-from lingmao.optim import MuonAdamW, Schedule, build_optimizer
+from lingmao.train import checkpoint
+from lingmao import run
+from lingmao.config.rules import CONF_DIR, ConfigError, register, validate
+from lingmao.model.gpt import GPT, GPTConfig, KVCache, rope_angles
+from lingmao.model.gpt import rotate as rope
+from lingmao.train.optim import MuonAdamW, Schedule, build_optimizer
 
 register()
 V, D, CTX = 50, 32, 16

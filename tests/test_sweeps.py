@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from test_run import TINY, run_cli
 
-from lingmao.config import CONF_DIR, register
+from lingmao.config.rules import CONF_DIR, register
 from lingmao.run import execute, lock_free_slot, parallel_jobs, slot_resources
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"

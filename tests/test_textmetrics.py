@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lingmao.textmetrics import distinct_n, duplicate_windows, mean_repetition, repeated_ngram_rate, repetition
+from lingmao.data.textmetrics import distinct_n, duplicate_windows, mean_repetition, repeated_ngram_rate, repetition
 
 POEM = "床前明月光疑是地上霜举头望明月低头思故乡"  # 明月 twice, no 4-gram twice
 
@@ -51,7 +51,7 @@ def test_duplicate_windows_of_fresh_text_and_small_chunks_agree():
 
 
 def test_verse_form_counts_five_and_seven_character_lines():
-    from lingmao.textmetrics import lines, verse_form
+    from lingmao.data.textmetrics import lines, verse_form
 
     assert lines("床前明月光，疑是地上霜。\n举头望明月！") == ["床前明月光", "疑是地上霜", "举头望明月"]
     assert verse_form(["床前明月光，疑是地上霜。", "子曰：学而时习之，不亦说乎？"]) == pytest.approx(2 / 4)

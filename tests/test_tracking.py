@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lingmao import tracking_store
+from lingmao.tracking import store as tracking_store
 from lingmao.run import compact
-from lingmao.tracking import SPOOL_NAME, Tracker, TrackingError, import_spool, main, read_spool, sweep_id
+from lingmao.tracking.tracker import SPOOL_NAME, Tracker, TrackingError, import_spool, main, read_spool, sweep_id
 
 
 def closed_port() -> int:
@@ -203,7 +203,7 @@ def test_training_runs_against_an_unreachable_store(tmp_path, shared_cache, fast
     """End to end in-process: the run trains, the spool holds its metrics."""
     from hydra import compose, initialize_config_dir
 
-    from lingmao.config import CONF_DIR
+    from lingmao.config.rules import CONF_DIR
     from lingmao.run import execute
 
     monkeypatch.chdir(tmp_path)
@@ -226,7 +226,7 @@ def test_training_runs_against_an_unreachable_store(tmp_path, shared_cache, fast
 
 
 def test_the_store_opens_only_when_the_start_up_is_over(tmp_path, mlflow_db, monkeypatch):
-    import lingmao.tracking as tracking
+    import lingmao.tracking.tracker as tracking
 
     opened = threading.Event()
     real_open = Tracker._open
@@ -308,7 +308,7 @@ def test_params_changed_on_resume_are_kept_beside_the_first_ones(tmp_path, mlflo
 
 
 def test_stores_with_a_scheme_or_a_profile_name_are_not_made_into_folders(tmp_path):
-    from lingmao.tracking import resolve_uri
+    from lingmao.tracking.tracker import resolve_uri
 
     for uri in ("databricks", "databricks-uc", "uc:", "file:///tmp/x", "http://h:5000", "postgresql://u@h/db"):
         assert resolve_uri(uri, tmp_path) == uri
@@ -319,7 +319,7 @@ def test_stores_with_a_scheme_or_a_profile_name_are_not_made_into_folders(tmp_pa
 def test_metrics_of_slow_steps_reach_the_store_within_seconds(tmp_path, mlflow_db, monkeypatch):
     """A CPU step of the small model takes ~12 s: waiting for a full batch of
     900 values kept the UI empty for the first ten minutes of a run."""
-    import lingmao.tracking as tracking
+    import lingmao.tracking.tracker as tracking
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tracking, "FLUSH_SECONDS", 0.3)

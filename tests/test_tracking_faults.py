@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lingmao.tracking import SPOOL_NAME, Tracker, import_spool, main, read_spool
+from lingmao.tracking.tracker import SPOOL_NAME, Tracker, import_spool, main, read_spool
 
 REPO = Path(__file__).resolve().parents[1]
 HANG = 60.0  # seconds a hung request waits before the server lets it go: longer than any bound tested
@@ -146,7 +146,7 @@ def test_sigkill_after_a_flush_loses_no_metric(tmp_path, mlflow_db, hung_server,
     bound = 60.0 if store == "sqlite" else 1.0  # a healthy store on a loaded machine takes seconds to open
     proc = run_script(f"""
         import os, signal
-        from lingmao.tracking import Tracker
+        from lingmao.tracking.tracker import Tracker
         tr = Tracker({uri!r}, "lingmao", "killed", spool={str(tmp_path / SPOOL_NAME)!r}, timeout={bound})
         tr.start_sending()
         for step in range(1, 41):
@@ -168,8 +168,8 @@ def test_two_sigterms_stop_a_wait_on_a_hung_store(tmp_path, hung_server):
     the second raises at once, also inside a wait on the tracker."""
     proc = run_script(f"""
         import sys
-        from lingmao.engine import Stopper
-        from lingmao.tracking import Tracker
+        from lingmao.train.engine import Stopper
+        from lingmao.tracking.tracker import Tracker
         tr = Tracker({hung_server!r}, "lingmao", "term", spool={str(tmp_path / SPOOL_NAME)!r}, timeout={HANG})
         tr.log_metrics({{"train/loss": 1.0}}, 1)
         with Stopper():
@@ -196,15 +196,15 @@ def test_training_against_a_hung_server_checkpoints_and_spools_every_step(tmp_pa
     spool holds every step's metrics."""
     from hydra import compose, initialize_config_dir
 
-    import lingmao.tracking
-    from lingmao.config import CONF_DIR
+    import lingmao.tracking.tracker
+    from lingmao.config.rules import CONF_DIR
     from lingmao.run import execute
 
     class Bounded(Tracker):  # the run's tracker, with a short bound
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "timeout": 2.0})
 
-    monkeypatch.setattr(lingmao.tracking, "Tracker", Bounded)
+    monkeypatch.setattr(lingmao.tracking.tracker, "Tracker", Bounded)
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[

@@ -9,17 +9,17 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import ConfigError
-from ..data import CorpusError
-from .options import OptionError, parse_args, usage
+from lingmao.config.rules import ConfigError
+from lingmao.data import CorpusError
+from lingmao.bench.options import OptionError, parse_args, usage
 
 USER_ERRORS = (OptionError, ConfigError, CorpusError, HydraException, OmegaConfBaseException)
 EXPERIMENT = "lingmao-bench"
 
 
 def open_tracker(cfg, plan, suite: str | None, opts):
-    from ..engine import cfg_dict
-    from ..tracking import Tracker, git_state, launch_host, resolve_uri
+    from lingmao.train.engine import cfg_dict
+    from lingmao.tracking.tracker import Tracker, git_state, launch_host, resolve_uri
 
     launch = Path.cwd()
     name = f"{suite + '-suite' if suite else 'bench'}-{plan.preset}-{cfg.model.name}"
@@ -31,7 +31,7 @@ def open_tracker(cfg, plan, suite: str | None, opts):
 
 
 def benchmark_mode(cfg, plan, opts, tracker) -> None:
-    from .measure import benchmark, train_tokens
+    from lingmao.bench.measure import benchmark, train_tokens
 
     windows = (opts.warmup + 2 * opts.steps + 2) * plan.effective_batch
     tokens, vocab, stride, source = train_tokens(cfg, opts.synthetic, opts.vocab, windows,
@@ -54,15 +54,15 @@ def suite_parts(name: str, plan, opts) -> dict:
     """{key: (title, function)} of the parts to run; refuses before any work
     a suite that does not fit the plan or a part that does not exist."""
     if name == "gpu":
-        from .gpu import gpu_suite
+        from lingmao.bench.gpu import gpu_suite
 
         return {"gpu": ("GPU", gpu_suite)}
     if name == "speedrun":
-        from .speedrun import chosen, speedrun
+        from lingmao.bench.speedrun import chosen, speedrun
 
         chosen(opts.contenders)  # a bad name is refused before any work
         return {"speedrun": ("6. time to quality (speedrun)", speedrun)}
-    from .cpu import CPU_PARTS
+    from lingmao.bench.cpu import CPU_PARTS
 
     if plan.device != "cpu":
         raise OptionError(f"suite=cpu measures the CPU, but hardware={plan.preset} runs on {plan.device}: "
@@ -77,14 +77,14 @@ def suite_parts(name: str, plan, opts) -> dict:
 
 
 def run(args: list[str]) -> None:
-    from ..runtime import apply_runtime
-    from ..machine import detect
-    from ..plan import runnable_plan
-    from .compose import Composer
+    from lingmao.train.runtime import apply_runtime
+    from lingmao.plan.machine import detect
+    from lingmao.plan.make import runnable_plan
+    from lingmao.bench.compose import Composer
 
     suite, opts, overrides = parse_args(args)
     if suite == "gpu":
-        from .gpu import require_cuda
+        from lingmao.bench.gpu import require_cuda
 
         require_cuda()
     composer = Composer(overrides)
@@ -94,7 +94,7 @@ def run(args: list[str]) -> None:
     for note in plan.notes:
         print(f"warning: {note}", file=sys.stderr)
     if suite:
-        from .suite import Suite, run_suite
+        from lingmao.bench.suite import Suite, run_suite
 
         parts = suite_parts(suite, plan, opts)
     apply_runtime(plan)

@@ -3,7 +3,7 @@
 own step (lingmao/bench/loop.py).
 
 Forward, backward, clip, optimizer step, written out here independently of
-lingmao.step.TrainStep: what the engine does beyond this (the finiteness
+lingmao.train.step.TrainStep: what the engine does beyond this (the finiteness
 check and its host sync, metrics, logging, progress) is the overhead the
 benchmark measures. It is built like the engine (same model, optimizer,
 schedule, precision and batches, same seed and epoch order) and computes
@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..optim import set_lr
-from ..runtime import autocast
-from .loop import Steps
+from lingmao.train.optim import set_lr
+from lingmao.train.runtime import autocast
+from lingmao.bench.loop import Steps
 
 
 class BareLoop(Steps):

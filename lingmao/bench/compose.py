@@ -9,7 +9,7 @@ theirs, checked by the schema like any command-line value.
 
 from __future__ import annotations
 
-from ..config import CONF_DIR, register, validate
+from lingmao.config.rules import CONF_DIR, register, validate
 
 
 def override(key: str, value) -> str:

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from statistics import median
 
-from .overhead import engine_overhead
-from .stats import compare, interleave
-from .suite import Suite, silent_tracker
+from lingmao.bench.overhead import engine_overhead
+from lingmao.bench.stats import compare, interleave
+from lingmao.bench.suite import Suite, silent_tracker
 
 
 # --- 2. data pipeline ---
@@ -34,7 +34,7 @@ def data_pipeline(s: Suite) -> dict:
     on the prepared corpus (its memory map, as training reads it). Context 128
     and accumulation 1: less compute per fetched batch than the preset's 512,
     so the share is if anything overstated."""
-    from .measure import benchmark, train_tokens
+    from lingmao.bench.measure import benchmark, train_tokens
 
     cfg, plan = s.variant("small", **{"model.context_length": 128, "hardware.accumulation": 1})
     tokens, vocab, stride, source = train_tokens(cfg, False, s.opts.vocab, 0)
@@ -59,9 +59,9 @@ def startup(s: Suite) -> dict:
     the scratch MLflow store in the output folder exists."""
     import lingmao
 
-    from ..data import load_corpus
-    from ..tracking import ensure_store
-    from .startup import BARE_PHASES, RUN_PHASES, bare_spec, launch, median_phases
+    from lingmao.data import load_corpus
+    from lingmao.tracking.tracker import ensure_store
+    from lingmao.bench.startup import BARE_PHASES, RUN_PHASES, bare_spec, launch, median_phases
 
     cfg, plan = s.variant("tiny")
     data = load_corpus(cfg.data)
@@ -118,7 +118,7 @@ def scaling(s: Suite) -> dict:
     """A few steps per (model, context) on synthetic tokens at the plan's
     precision; the same number of tokens per step in every row, so rows differ
     only in model and context."""
-    from .measure import benchmark, train_tokens
+    from lingmao.bench.measure import benchmark, train_tokens
 
     rows = []
     for model in SCALING_MODELS:
@@ -179,9 +179,9 @@ def cpu_precision(s: Suite) -> dict:
     accumulation 1 so that a step stays well under a block. Its largest matmul,
     the output head (tokens x d_model x vocabulary), is where bf16 would pay.
     Both train through the engine's step."""
-    from ..data.windows import TokenWindows
-    from .loop import Steps
-    from .measure import train_tokens
+    from lingmao.data.windows import TokenWindows
+    from lingmao.bench.loop import Steps
+    from lingmao.bench.measure import train_tokens
 
     shape = {"hardware.accumulation": 1}
     cfg32, plan32 = s.variant("tiny", **shape, **{"hardware.precision": "fp32", "hardware.compile": False})
@@ -224,11 +224,11 @@ def chunked_loss(s: Suite) -> dict:
     estimate's logits memory for both."""
     from dataclasses import replace
 
-    from ..batching import model_shape
-    from ..data.windows import TokenWindows
-    from ..estimate import estimate_memory
-    from .loop import Steps
-    from .measure import train_tokens
+    from lingmao.plan.batch import model_shape
+    from lingmao.data.windows import TokenWindows
+    from lingmao.plan.estimate import estimate_memory
+    from lingmao.bench.loop import Steps
+    from lingmao.bench.measure import train_tokens
 
     cfg, plan = s.variant("small", **{"hardware.accumulation": 1, "hardware.precision": "fp32",
                                       "hardware.compile": False})

@@ -3,9 +3,9 @@ datasheet peak and against a bf16 matmul measured in the same process."""
 
 from __future__ import annotations
 
-from ..peaks import dense_bf16_tflops
-from .options import OptionError
-from .suite import Suite, silent_tracker
+from lingmao.plan.peaks import dense_bf16_tflops
+from lingmao.bench.options import OptionError
+from lingmao.bench.suite import Suite, silent_tracker
 
 # Seed 000's throughput table: RTX 4090, batch 32, context 512, medium: 40-60
 # samples/s; its peak, 165.2 dense bf16 TFLOPS, is the rtx4090 preset's.
@@ -34,8 +34,8 @@ def gpu_suite(s: Suite) -> dict:
     and benchmark mode measure the data path."""
     import torch
 
-    from ..runtime import matmul_tflops
-    from .measure import benchmark, train_tokens
+    from lingmao.train.runtime import matmul_tflops
+    from lingmao.bench.measure import benchmark, train_tokens
 
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)

@@ -1,6 +1,6 @@
 """The engine's training step, driven by the bench one step at a time.
 
-Built as lingmao.engine's Run builds it (step.build, distributed.Parallel,
+Built as lingmao.train.engine's Run builds it (step.build, distributed.Parallel,
 data.stream.BatchStream, optim.Schedule) and stepped through the engine's
 TrainStep, so benchmark mode, the suites and the speedrun race time and
 train exactly what a real run does, without its tracking, progress,
@@ -14,11 +14,11 @@ from collections import defaultdict
 
 import torch
 
-from ..data.stream import BatchStream, loader_args
-from ..data.windows import TokenWindows
-from ..distributed import Dist, Parallel, start
-from ..optim import Schedule
-from ..step import TrainStep, build
+from lingmao.data.stream import BatchStream, loader_args
+from lingmao.data.windows import TokenWindows
+from lingmao.train.distributed import Dist, Parallel, start
+from lingmao.train.optim import Schedule
+from lingmao.train.step import TrainStep, build
 
 
 class Clock:

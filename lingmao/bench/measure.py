@@ -24,9 +24,9 @@ import numpy as np
 import psutil
 import torch
 
-from ..data.windows import TokenWindows
-from ..runtime import DTYPES, matmul_tflops, peak_memory_bytes
-from .loop import Clock, Steps
+from lingmao.data.windows import TokenWindows
+from lingmao.train.runtime import DTYPES, matmul_tflops, peak_memory_bytes
+from lingmao.bench.loop import Clock, Steps
 
 PHASES = ("data", "forward_backward", "optimizer", "logging")
 PHASE_NAMES = {"data": "data wait", "forward_backward": "forward+backward", "optimizer": "optimizer",
@@ -88,8 +88,8 @@ def train_tokens(cfg, synthetic: bool, vocab: int, windows_needed: int, progress
     if synthetic:
         tokens = synthetic_tokens(windows_needed * ctx + 1, vocab, cfg.seed)
         return tokens, vocab, ctx, f"synthetic tokens (vocabulary {vocab})"
-    from ..data import load_corpus
-    from ..data.windows import default_stride
+    from lingmao.data import load_corpus
+    from lingmao.data.windows import default_stride
 
     data = load_corpus(cfg.data, progress=progress)
     stride = default_stride(cfg.data.stride, ctx)  # as the engine does

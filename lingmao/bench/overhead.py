@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from statistics import median
 
-from ..tracking import Tracker
-from .stats import block_order, compare, pair_up
-from .suite import Suite
+from lingmao.tracking.tracker import Tracker
+from lingmao.bench.stats import block_order, compare, pair_up
+from lingmao.bench.suite import Suite
 
 
 class EndOfSteps(Exception):
@@ -49,7 +49,7 @@ class RecordingTracker(Tracker):
 
 def train_steps(cfg, plan, tracker: RecordingTracker, run_dir: Path, log: Path) -> None:
     """engine.train until the tracker stops it; its prints and progress bar go to `log`, not the report."""
-    from .. import engine
+    from lingmao.train import engine
 
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f), \
@@ -76,9 +76,9 @@ def engine_variant(s: Suite, **values):
 
 
 def bare_loop(s: Suite, cfg, plan, total_steps: int):
-    from ..data.windows import TokenWindows
-    from .bare import BareLoop
-    from .measure import train_tokens
+    from lingmao.data.windows import TokenWindows
+    from lingmao.bench.bare import BareLoop
+    from lingmao.bench.measure import train_tokens
 
     tokens, vocab, stride, _ = train_tokens(cfg, False, s.opts.vocab, 0)
     return BareLoop(cfg, plan, TokenWindows(tokens, cfg.model.context_length, stride), vocab, total_steps)

@@ -32,7 +32,7 @@ from statistics import median
 
 from omegaconf import OmegaConf
 
-from .options import OptionError
+from lingmao.bench.options import OptionError
 
 # name -> (group choices, values, what it sets); each on top of the command line.
 SWITCHES = {
@@ -97,7 +97,7 @@ class Contender:
 def fixed_val_batches(val_tokens, context_length: int, micro_batch: int, wanted: int):
     """The first `wanted` non-overlapping validation windows (fewer if the
     split is shorter), in micro-batches: one fixed set for every contender."""
-    from ..data.windows import TokenWindows
+    from lingmao.data.windows import TokenWindows
 
     windows = TokenWindows(val_tokens, context_length, context_length)
     n = min(wanted, len(windows))
@@ -108,8 +108,8 @@ def race(c: Contender, loop, val_batches, n_windows: int, max_steps: int, eval_e
          tracker) -> Contender:
     """Train `loop` to max_steps (or the target), timing each step and
     evaluating every `eval_every` steps off the clock."""
-    from ..distributed import Dist
-    from ..evaluation import evaluate
+    from lingmao.train.distributed import Dist
+    from lingmao.train.evaluation import evaluate
 
     def run_eval() -> bool:
         start = time.perf_counter()
@@ -143,9 +143,9 @@ def race(c: Contender, loop, val_batches, n_windows: int, max_steps: int, eval_e
 
 
 def speedrun(s) -> dict:
-    from ..data import load_corpus
-    from ..data.windows import TokenWindows, default_stride
-    from .loop import Steps
+    from lingmao.data import load_corpus
+    from lingmao.data.windows import TokenWindows, default_stride
+    from lingmao.bench.loop import Steps
 
     o = s.opts
     names = chosen(o.contenders)

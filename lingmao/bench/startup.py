@@ -45,7 +45,7 @@ RUN_PHASES = (
 )
 BARE_PHASES = (
     ("probe", "interpreter start"),
-    ("imports", "imports (numpy, torch, lingmao.model)"),
+    ("imports", "imports (numpy, torch, lingmao.model.gpt)"),
     ("data", "map the token file, first batch"),
     ("model", "model build, optimizer"),
     ("step", "first step (forward, backward, optimizer)"),
@@ -99,15 +99,15 @@ def _probe_run(marks: dict, path: str, overrides: list[str]) -> None:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     import lingmao.data
-    import lingmao.engine
+    import lingmao.train.engine
     import lingmao.run
-    import lingmao.step
-    import lingmao.tracking
+    import lingmao.train.step
+    import lingmao.tracking.tracker
 
     marks["imports"] = time.time()
-    for owner, name, label in ((lingmao.tracking.Tracker, "__init__", "tracking"),
-                               (lingmao.engine, "load_corpus", "data"), (lingmao.step, "GPT", "model"),
-                               (lingmao.step, "make_optimizer", "optimizer"),
+    for owner, name, label in ((lingmao.tracking.tracker.Tracker, "__init__", "tracking"),
+                               (lingmao.train.engine, "load_corpus", "data"), (lingmao.train.step, "GPT", "model"),
+                               (lingmao.train.step, "make_optimizer", "optimizer"),
                                (lingmao.data.Prepared, "duplicate_windows", "scan")):
         if hasattr(owner, name):
             _mark_call(owner, name, marks, label)
@@ -128,7 +128,7 @@ def _probe_bare(marks: dict, path: str, spec: dict) -> None:
     import torch
     import torch.nn.functional as F
 
-    from lingmao.model import GPT, GPTConfig
+    from lingmao.model.gpt import GPT, GPTConfig
 
     marks["imports"] = time.time()
     ctx, micro = spec["context_length"], spec["micro_batch"]
@@ -167,7 +167,7 @@ def bare_spec(cfg, plan, data) -> dict:
     and the run's very model config."""
     from dataclasses import asdict
 
-    from lingmao.model import GPTConfig
+    from lingmao.model.gpt import GPTConfig
 
     return {"tokens": str(data.dir / "train.bin"), "dtype": data.dtype, "seed": cfg.seed,
             "context_length": cfg.model.context_length, "micro_batch": plan.micro_batch,

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from ..plan import runnable_plan
-from ..tracking import Tracker
-from .compose import Composer
-from .options import BenchOptions
+from lingmao.plan.make import runnable_plan
+from lingmao.tracking.tracker import Tracker
+from lingmao.bench.compose import Composer
+from lingmao.bench.options import BenchOptions
 
 CPU_BUDGET_SECONDS = 300
 
@@ -59,7 +59,7 @@ def run_suite(s: Suite, parts: dict) -> None:
     s.out.mkdir(parents=True, exist_ok=True)
     print(f"suite={s.name} | {len(parts)} part(s) | output {s.out}")
     if {"engine", "data", "startup"} & set(parts):
-        from ..data import load_corpus
+        from lingmao.data import load_corpus
 
         t = time.perf_counter()
         load_corpus(s.cfg.data, progress=s.cfg.trainer.progress)

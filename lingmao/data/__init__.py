@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .corpus import POETRY_PACKAGE, CorpusError, fetch_poetry, hf_records, jsonl_records, poetry_records
-from .prepare import Prepared, prepare
+from lingmao.data.corpus import POETRY_PACKAGE, CorpusError, fetch_poetry, hf_records, jsonl_records, poetry_records
+from lingmao.data.prepare import Prepared, prepare
 
 __all__ = ["CorpusError", "Prepared", "cache_root", "load_corpus", "load_prepared"]
 

@@ -28,8 +28,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
-from .corpus import DEFAULT_GENRE, CorpusError
-from .tokenizer import EOS_ID, build_char_tokenizer, load_tokenizer, tokenizer_hash
+from lingmao.data.corpus import DEFAULT_GENRE, CorpusError
+from lingmao.data.tokenizer import EOS_ID, build_char_tokenizer, load_tokenizer, tokenizer_hash
 
 PIPELINE_VERSION = 1  # bump whenever a change here or in corpus.py changes the prepared output
 SCRIPTS = ("simplified", "keep")
@@ -60,7 +60,7 @@ class Prepared:
         """Exact and near-duplicate windows of the train split (textmetrics),
         counted once per window size: a prepared corpus never changes, and the
         scan of 23M tokens costs seconds at every start otherwise."""
-        from ..textmetrics import duplicate_windows
+        from lingmao.data.textmetrics import duplicate_windows
 
         path = self.dir / f"duplicates_w{window}_s{shingle}.json"
         with contextlib.suppress(FileNotFoundError, ValueError):

@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from .windows import TokenWindows, make_loader
+from lingmao.data.windows import TokenWindows, make_loader
 
 
 def loader_args(plan) -> dict:

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from .corpus import CorpusError
+from lingmao.data.corpus import CorpusError
 
 
 def default_stride(stride: int | None, context_length: int) -> int:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, fill_absent
+from lingmao.config.rules import ConfigError, fill_absent
 
 FORMAT = 1
 # What torch.load raises for a truncated, corrupt or foreign file.

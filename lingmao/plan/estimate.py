@@ -1,7 +1,7 @@
 """Memory, FLOPs and step-time estimates for lingmao's GPT, before any run.
 
 Pure arithmetic (no torch import): the plan calls it for any preset on any
-machine. Every term below follows what lingmao.model and the engine actually
+machine. Every term below follows what lingmao.model.gpt and the engine actually
 keep alive, checked against PyTorch's saved-tensor hooks and against the
 peak RSS of real CPU training steps (tests/test_estimate.py); `MARGIN` is the
 relative error seen there, rounded up.
@@ -92,7 +92,7 @@ def count_params(d_model: int, n_heads: int, n_layers: int, context_length: int,
 
 def flops_per_token(d_model: int, n_layers: int, context_length: int, n_params_no_pos: int) -> int:
     """Training FLOPs per token, 6N + 12 L T d (PaLM, Chowdhery et al. 2022, appendix B;
-    Kaplan et al. 2020 sec. 2.1): equals lingmao.model.GPT.flops_per_token()."""
+    Kaplan et al. 2020 sec. 2.1): equals lingmao.model.gpt.GPT.flops_per_token()."""
     return 6 * n_params_no_pos + 12 * n_layers * context_length * d_model
 
 

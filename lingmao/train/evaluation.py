@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.tokenizer import EOS_ID
-from .generate import complete
-from .runtime import autocast
-from .textmetrics import POEM_LINE_LENGTHS, mean_repetition, verse_form
+from lingmao.data.tokenizer import EOS_ID
+from lingmao.generate import complete
+from lingmao.train.runtime import autocast
+from lingmao.data.textmetrics import POEM_LINE_LENGTHS, mean_repetition, verse_form
 
 
 @torch.no_grad()

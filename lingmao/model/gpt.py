@@ -19,9 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .sampling import next_token
+from lingmao.model.sampling import next_token
 
-from .config import check_model, fill_absent, value_when_absent
+from lingmao.config.rules import check_model, fill_absent, value_when_absent
 
 
 def _key(name: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .options import OptionError, choice
+from lingmao.config.options import OptionError, choice
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # MLflow run ids are uuid4 hex
 WHICH = ("last", "best")
@@ -84,7 +84,7 @@ def run_folder(run_id: str, tracking_uri: str = "") -> Path:
 def mlflow_run(run_id: str, tracking_uri: str = ""):
     """(MLflow run, store URI); `tracking_uri` empty: $MLFLOW_TRACKING_URI,
     else ./mlflow.db, as for compare."""
-    from .compare import CompareError, open_store, resolve_uri
+    from lingmao.compare import CompareError, open_store, resolve_uri
 
     if tracking_uri and "://" not in tracking_uri and Path(tracking_uri).is_file():
         tracking_uri = f"sqlite:///{Path(tracking_uri).resolve()}"  # the path of an mlflow.db

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .plan import Plan
+from lingmao.plan.make import Plan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 

@@ -20,10 +20,9 @@ from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .schema import (CheckpointConfig, DataConfig, HardwareConfig, ModelConfig, MoEConfig,  # noqa: F401 (re-exported)
-                     NightConfig, OptimConfig, RunConfig, SampleConfig, TrackingConfig, TrainerConfig)
+from lingmao.config.schema import CheckpointConfig, DataConfig, HardwareConfig, ModelConfig, MoEConfig, NightConfig, OptimConfig, RunConfig, SampleConfig, TrackingConfig, TrainerConfig
 
-_PKG = Path(__file__).resolve().parent
+_PKG = Path(__file__).resolve().parent.parent  # the lingmao package
 
 
 def _find(name: str) -> Path:

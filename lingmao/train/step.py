@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .distributed import Parallel, agree
-from .model import GPT, GPTConfig
-from .optim import make_optimizer, set_lr
-from .plan import Plan
-from .runtime import autocast, seed_everything
+from lingmao.train.distributed import Parallel, agree
+from lingmao.model.gpt import GPT, GPTConfig
+from lingmao.train.optim import make_optimizer, set_lr
+from lingmao.plan.make import Plan
+from lingmao.train.runtime import autocast, seed_everything
 
 # With fp16 a GradScaler skips the steps whose scaled gradients overflow and
 # halves its scale; healthy runs do so now and then. A scale below 1 means

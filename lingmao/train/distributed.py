@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import Plan
+from lingmao.plan.make import Plan
 
 
 @dataclass

@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass, field
 
 from omegaconf import OmegaConf
 
-from .batching import Fit, budget_bytes, fit_batch, model_shape, refusal, suggest_split
-from .calibrate import describe, name as candidate_name, shape_of
-from .config import CONF_DIR, ConfigError
-from .estimate import GiB, MARGIN, count_params, estimate_memory, estimate_step_time, flops_per_token
-from .machine import Machine
-from .optim import scaled_lr
-from .peaks import peak_for
+from lingmao.plan.batch import Fit, budget_bytes, fit_batch, model_shape, refusal, suggest_split
+from lingmao.plan.calibration import describe, name as candidate_name, shape_of
+from lingmao.config.rules import CONF_DIR, ConfigError
+from lingmao.plan.estimate import GiB, MARGIN, count_params, estimate_memory, estimate_step_time, flops_per_token
+from lingmao.plan.machine import Machine
+from lingmao.train.optim import scaled_lr
+from lingmao.plan.peaks import peak_for
 
 # Vocabulary the estimates assume: the default corpus' (chinese-poetry 2.0.1,
 # simplified, measured). The plan never reads the data, so it cannot know yours.
@@ -99,7 +99,7 @@ class Plan:
         return asdict(self)
 
     def table(self) -> str:
-        from .plan_text import render
+        from lingmao.plan.text import render
 
         return render(self)
 
@@ -162,7 +162,7 @@ def choose_precision(asked: str, device: str, cc: float, m: Machine) -> tuple[st
     if device == "mps":
         return "fp32", "MPS: fp32 (no AMP on Apple silicon)"
     if asked == "auto":  # a CPU flag does not predict the speed: a calibration decides (calibrate.py)
-        return "fp32", "not measured: fp32 (on CPU a run's calibration chooses, see lingmao.calibrate)"
+        return "fp32", "not measured: fp32 (on CPU a run's calibration chooses, see lingmao.plan.calibration)"
     if asked == "fp16":
         return "fp32", "fp16 autocast is not useful on CPU: fp32"
     return asked, f"asked for {asked}"
@@ -213,7 +213,7 @@ def device_peak(hw: dict, m: Machine, precision: str, tf32: bool) -> tuple[float
         name = m.gpu.name
         peak = peak_for(name)
         if peak is None:
-            return None, f"{name} is not in lingmao.peaks: the engine measures a matmul instead"
+            return None, f"{name} is not in lingmao.plan.peaks: the engine measures a matmul instead"
         unit = "TF32" if precision == "fp32" and tf32 and peak.tf32 else precision
         return peak.for_precision(precision, tf32), f"{name} datasheet, {unit}"
     if hw["device"] == "cpu":

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from .runtime import DTYPES, matmul_tflops, peak_memory_bytes
-from .step import StepStats
+from lingmao.train.runtime import DTYPES, matmul_tflops, peak_memory_bytes
+from lingmao.train.step import StepStats
 
 
 def run_peak_tflops(plan, device: torch.device, world_size: int) -> float:

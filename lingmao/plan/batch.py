@@ -1,7 +1,7 @@
 """Splitting an effective batch into micro-batch x accumulation x devices
 that fits in memory, and saying what would fit when nothing does.
 
-Pure arithmetic over lingmao.estimate; the plan calls it.
+Pure arithmetic over lingmao.plan.estimate; the plan calls it.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-from .config import CONF_DIR, ModelConfig
-from .estimate import GiB, MARGIN, estimate_memory, fit_micro_batch
+from lingmao.config.rules import CONF_DIR, ModelConfig
+from lingmao.plan.estimate import GiB, MARGIN, estimate_memory, fit_micro_batch
 
 # Within this share of the target when the device count does not divide it.
 INEXACT_TOLERANCE = 0.10

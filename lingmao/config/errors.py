@@ -11,7 +11,7 @@ import typing
 from dataclasses import fields, is_dataclass
 from types import CodeType, TracebackType
 
-from .config import CONF_DIR, EXPERIMENTS_DIR, schema_at, valid_keys
+from lingmao.config.rules import CONF_DIR, EXPERIMENTS_DIR, schema_at, valid_keys
 
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 

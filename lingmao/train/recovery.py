@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .distributed import Dist, from_rank0, rank_seed
-from .step import TrainState
+from lingmao.train import checkpoint
+from lingmao.train.distributed import Dist, from_rank0, rank_seed
+from lingmao.train.step import TrainState
 
 clock = time.monotonic  # checkpoint.every_minutes is measured on it
 

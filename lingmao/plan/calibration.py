@@ -64,7 +64,7 @@ def _stepper(shape: dict, precision: str, compile: bool):
     import torch
     from omegaconf import OmegaConf
 
-    from .model import GPT, GPTConfig
+    from lingmao.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     raw = GPT(GPTConfig.from_model_config(OmegaConf.create(shape["model"]), shape["vocab_size"]))

@@ -36,11 +36,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .tracking_spool import (SPOOL_NAME, Spool, apply, import_hint, import_spool, main, pending_spools, read_spool,
-                             sweep_report)
-from .tracking_system import SystemMetrics
-from .tracking_store import (TrackingError, _retry_locked, ensure_store, experiment_id, quiet_mlflow, resolve_uri,
-                             ui_url, unreachable, where)
+from lingmao.tracking.spool import SPOOL_NAME, Spool, apply, import_hint, import_spool, main, pending_spools, read_spool, sweep_report
+from lingmao.tracking.system import SystemMetrics
+from lingmao.tracking.store import TrackingError, _retry_locked, ensure_store, experiment_id, quiet_mlflow, resolve_uri, ui_url, unreachable, where
 
 __all__ = ["SPOOL_NAME", "Tracker", "TrackingError", "ensure_store", "import_spool", "main", "pending_spools",
            "read_spool", "resolve_uri", "sweep_id", "sweep_report", "unreachable", "where"]
@@ -421,6 +419,3 @@ class Tracker:
         except Exception as e:  # even the local disk failed: say so at the end
             self.errors.append(f"{rec['op']}: {type(e).__name__}: {e}")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

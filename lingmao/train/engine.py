@@ -23,25 +23,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
-from .checkpointer import Checkpointer, RunLock, job_differences
-from .console import interactive
-from .data import CorpusError, load_corpus
-from .data.prepare import Prepared
-from .data.stream import BatchStream, Replay, loader_args
-from .data.tokenizer import tokenizer_hash
-from .data.windows import TokenWindows, default_stride, make_loader
-from .distributed import Dist, Parallel, agree, finish, from_rank0, gather, rank_seed, start
-from .evaluation import Evaluator, ValData, corpus_verse_form
-from .metrics import Meter
-from .nan_policy import NanPolicy, NonFiniteError, nonfinite_report  # noqa: F401 (NonFiniteError: the CLI's)
-from .night import NightMode
-from .optim import Schedule
-from .plan import Plan
-from .profiling import StepProfiler
-from .runtime import apply_night, apply_runtime
-from .signals import Stopper
-from .step import TrainStep, build
+from lingmao.train import checkpoint
+from lingmao.train.recovery import Checkpointer, RunLock, job_differences
+from lingmao.train.console import interactive
+from lingmao.data import CorpusError, load_corpus
+from lingmao.data.prepare import Prepared
+from lingmao.data.stream import BatchStream, Replay, loader_args
+from lingmao.data.tokenizer import tokenizer_hash
+from lingmao.data.windows import TokenWindows, default_stride, make_loader
+from lingmao.train.distributed import Dist, Parallel, agree, finish, from_rank0, gather, rank_seed, start
+from lingmao.train.evaluation import Evaluator, ValData, corpus_verse_form
+from lingmao.train.metrics import Meter
+from lingmao.train.nan_policy import NanPolicy, NonFiniteError, nonfinite_report  # noqa: F401 (NonFiniteError: the CLI's)
+from lingmao.train.night import NightMode
+from lingmao.train.optim import Schedule
+from lingmao.plan.make import Plan
+from lingmao.train.profiling import StepProfiler
+from lingmao.train.runtime import apply_night, apply_runtime
+from lingmao.train.signals import Stopper
+from lingmao.train.step import TrainStep, build
 
 wall_clock = datetime.datetime.now  # night mode reads it
 

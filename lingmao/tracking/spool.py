@@ -15,8 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .tracking_store import (TrackingError, _retry_locked, ensure_store, experiment_id, quiet_mlflow, resolve_uri,
-                             unreachable, where)
+from lingmao.tracking.store import TrackingError, _retry_locked, ensure_store, experiment_id, quiet_mlflow, resolve_uri, unreachable, where
 
 SPOOL_NAME = "mlflow_spool.jsonl"
 _BATCH = 900  # metrics per log_batch: MLflow accepts up to 1000
