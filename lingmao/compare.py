@@ -28,6 +28,7 @@ from typing import Any, Callable, List
 from lingmao.report.page import write_page
 from lingmao.report.plots import PLOTS  # noqa: F401 (the report's plot files; tests and callers import them here)
 from lingmao.report.plots import find_cjk_font, steady, throughput_note, warn_no_font, write_plots
+from lingmao.tracking.store import StoreError, open_store, store_uri
 from lingmao.config.options import OptionError, doc, parse, usage
 
 DEFAULT_EXPERIMENT = "lingmao"  # tracking.experiment_name's default in conf/config.yaml
@@ -45,7 +46,7 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # MLflow run ids are uuid4 hex
 
 
 class CompareError(Exception):
-    """A problem the user can fix (wrong selector, no store): reported as
+    """A problem the user can fix (a wrong selector): reported as
     `error: ...` with exit code 2, never as a traceback."""
 
 
@@ -143,27 +144,6 @@ def _numeric(key: str) -> bool:
 
 
 # --- store and selectors ---
-
-
-def resolve_uri(uri: str | None) -> str:
-    """tracking_uri=, else $MLFLOW_TRACKING_URI, else the tracker's default
-    `sqlite:///<cwd>/mlflow.db`, made absolute as the tracker does, so the
-    printed `mlflow ui` hint works from anywhere."""
-    from lingmao.tracking.tracker import resolve_uri as tracker_uri
-
-    return tracker_uri(uri or os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd())
-
-
-def open_store(uri: str):
-    # Opening a missing sqlite file would silently create an empty store and
-    # then report "no runs"; say where we looked instead.
-    local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else (uri if "://" not in uri else None)
-    if local is not None and not Path(local).exists():
-        raise CompareError(f"no MLflow store at {local} (tracking URI {uri}); run from the directory you "
-                           f"trained in, or pass tracking_uri=sqlite:///PATH/mlflow.db or a mlruns folder")
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(uri)
 
 
 def _paged(fetch: Callable[[str | None], Any]) -> list:
@@ -443,7 +423,7 @@ def _genres(runs: list[_Run]) -> dict[str, str]:
 def compare(selectors: list[str], tracking_uri: str | None, out: Path) -> Report:
     """Select runs, write runs.csv, the plots and index.html into `out`, print
     the table; raises CompareError (SelectorError) for what the user can fix."""
-    uri = resolve_uri(tracking_uri)
+    uri = store_uri(tracking_uri)
     client = open_store(uri)
     selected, used = _select(client, list(selectors or []), uri)
     runs = [_collect(client, run) for run in selected]
@@ -504,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         o = parse(Options, argv, positional="runs")
         out = Path(o.out) if o.out else Path("reports") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
         report = compare(o.runs, o.tracking_uri or None, out)
-    except (OptionError, CompareError) as e:
+    except (OptionError, CompareError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"report: {report.out.resolve() / 'index.html'}")

@@ -24,7 +24,7 @@ import torch
 
 from lingmao.data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
 from lingmao.data.prepare import normalizer
-from lingmao.train.evaluation import genre_metric_names
+from lingmao.train.validation import genre_metric_names
 from lingmao.generate import DEVICES, load, pick_device, script_of
 from lingmao.tracking.locate import WHICH, checkpoint_path
 from lingmao.config.options import OptionError, asked_for_help, choice, doc, parse
@@ -118,7 +118,7 @@ def score(model, s: Scored, context: int, device, batch_size: int, max_batches: 
     """{"loss", "perplexity", "bpc", "unk_rate", "windows", "tokens", "genres": {genre: {loss, tokens, docs}}}."""
     from lingmao.data.windows import TokenWindows, make_loader
     from lingmao.train.distributed import Dist
-    from lingmao.train.evaluation import evaluate, per_genre_loss
+    from lingmao.train.validation import evaluate, per_genre_loss
 
     windows = TokenWindows(s.tokens, context, context)
     loader = make_loader(windows, batch_size, shuffle=False, seed=0, drop_last=False)
@@ -162,9 +162,9 @@ def report(result: dict, title: str) -> None:
 def log_to_run(state: dict, path: Path, result: dict, name: str, tracking_uri: str) -> str:
     """Add the metrics (at the checkpoint's step) and eval/<name>.json to the
     checkpoint's MLflow run; the run keeps its status and end time."""
-    from lingmao.compare import resolve_uri as store_uri
     from lingmao.tracking.locate import launch_dir, mlflow_run
-    from lingmao.tracking.tracker import Tracker, resolve_uri
+    from lingmao.tracking.store import resolve_uri, store_uri
+    from lingmao.tracking.tracker import Tracker
 
     run_id = state.get("mlflow_run_id")
     if not run_id:

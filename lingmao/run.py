@@ -140,7 +140,7 @@ def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -
 
 def banner(cfg, plan, job, run_dir: Path, look: str) -> str:
     """What the run will do, in a few lines, before it does it."""
-    from lingmao.plan.text import lr_rule
+    from lingmao.plan.summary import lr_rule
 
     o, t = cfg.optim, cfg.trainer
     limits = [f"{job.schedule.total_steps} steps" if job.schedule.total_steps else "",

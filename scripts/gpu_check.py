@@ -65,7 +65,7 @@ def bench(results: Path, overrides: list[str], steps: int = 20, warmup: int = 5)
     from lingmao.bench.suites import silent_tracker
     from lingmao.plan.machine import detect
     from lingmao.plan.make import runnable_plan
-    from lingmao.train.runtime import apply_runtime
+    from lingmao.train.backend import apply_runtime
 
     try:
         from lingmao.plan.peaks import dense_bf16_tflops

@@ -295,12 +295,12 @@ class ScriptedLoop:
 
 
 def scripted_race(monkeypatch, val_by_step, target, losses=None, max_steps=10, eval_every=3):
-    from lingmao.train import evaluation
+    from lingmao.train import validation
     from lingmao.bench.speedrun import Contender, race
     from lingmao.bench.suite import silent_tracker
 
     loop = ScriptedLoop(losses or {})
-    monkeypatch.setattr(evaluation, "evaluate", lambda model, batches, plan, device, n, dist, nw: val_by_step[loop.steps])
+    monkeypatch.setattr(validation, "evaluate", lambda model, batches, plan, device, n, dist, nw: val_by_step[loop.steps])
     return race(Contender("x", "", 1), loop, [], 1, max_steps, eval_every, target, silent_tracker())
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lingmao.compare import PLOTS, CompareError, SelectorError, _same_dir, compare, main, resolve_uri
+from lingmao.compare import PLOTS, SelectorError, _same_dir, compare, main
+from lingmao.tracking.store import StoreError, store_uri as resolve_uri
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_A = "multirun/2024-05-01/12-00-00"
@@ -224,7 +225,7 @@ def test_run_id_and_experiment_id_select_across_experiments(store, tmp_path):
 
 
 def test_missing_store_is_a_user_error(tmp_path):
-    with pytest.raises(CompareError, match="no MLflow store"):
+    with pytest.raises(StoreError, match="no MLflow store"):
         compare([], f"sqlite:///{tmp_path / 'absent.db'}", tmp_path / "out")
     assert not (tmp_path / "absent.db").exists()  # not created as an empty store
 

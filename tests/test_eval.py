@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from lingmao import cli
 from lingmao import eval as evaluation
 from lingmao.config.rules import CONF_DIR, register
-from lingmao.train.evaluation import genre_metric_names
+from lingmao.train.validation import genre_metric_names
 
 register()
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lingmao.data.tokenizer import EOS_ID
-from lingmao.train.evaluation import per_genre_loss
+from lingmao.train.validation import per_genre_loss
 from lingmao.model.gpt import GPT, GPTConfig
 
 GENRES = ["文", "曲", "诗", "词"]
@@ -77,7 +77,7 @@ def test_every_eval_logs_verse_form_beside_rep4_and_the_corpus_reference(tmp_pat
 
 def test_each_prompt_gets_per_prompt_sampled_continuations_and_one_greedy():
     from lingmao.data.tokenizer import build_char_tokenizer
-    from lingmao.train.evaluation import sample
+    from lingmao.train.validation import sample
     from lingmao.config.schema import SampleConfig
 
     tok = build_char_tokenizer(["床前明月光，疑是地上霜。举头望明月，低头思故乡。"])

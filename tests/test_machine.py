@@ -126,7 +126,7 @@ def test_allocator_settings_go_through_the_environment_or_a_warning_never_a_priv
     import os
 
     from lingmao.plan.make import make_plan
-    from lingmao.train.runtime import apply_runtime
+    from lingmao.train.backend import apply_runtime
     from test_plan import H100, make
 
     plan = make_plan(make("hardware=rtx4090"), H100)

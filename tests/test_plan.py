@@ -189,7 +189,7 @@ def test_by_default_each_model_size_trains_at_its_own_lr():
 
 
 def test_the_plan_names_muons_own_lr_beside_adamws():
-    from lingmao.plan.text import lr_rule
+    from lingmao.plan.summary import lr_rule
 
     muon = make_plan(make("hardware=t4x2", "optim=muon", "optim.muon_lr=0.03", "optim.lr_scaling=sqrt"), LAPTOP)
     assert muon.muon_lr == 0.03  # not batch-scaled, unlike AdamW's part
@@ -317,7 +317,7 @@ def test_moe_parameters_are_counted():
 
 
 def test_cuda_plan_exports_the_presets_allocator_settings_unless_the_user_set_them(monkeypatch):
-    from lingmao.train.runtime import apply_runtime
+    from lingmao.train.backend import apply_runtime
 
     plan = make_plan(make("hardware=rtx4090"), H100)
     assert plan.alloc_conf == "max_split_size_mb:128"

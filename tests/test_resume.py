@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from conftest import LINES, _write_jsonl
-from lingmao.train import checkpoint, recovery as checkpointer, evaluation
+from lingmao.train import checkpoint, recovery as checkpointer, validation
 from lingmao import run
 from lingmao.train.signals import Stopper
 from lingmao.config.rules import CONF_DIR
@@ -123,7 +123,7 @@ def write_poems(path: Path, n: int = 200, extra: str = "") -> Path:
 def scripted_val_losses(monkeypatch, values: list[float]) -> None:
     """The val loss of each eval, one per call, in order."""
     it = iter(values)
-    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: next(it))
+    monkeypatch.setattr(validation, "evaluate", lambda *a, **k: next(it))
 
 
 @pytest.mark.slow

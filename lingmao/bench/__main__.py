@@ -77,7 +77,7 @@ def suite_parts(name: str, plan, opts) -> dict:
 
 
 def run(args: list[str]) -> None:
-    from lingmao.train.runtime import apply_runtime
+    from lingmao.train.backend import apply_runtime
     from lingmao.plan.machine import detect
     from lingmao.plan.make import runnable_plan
     from lingmao.bench.compose import Composer

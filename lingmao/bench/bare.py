@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lingmao.train.optim import set_lr
-from lingmao.train.runtime import autocast
+from lingmao.train.backend import autocast
 from lingmao.bench.loop import Steps
 
 

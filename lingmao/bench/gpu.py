@@ -34,7 +34,7 @@ def gpu_suite(s: Suite) -> dict:
     and benchmark mode measure the data path."""
     import torch
 
-    from lingmao.train.runtime import matmul_tflops
+    from lingmao.train.backend import matmul_tflops
     from lingmao.bench.measure import benchmark, train_tokens
 
     device = torch.device("cuda")

@@ -25,7 +25,7 @@ import psutil
 import torch
 
 from lingmao.data.windows import TokenWindows
-from lingmao.train.runtime import DTYPES, matmul_tflops, peak_memory_bytes
+from lingmao.train.backend import DTYPES, matmul_tflops, peak_memory_bytes
 from lingmao.bench.loop import Clock, Steps
 
 PHASES = ("data", "forward_backward", "optimizer", "logging")

@@ -109,7 +109,7 @@ def race(c: Contender, loop, val_batches, n_windows: int, max_steps: int, eval_e
     """Train `loop` to max_steps (or the target), timing each step and
     evaluating every `eval_every` steps off the clock."""
     from lingmao.train.distributed import Dist
-    from lingmao.train.evaluation import evaluate
+    from lingmao.train.validation import evaluate
 
     def run_eval() -> bool:
         start = time.perf_counter()

@@ -99,7 +99,7 @@ class Plan:
         return asdict(self)
 
     def table(self) -> str:
-        from lingmao.plan.text import render
+        from lingmao.plan.summary import render
 
         return render(self)
 

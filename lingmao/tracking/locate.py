@@ -84,17 +84,17 @@ def run_folder(run_id: str, tracking_uri: str = "") -> Path:
 def mlflow_run(run_id: str, tracking_uri: str = ""):
     """(MLflow run, store URI); `tracking_uri` empty: $MLFLOW_TRACKING_URI,
     else ./mlflow.db, as for compare."""
-    from lingmao.compare import CompareError, open_store, resolve_uri
+    from lingmao.tracking.store import StoreError, open_store, store_uri
 
     if tracking_uri and "://" not in tracking_uri and Path(tracking_uri).is_file():
         tracking_uri = f"sqlite:///{Path(tracking_uri).resolve()}"  # the path of an mlflow.db
-    uri = resolve_uri(tracking_uri or None)
+    uri = store_uri(tracking_uri or None)
     from mlflow.exceptions import MlflowException
 
     try:
         client = open_store(uri)
         run = client.get_run(run_id)
-    except CompareError as e:
+    except StoreError as e:
         raise OptionError(f"MLflow run {run_id}: {e}") from None
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":

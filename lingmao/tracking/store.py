@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import random
+import os
 import re
 import ssl
 import time
@@ -38,6 +39,31 @@ def resolve_uri(uri: str | None, launch_dir: Path) -> str:
     if uri in ("databricks", "databricks-uc") or re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", uri):
         return uri
     return str((launch_dir / uri).resolve())
+
+
+def store_uri(uri: str | None) -> str:
+    """The store a reading command (compare, eval, generate) opens:
+    tracking_uri=, else $MLFLOW_TRACKING_URI, else the tracker's default
+    `sqlite:///<cwd>/mlflow.db`, made absolute as the tracker does, so the
+    printed `mlflow ui` hint works from anywhere."""
+    return resolve_uri(uri or os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd())
+
+
+class StoreError(LookupError):
+    """A store the user named that is not there: one line, no traceback."""
+
+
+def open_store(uri: str):
+    """An MlflowClient on an existing store. Opening a missing sqlite file
+    would silently create an empty store and then report "no runs"; say
+    where we looked instead."""
+    local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else (uri if "://" not in uri else None)
+    if local is not None and not Path(local).exists():
+        raise StoreError(f"no MLflow store at {local} (tracking URI {uri}); run from the directory you "
+                         f"trained in, or pass tracking_uri=sqlite:///PATH/mlflow.db or a mlruns folder")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
 
 
 def quiet_mlflow() -> None:

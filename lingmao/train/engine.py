@@ -32,14 +32,14 @@ from lingmao.data.stream import BatchStream, Replay, loader_args
 from lingmao.data.tokenizer import tokenizer_hash
 from lingmao.data.windows import TokenWindows, default_stride, make_loader
 from lingmao.train.distributed import Dist, Parallel, agree, finish, from_rank0, gather, rank_seed, start
-from lingmao.train.evaluation import Evaluator, ValData, corpus_verse_form
+from lingmao.train.validation import Evaluator, ValData, corpus_verse_form
 from lingmao.train.metrics import Meter
 from lingmao.train.nan_policy import NanPolicy, NonFiniteError, nonfinite_report  # noqa: F401 (NonFiniteError: the CLI's)
 from lingmao.train.night import NightMode
 from lingmao.train.optim import Schedule
 from lingmao.plan.make import Plan
 from lingmao.train.profiling import StepProfiler
-from lingmao.train.runtime import apply_night, apply_runtime
+from lingmao.train.backend import apply_night, apply_runtime
 from lingmao.train.signals import Stopper
 from lingmao.train.step import TrainStep, build
 

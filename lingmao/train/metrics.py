@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from lingmao.train.runtime import DTYPES, matmul_tflops, peak_memory_bytes
+from lingmao.train.backend import DTYPES, matmul_tflops, peak_memory_bytes
 from lingmao.train.step import StepStats
 
 

@@ -19,7 +19,7 @@ from lingmao.train.distributed import Parallel, agree
 from lingmao.model.gpt import GPT, GPTConfig
 from lingmao.train.optim import make_optimizer, set_lr
 from lingmao.plan.make import Plan
-from lingmao.train.runtime import autocast, seed_everything
+from lingmao.train.backend import autocast, seed_everything
 
 # With fp16 a GradScaler skips the steps whose scaled gradients overflow and
 # halves its scale; healthy runs do so now and then. A scale below 1 means

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lingmao.data.tokenizer import EOS_ID
 from lingmao.generate import complete
-from lingmao.train.runtime import autocast
+from lingmao.train.backend import autocast
 from lingmao.data.textmetrics import POEM_LINE_LENGTHS, mean_repetition, verse_form
 
 
