@@ -33,9 +33,11 @@ EXAMPLES = """\
 def usage() -> str:
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items())
-    return (f"usage: lingmao COMMAND [key=value ...]   (python -m lingmao.COMMAND works too)\n\n"
-            f"commands:\n{rows}\n\nEvery command takes key=value arguments; `lingmao COMMAND --help` lists its "
-            f"keys.\n\nexamples:\n{EXAMPLES}\n")
+    return (
+        f"usage: lingmao COMMAND [key=value ...]   (python -m lingmao.COMMAND works too)\n\n"
+        f"commands:\n{rows}\n\nEvery command takes key=value arguments; `lingmao COMMAND --help` lists its "
+        f"keys.\n\nexamples:\n{EXAMPLES}\n"
+    )
 
 
 def _run(argv: list[str]) -> int:
@@ -55,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)} (lingmao --help)",
-              file=sys.stderr)
+        print(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)} (lingmao --help)", file=sys.stderr)
         return 2
     if command == "run":
         return _run(rest)

@@ -16,20 +16,26 @@ from __future__ import annotations
 import csv
 import html
 import math
-import os
 import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any
 
-from lingmao.report.page import write_page
-from lingmao.report.plots import PLOTS  # noqa: F401 (the report's plot files; tests and callers import them here)
-from lingmao.report.plots import find_cjk_font, steady, throughput_note, warn_no_font, write_plots
-from lingmao.tracking.store import StoreError, open_store, store_uri
 from lingmao.config.options import OptionError, doc, parse, usage
+from lingmao.report.page import write_page
+from lingmao.report.plots import (
+    PLOTS,  # noqa: F401 (the report's plot files; tests and callers import them here)
+    find_cjk_font,
+    steady,
+    throughput_note,
+    warn_no_font,
+    write_plots,
+)
+from lingmao.tracking.store import StoreError, open_store, store_uri
 
 DEFAULT_EXPERIMENT = "lingmao"  # tracking.experiment_name's default in conf/config.yaml
 UI_HOST = "http://127.0.0.1:5000"
@@ -37,9 +43,16 @@ UI_HOST = "http://127.0.0.1:5000"
 # Only these histories are fetched: one query per key per run, and only for
 # keys the run actually logged. Each key with the names runs logged it under
 # before the metrics were renamed (so older stores still compare).
-HISTORY_KEYS = {"train/loss": (), "val/loss": (), "samples_per_sec": ("throughput/samples_per_sec",),
-                "tokens_per_sec": ("throughput/tokens_per_sec",), "mfu": (), "peak_memory_gb": ("memory/peak_gb",),
-                "val/samples/rep4": ("samples/rep4",), "val/samples/greedy_rep4": ("samples/greedy_rep4",)}
+HISTORY_KEYS = {
+    "train/loss": (),
+    "val/loss": (),
+    "samples_per_sec": ("throughput/samples_per_sec",),
+    "tokens_per_sec": ("throughput/tokens_per_sec",),
+    "mfu": (),
+    "peak_memory_gb": ("memory/peak_gb",),
+    "val/samples/rep4": ("samples/rep4",),
+    "val/samples/greedy_rep4": ("samples/greedy_rep4",),
+}
 FORM_KEYS = ("val/samples/form", "samples/form")
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # MLflow run ids are uuid4 hex
@@ -125,9 +138,24 @@ COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("wall_s", "wall time", _duration),
     ("status", "status", lambda v: v or "–"),
 )
-_NUMERIC = {"params_m", "effective_batch", "lr", "lr_scaled", "train_loss", "val_loss", "val_perplexity",
-            "samples_per_sec", "tokens_per_sec", "mfu", "rep4", "greedy_rep4", "form", "form_ref", "peak_memory_gb",
-            "wall_s"}
+_NUMERIC = {
+    "params_m",
+    "effective_batch",
+    "lr",
+    "lr_scaled",
+    "train_loss",
+    "val_loss",
+    "val_perplexity",
+    "samples_per_sec",
+    "tokens_per_sec",
+    "mfu",
+    "rep4",
+    "greedy_rep4",
+    "form",
+    "form_ref",
+    "peak_memory_gb",
+    "wall_s",
+}
 _GENRE = "val_loss_"  # per-genre columns: val_loss_<ascii genre>, after val_perplexity
 
 
@@ -185,7 +213,7 @@ def _same_dir(selector: str, tag: str) -> bool:
         return sel == rec.resolve()
     # A relative tag: any path that ends with it (the selector, made absolute
     # against the cwd, names the same folder from wherever it was launched).
-    return sel.parts[-len(rec.parts):] == rec.parts
+    return sel.parts[-len(rec.parts) :] == rec.parts
 
 
 def _select(client, selectors: list[str], uri: str) -> tuple[list, list[str]]:
@@ -207,8 +235,10 @@ def _select(client, selectors: list[str], uri: str) -> tuple[list, list[str]]:
         if exp is not None:
             found = _runs_of(client, [exp.experiment_id])
             if not found:
-                raise SelectorError(f"experiment {exp.name!r} (id {exp.experiment_id}) has no runs; "
-                                    f"experiments in {uri}: {_available(client, experiments)}")
+                raise SelectorError(
+                    f"experiment {exp.name!r} (id {exp.experiment_id}) has no runs; "
+                    f"experiments in {uri}: {_available(client, experiments)}"
+                )
         elif _RUN_ID.match(sel) and (run := _get_run(client, sel)) is not None:
             found = [run]
         else:
@@ -220,7 +250,8 @@ def _select(client, selectors: list[str], uri: str) -> tuple[list, list[str]]:
                 hint = f"; sweep dirs: {', '.join(sweeps[-5:])}" if sweeps else ""
                 raise SelectorError(
                     f"selector {sel!r} matches no experiment name, experiment id, sweep dir (tag sweep.dir) "
-                    f"or run id in {uri}. Experiments: {_available(client, experiments)}{hint}")
+                    f"or run id in {uri}. Experiments: {_available(client, experiments)}{hint}"
+                )
         for run in found:
             runs.setdefault(run.info.run_id, run)
     return list(runs.values()), selectors
@@ -298,8 +329,8 @@ def _collect(client, run) -> _Run:
     batch = _float(params.get("plan.effective_batch"))
     peak = [v for _, _, v in history.get("peak_memory_gb", []) if math.isfinite(v)]
     wall = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
-    genres = {k[len("genre."):]: v for k, v in tags.items() if k.startswith("genre.")}
-    genre_loss = {k[len("val/loss_"):]: v for k, v in data.metrics.items() if k.startswith("val/loss_")}
+    genres = {k[len("genre.") :]: v for k, v in tags.items() if k.startswith("genre.")}
+    genre_loss = {k[len("val/loss_") :]: v for k, v in data.metrics.items() if k.startswith("val/loss_")}
     row = {
         "run": info.run_name or info.run_id[:8],
         "hardware": tags.get("hardware") or params.get("plan.preset"),
@@ -326,9 +357,17 @@ def _collect(client, run) -> _Run:
         "status": info.status,
         "run_id": info.run_id,
     }
-    return _Run(row=row, label=row["run"], experiment_id=info.experiment_id, start_ms=info.start_time or 0,
-                history=history, genre_loss=genre_loss, genres=genres,
-                throughput=steady(history.get("samples_per_sec", [])), samples=_last_samples(client, info.run_id))
+    return _Run(
+        row=row,
+        label=row["run"],
+        experiment_id=info.experiment_id,
+        start_ms=info.start_time or 0,
+        history=history,
+        genre_loss=genre_loss,
+        genres=genres,
+        throughput=steady(history.get("samples_per_sec", [])),
+        samples=_last_samples(client, info.run_id),
+    )
 
 
 def _sort_key(run: _Run) -> tuple:
@@ -390,9 +429,14 @@ def _table_html(runs: list[_Run], cols: Cols) -> str:
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for _, h, _ in cols)
     body = "".join(
-        "<tr>" + "".join((f'<td class="n">{e(cell)}</td>' if _numeric(key) else f"<td>{e(cell)}</td>")
-                         for (key, _, _), cell in zip(cols, _cells(r, cols))) + "</tr>\n"
-        for r in runs)
+        "<tr>"
+        + "".join(
+            (f'<td class="n">{e(cell)}</td>' if _numeric(key) else f"<td>{e(cell)}</td>")
+            for (key, _, _), cell in zip(cols, _cells(r, cols))
+        )
+        + "</tr>\n"
+        for r in runs
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
 
 
@@ -443,11 +487,23 @@ def compare(selectors: list[str], tracking_uri: str | None, out: Path) -> Report
     spread = throughput_note({r.label: r.throughput for r in runs})
     plots = write_plots(runs, genres, spread, out, font)
     varied = varied_keys(runs)
-    notes = [f"The sweep varied: {', '.join(varied)}." if varied else "No swept keys recorded (tag sweep.values).",
-             f"Throughput: {spread}.", f"Plot font for Chinese: {font.family or '-'} ({font.source})."]
+    notes = [
+        f"The sweep varied: {', '.join(varied)}." if varied else "No swept keys recorded (tag sweep.values).",
+        f"Throughput: {spread}.",
+        f"Plot font for Chinese: {font.family or '-'} ({font.source}).",
+    ]
     index = out / "index.html"
-    write_page(index, title, uri, len(runs), notes, _table_html(runs, cols), plots,
-               [(r.label, r.samples) for r in runs], ui_urls(runs))
+    write_page(
+        index,
+        title,
+        uri,
+        len(runs),
+        notes,
+        _table_html(runs, cols),
+        plots,
+        [(r.label, r.samples) for r in runs],
+        ui_urls(runs),
+    )
     # Printed last: the files exist even if the terminal output is cut short.
     _print_table(runs, cols, title)
     for note in notes[:2]:
@@ -459,11 +515,16 @@ def compare(selectors: list[str], tracking_uri: str | None, out: Path) -> Report
 
 @dataclass
 class Options:
-    runs: List[str] = field(default_factory=list, metadata=doc(
-        "experiment names or ids, sweep dirs (tag sweep.dir) or run ids; also as bare arguments; "
-        f"empty: the experiment {DEFAULT_EXPERIMENT!r}, else the newest"))
-    tracking_uri: str = field(default="", metadata=doc(
-        "MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db"))
+    runs: list[str] = field(
+        default_factory=list,
+        metadata=doc(
+            "experiment names or ids, sweep dirs (tag sweep.dir) or run ids; also as bare arguments; "
+            f"empty: the experiment {DEFAULT_EXPERIMENT!r}, else the newest"
+        ),
+    )
+    tracking_uri: str = field(
+        default="", metadata=doc("MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
+    )
     out: str = field(default="", metadata=doc("report folder; empty: reports/compare-<timestamp>"))
 
 

@@ -22,25 +22,32 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from lingmao.data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
+from lingmao.config.options import OptionError, asked_for_help, choice, doc, parse
 from lingmao.data.prepare import normalizer
-from lingmao.train.validation import genre_metric_names
+from lingmao.data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
 from lingmao.generate import DEVICES, load, pick_device, script_of
 from lingmao.tracking.locate import WHICH, checkpoint_path
-from lingmao.config.options import OptionError, asked_for_help, choice, doc, parse
+from lingmao.train.validation import genre_metric_names
 
 
 @dataclass
 class Options:
     checkpoint: str = field(default="", metadata=doc("a run folder, a .pt file or an MLflow run id (required)"))
     which: str = field(default="last", metadata=doc("of a run folder or run id: last | best"))
-    data: str = field(default="", metadata=doc("a JSONL file to score; empty: the val split of the corpus the "
-                                                 "checkpoint was trained on"))
-    text_field: str = field(default="", metadata=doc("data=: the JSON field with the text; empty: the "
-                                                       "checkpoint's data.text_field"))
+    data: str = field(
+        default="",
+        metadata=doc("a JSONL file to score; empty: the val split of the corpus the checkpoint was trained on"),
+    )
+    text_field: str = field(
+        default="", metadata=doc("data=: the JSON field with the text; empty: the checkpoint's data.text_field")
+    )
     batch_size: int = field(default=16, metadata=doc("windows (or documents) per forward pass"))
-    max_batches: int = field(default=0, metadata=doc("score only the first N batches of windows; 0: all "
-                                                       "(trainer.eval_batches reproduces training's val/loss)"))
+    max_batches: int = field(
+        default=0,
+        metadata=doc(
+            "score only the first N batches of windows; 0: all (trainer.eval_batches reproduces training's val/loss)"
+        ),
+    )
     genre_docs: int = field(default=256, metadata=doc("documents per genre for the per-genre loss; 0: all"))
     device: str = field(default="auto", metadata=doc("auto | cpu | cuda | mps"))
     tokenizer: str = field(default="", metadata=doc("tokenizer.json, for a checkpoint that does not embed one"))
@@ -48,8 +55,10 @@ class Options:
     tracking_uri: str = field(default="", metadata=doc("MLflow store; default: the one the run logged to"))
 
 
-SUMMARY = ("Val loss, perplexity, bits per character and per-genre loss of a checkpoint, on its own corpus' val "
-           "split or on a JSONL file; printed, and with log=true added to its MLflow run.")
+SUMMARY = (
+    "Val loss, perplexity, bits per character and per-genre loss of a checkpoint, on its own corpus' val "
+    "split or on a JSONL file; printed, and with log=true added to its MLflow run."
+)
 EXAMPLES = [
     "lingmao eval checkpoint=outputs/2026-01-01/12-00-00",
     "lingmao eval checkpoint=outputs/myrun which=best data=held_out.jsonl",
@@ -60,6 +69,7 @@ EXAMPLES = [
 @dataclass
 class Scored:
     """Token ids to score and where each document starts."""
+
     name: str  # "corpus" or the JSONL file's stem: the metric prefix eval/ or eval/<stem>/
     tokens: np.ndarray  # every document followed by <eos>
     docs: np.ndarray  # (n_docs, 2): start offset, genre index
@@ -72,7 +82,7 @@ def corpus_split(state: dict, tok_hash: str) -> Scored:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from lingmao.config.rules import DataConfig, RunConfig
+    from lingmao.config.schema import DataConfig, RunConfig
     from lingmao.data import load_corpus
 
     config = state["config"]
@@ -84,16 +94,22 @@ def corpus_split(state: dict, tok_hash: str) -> Scored:
         settings.split_seed = config.get("seed", RunConfig.seed)
     data = load_corpus(settings)
     if data.meta["tokenizer_sha256"] != tok_hash:
-        raise OptionError(f"the prepared corpus {data.dir} has another vocabulary than the checkpoint (its "
-                          f"tokenizer hash differs): its source changed since training; score a file with data=")
-    return Scored("corpus", np.asarray(data.tokens("val")), np.load(data.dir / "val_docs.npy"),
-                  list(data.meta["genres"]), data.meta["val_tokens_per_char"])
+        raise OptionError(
+            f"the prepared corpus {data.dir} has another vocabulary than the checkpoint (its "
+            f"tokenizer hash differs): its source changed since training; score a file with data="
+        )
+    return Scored(
+        "corpus",
+        np.asarray(data.tokens("val")),
+        np.load(data.dir / "val_docs.npy"),
+        list(data.meta["genres"]),
+        data.meta["val_tokens_per_char"],
+    )
 
 
 def jsonl_docs(path: Path, text_field: str, script: str, tokenizer) -> Scored:
     """Every document of a JSONL file, normalised like the corpus and tokenised."""
-    from lingmao.data import CorpusError
-    from lingmao.data.corpus import jsonl_records
+    from lingmao.data.corpus import CorpusError, jsonl_records
 
     try:
         records = list(jsonl_records([path], text_field=text_field))
@@ -110,8 +126,13 @@ def jsonl_docs(path: Path, text_field: str, script: str, tokenizer) -> Scored:
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
     kinds = np.array([index[r["genre"]] for r in kept], dtype=np.int64)
-    return Scored(path.stem, np.concatenate([np.array(x, dtype=np.int64) for x in ids]),
-                  np.stack([starts, kinds], axis=1), genres, float(lengths.sum() / sum(map(len, texts))))
+    return Scored(
+        path.stem,
+        np.concatenate([np.array(x, dtype=np.int64) for x in ids]),
+        np.stack([starts, kinds], axis=1),
+        genres,
+        float(lengths.sum() / sum(map(len, texts))),
+    )
 
 
 def score(model, s: Scored, context: int, device, batch_size: int, max_batches: int, genre_docs: int) -> dict:
@@ -125,12 +146,26 @@ def score(model, s: Scored, context: int, device, batch_size: int, max_batches: 
     batches = max_batches or math.ceil(len(windows) / batch_size)
     fp32 = SimpleNamespace(device=device.type, precision="fp32")  # all evaluate reads of a plan
     loss = evaluate(model, loader, fp32, device, batches, Dist(), len(windows))
-    genres = per_genre_loss(model, s.tokens, s.docs, s.genres, context, device=device, batch_size=batch_size,
-                            max_docs_per_genre=genre_docs or None)
+    genres = per_genre_loss(
+        model,
+        s.tokens,
+        s.docs,
+        s.genres,
+        context,
+        device=device,
+        batch_size=batch_size,
+        max_docs_per_genre=genre_docs or None,
+    )
     model.eval()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "bpc": loss / math.log(2) * s.tokens_per_char,
-            "unk_rate": float(np.mean(s.tokens == UNK_ID)), "windows": min(len(windows), batches * batch_size),
-            "tokens": int(len(s.tokens)), "genres": genres}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50)),
+        "bpc": loss / math.log(2) * s.tokens_per_char,
+        "unk_rate": float(np.mean(s.tokens == UNK_ID)),
+        "windows": min(len(windows), batches * batch_size),
+        "tokens": int(len(s.tokens)),
+        "genres": genres,
+    }
 
 
 def metrics(result: dict, name: str) -> dict[str, float]:
@@ -147,9 +182,11 @@ def report(result: dict, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    print(f"{title}\n  loss {result['loss']:.4f} nats/token | perplexity {result['perplexity']:.2f} | "
-          f"bpc {result['bpc']:.4f} | <unk> {result['unk_rate']:.2%} | "
-          f"{result['windows']} windows of {result['tokens']} tokens")
+    print(
+        f"{title}\n  loss {result['loss']:.4f} nats/token | perplexity {result['perplexity']:.2f} | "
+        f"bpc {result['bpc']:.4f} | <unk> {result['unk_rate']:.2%} | "
+        f"{result['windows']} windows of {result['tokens']} tokens"
+    )
     if not result["genres"]:
         return
     table = Table("genre", "loss", "perplexity", "tokens", "docs", box=None, padding=(0, 2))
@@ -171,14 +208,18 @@ def log_to_run(state: dict, path: Path, result: dict, name: str, tracking_uri: s
         raise OptionError(f"log=true: {path} has no MLflow run (trained with tracking.enabled=false)")
     cfg_uri = state["config"].get("tracking", {}).get("uri")
     launched = launch_dir(path)
-    uri = store_uri(tracking_uri) if tracking_uri else (
-        resolve_uri(cfg_uri, launched) if launched else store_uri(cfg_uri))
+    uri = (
+        store_uri(tracking_uri)
+        if tracking_uri
+        else (resolve_uri(cfg_uri, launched) if launched else store_uri(cfg_uri))
+    )
     run, uri = mlflow_run(run_id, uri)
     experiment = state["config"].get("tracking", {}).get("experiment_name", "lingmao")
     tracker = Tracker(uri, experiment, run.info.run_name, run_id=run_id, spool=path.parent / "eval_mlflow_spool.jsonl")
     tracker.log_metrics(metrics(result, name), state["progress"]["step"])
-    tracker.log_dict({"checkpoint": str(path.resolve()), "step": state["progress"]["step"], **result},
-                     f"eval/{name}.json")
+    tracker.log_dict(
+        {"checkpoint": str(path.resolve()), "step": state["progress"]["step"], **result}, f"eval/{name}.json"
+    )
     tracker.end(run.info.status)
     # Reopening ended the run anew: give it back the end time training gave it.
     if run.info.end_time and not tracker.offline:
@@ -198,8 +239,9 @@ def run(o: Options) -> dict:
         scored = corpus_split(state, tokenizer_hash(tok))
     context = cfg["model"]["context_length"]
     if len(scored.tokens) < context + 1:
-        raise OptionError(f"data={o.data or 'corpus'}: {len(scored.tokens)} tokens, fewer than one context window "
-                          f"({context + 1})")
+        raise OptionError(
+            f"data={o.data or 'corpus'}: {len(scored.tokens)} tokens, fewer than one context window ({context + 1})"
+        )
     with torch.no_grad():
         result = score(model, scored, context, device, o.batch_size, o.max_batches, o.genre_docs)
     source = o.data or f"the val split of the {cfg['data']['source']} corpus"
@@ -213,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if asked_for_help(argv, Options, "eval", SUMMARY, EXAMPLES):
         return 0
-    from lingmao.data import CorpusError
+    from lingmao.data.corpus import CorpusError
 
     try:
         o = parse(Options, argv)

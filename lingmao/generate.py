@@ -14,17 +14,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
 
 import torch
 
-from lingmao.train import checkpoint as ckpt
-from lingmao.data.prepare import normalizer
-from lingmao.data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
-from lingmao.tracking.locate import WHICH, checkpoint_path
-from lingmao.model.gpt import GPT, GPTConfig
 from lingmao.config.options import OptionError, asked_for_help, choice, doc, parse
+from lingmao.data.prepare import normalizer
 from lingmao.data.textmetrics import repetition
+from lingmao.data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
+from lingmao.model.gpt import GPT, GPTConfig
+from lingmao.tracking.locate import WHICH, checkpoint_path
+from lingmao.train import checkpoint as ckpt
 
 FORMATS = ("text", "jsonl")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -34,8 +33,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 class Options:
     checkpoint: str = field(default="", metadata=doc("a run folder, a .pt file or an MLflow run id (required)"))
     which: str = field(default="last", metadata=doc("of a run folder or run id: last | best (lowest val loss)"))
-    prompt: List[str] = field(default_factory=lambda: ["床前明月光"],
-                              metadata=doc("text to continue; [a,b] or repeated prompt= for several"))
+    prompt: list[str] = field(
+        default_factory=lambda: ["床前明月光"], metadata=doc("text to continue; [a,b] or repeated prompt= for several")
+    )
     n: int = field(default=4, metadata=doc("samples per prompt"))
     max_new_tokens: int = field(default=64, metadata=doc("tokens to generate per sample"))
     temperature: float = field(default=1.0, metadata=doc("<= 0: greedy"))
@@ -48,12 +48,15 @@ class Options:
     stop_at_eos: bool = field(default=True, metadata=doc("end a sample at the end of a document"))
     cache: bool = field(default=True, metadata=doc("false: recompute the prefix at every token"))
     tokenizer: str = field(default="", metadata=doc("tokenizer.json, for a checkpoint that does not embed one"))
-    tracking_uri: str = field(default="", metadata=doc("MLflow store of a run id; default $MLFLOW_TRACKING_URI, "
-                                                         "else ./mlflow.db"))
+    tracking_uri: str = field(
+        default="", metadata=doc("MLflow store of a run id; default $MLFLOW_TRACKING_URI, else ./mlflow.db")
+    )
 
 
-SUMMARY = ("Sample continuations of each prompt from a trained model; the prompt is normalised to the "
-           "checkpoint corpus' script first.")
+SUMMARY = (
+    "Sample continuations of each prompt from a trained model; the prompt is normalised to the "
+    "checkpoint corpus' script first."
+)
 EXAMPLES = [
     "lingmao generate checkpoint=outputs/2026-01-01/12-00-00 prompt=床前明月光 n=4",
     "lingmao generate checkpoint=outputs/myrun which=best prompt=[舉頭望明月,子曰] temperature=0.8",
@@ -95,13 +98,17 @@ def load(path, device: torch.device, tokenizer_path: str = ""):
     if tokenizer_path:
         tok = Tokenizer.from_file(tokenizer_path)
         if tokenizer_hash(tok) != state.get("tokenizer_hash"):
-            raise OptionError(f"tokenizer={tokenizer_path} is not the vocabulary {path} was trained with "
-                              f"(its hash differs from the checkpoint's tokenizer_hash)")
+            raise OptionError(
+                f"tokenizer={tokenizer_path} is not the vocabulary {path} was trained with "
+                f"(its hash differs from the checkpoint's tokenizer_hash)"
+            )
     elif "tokenizer" in state:
         tok = Tokenizer.from_str(state["tokenizer"])
     else:
-        raise OptionError(f"{path} does not embed its tokenizer; pass tokenizer=PATH: the run's MLflow artifact "
-                          f"tokenizer.json, or tokenizer.json in the prepared corpus folder")
+        raise OptionError(
+            f"{path} does not embed its tokenizer; pass tokenizer=PATH: the run's MLflow artifact "
+            f"tokenizer.json, or tokenizer.json in the prepared corpus folder"
+        )
     # The tokenizer's size, not the embedding's: model.vocab_multiple pads the rows.
     model = GPT(GPTConfig.from_model_config(state["config"]["model"], tok.get_vocab_size()))
     model.load_state_dict(state["model"])
@@ -119,9 +126,21 @@ def unknown_chars(tokenizer, text: str) -> list[str]:
     return sorted({ch for ch, i in zip(text, ids) if i == UNK_ID}) if len(ids) == len(text) else []
 
 
-def complete(model: GPT, tokenizer, prompt: str, n: int, max_new_tokens: int, *, temperature: float, top_k: int,
-             top_p: float, repetition_penalty: float, generator: torch.Generator, stop_at_eos: bool = True,
-             use_cache: bool = True) -> list[dict]:
+def complete(
+    model: GPT,
+    tokenizer,
+    prompt: str,
+    n: int,
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    generator: torch.Generator,
+    stop_at_eos: bool = True,
+    use_cache: bool = True,
+) -> list[dict]:
     """`n` continuations of `prompt`, sampled as one batch in eval mode (no
     dropout; the model's mode is restored). Each: prompt, text (the
     continuation alone), new_tokens, and its repetition metrics. Also what
@@ -130,14 +149,22 @@ def complete(model: GPT, tokenizer, prompt: str, n: int, max_new_tokens: int, *,
     ids = tokenizer.encode(prompt).ids
     idx = torch.tensor([ids] * n, device=device)
     was_training = model.training
-    out = model.eval().generate(idx, max_new_tokens, temperature, top_k, generator, top_p=top_p,
-                                repetition_penalty=repetition_penalty, use_cache=use_cache,
-                                eos_id=EOS_ID if stop_at_eos else None)
+    out = model.eval().generate(
+        idx,
+        max_new_tokens,
+        temperature,
+        top_k,
+        generator,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        use_cache=use_cache,
+        eos_id=EOS_ID if stop_at_eos else None,
+    )
     model.train(was_training)
     results = []
-    for row in out[:, len(ids):].tolist():
+    for row in out[:, len(ids) :].tolist():
         if stop_at_eos and EOS_ID in row:
-            row = row[:row.index(EOS_ID)]
+            row = row[: row.index(EOS_ID)]
         text = tokenizer.decode(row)
         results.append({"prompt": prompt, "text": text, "new_tokens": len(row), **repetition(text)})
     return results
@@ -159,28 +186,53 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [normalise(p) for p in o.prompt]
     for prompt in prompts:
         if missing := unknown_chars(tok, prompt):
-            print(f"warning: prompt {prompt!r}: {''.join(missing)} not in the vocabulary (read as <unk>)",
-                  file=sys.stderr)
-    settings = {"temperature": o.temperature, "top_k": o.top_k, "top_p": o.top_p,
-                "repetition_penalty": o.repetition_penalty, "seed": o.seed}
+            print(
+                f"warning: prompt {prompt!r}: {''.join(missing)} not in the vocabulary (read as <unk>)", file=sys.stderr
+            )
+    settings = {
+        "temperature": o.temperature,
+        "top_k": o.top_k,
+        "top_p": o.top_p,
+        "repetition_penalty": o.repetition_penalty,
+        "seed": o.seed,
+    }
     generator = torch.Generator(device=device).manual_seed(o.seed)
     tokens, start = 0, time.perf_counter()
     if o.format == "text":
-        print(f"# {path} (step {state['progress']['step']}, {model.num_params() / 1e6:.1f}M params) | "
-              + " ".join(f"{k} {v}" for k, v in settings.items()))
+        print(
+            f"# {path} (step {state['progress']['step']}, {model.num_params() / 1e6:.1f}M params) | "
+            + " ".join(f"{k} {v}" for k, v in settings.items())
+        )
     for prompt in prompts:
-        for i, s in enumerate(complete(model, tok, prompt, o.n, o.max_new_tokens, temperature=o.temperature,
-                                       top_k=o.top_k, top_p=o.top_p, repetition_penalty=o.repetition_penalty,
-                                       generator=generator, stop_at_eos=o.stop_at_eos, use_cache=o.cache)):
+        for i, s in enumerate(
+            complete(
+                model,
+                tok,
+                prompt,
+                o.n,
+                o.max_new_tokens,
+                temperature=o.temperature,
+                top_k=o.top_k,
+                top_p=o.top_p,
+                repetition_penalty=o.repetition_penalty,
+                generator=generator,
+                stop_at_eos=o.stop_at_eos,
+                use_cache=o.cache,
+            )
+        ):
             tokens += s["new_tokens"]
             if o.format == "jsonl":
                 print(json.dumps({**s, "sample": i, **settings}, ensure_ascii=False))
             else:
-                print(f"[{i + 1}] {prompt}{s['text']}\n    rep4 {s['rep4']:.2f} | distinct-1 {s['distinct1']:.2f} "
-                      f"| distinct-2 {s['distinct2']:.2f}")
+                print(
+                    f"[{i + 1}] {prompt}{s['text']}\n    rep4 {s['rep4']:.2f} | distinct-1 {s['distinct1']:.2f} "
+                    f"| distinct-2 {s['distinct2']:.2f}"
+                )
     seconds = time.perf_counter() - start
-    print(f"# {tokens} tokens in {seconds:.2f}s ({tokens / seconds:.1f} tokens/s on {device})",
-          file=sys.stderr if o.format == "jsonl" else sys.stdout)
+    print(
+        f"# {tokens} tokens in {seconds:.2f}s ({tokens / seconds:.1f} tokens/s on {device})",
+        file=sys.stderr if o.format == "jsonl" else sys.stdout,
+    )
     return 0
 
 

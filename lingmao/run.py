@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lingmao.config.rules import CONF_DIR, ConfigError, register, validate
-from lingmao.data import CorpusError
+from lingmao.data.corpus import CorpusError
 
 register()
 
@@ -56,21 +56,24 @@ def swept_values(job: list[str], sweep: list[str]) -> str:
     try:
         keys = {o.key_or_group for o in parser.parse_overrides(sweep) if o.is_sweep_override()}
         keys.discard("optim.lr")  # already in the name
-        return " ".join(f"{o.key_or_group}={o.get_value_element_as_str()}" for o in parser.parse_overrides(job)
-                        if o.key_or_group in keys)
+        return " ".join(
+            f"{o.key_or_group}={o.get_value_element_as_str()}"
+            for o in parser.parse_overrides(job)
+            if o.key_or_group in keys
+        )
     except HydraException:  # a sweeper's own syntax: the name goes without it
         return ""
 
 
 def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None = None) -> dict | None:
     """Validate, plan, and (unless plan=true) train; returns the final metrics."""
-    from lingmao.train import engine
-    from lingmao.plan.calibration import chooser
-    from lingmao.train.console import RunLog
     from lingmao.data import cache_root
-    from lingmao.train.distributed import Dist
+    from lingmao.plan.calibration import chooser
     from lingmao.plan.machine import detect
     from lingmao.plan.make import exit_status, make_plan, runnable_plan
+    from lingmao.train import engine
+    from lingmao.train.console import RunLog
+    from lingmao.train.distributed import Dist
 
     validate(cfg)
     machine = detect()
@@ -97,21 +100,41 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
 
 
 def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -> dict:
+    from lingmao.tracking.spool import SPOOL_NAME
+    from lingmao.tracking.store import resolve_uri, where
+    from lingmao.tracking.tracker import Tracker, git_state, launch_host
     from lingmao.train import checkpoint, engine
-    from lingmao.tracking.tracker import SPOOL_NAME, Tracker, git_state, launch_host, resolve_uri, where
 
     dist = job.dist
     uri = resolve_uri(cfg.tracking.uri, launch_dir)
     enabled = cfg.tracking.enabled and dist.main
-    tracker = Tracker(uri, cfg.tracking.experiment_name, run_name(cfg, plan, (tags or {}).get("sweep.values", "")),
-                      enabled=enabled, spool=run_dir / SPOOL_NAME, system_metrics=cfg.tracking.system_metrics,
-                      run_id=job.resume_run_id if enabled else None, timeout=cfg.tracking.timeout)
-    tracker.set_tags({"hardware": plan.preset, "model": cfg.model.name, "data": cfg.data.source,
-                      "experiment": cfg.experiment or "", "host": launch_host(), "run_dir": str(run_dir.resolve()),
-                      **git_state(launch_dir), **(tags or {}), **cfg.tracking.tags})
+    tracker = Tracker(
+        uri,
+        cfg.tracking.experiment_name,
+        run_name(cfg, plan, (tags or {}).get("sweep.values", "")),
+        enabled=enabled,
+        spool=run_dir / SPOOL_NAME,
+        system_metrics=cfg.tracking.system_metrics,
+        run_id=job.resume_run_id if enabled else None,
+        timeout=cfg.tracking.timeout,
+    )
+    tracker.set_tags(
+        {
+            "hardware": plan.preset,
+            "model": cfg.model.name,
+            "data": cfg.data.source,
+            "experiment": cfg.experiment or "",
+            "host": launch_host(),
+            "run_dir": str(run_dir.resolve()),
+            **git_state(launch_dir),
+            **(tags or {}),
+            **cfg.tracking.tags,
+        }
+    )
     if dist.main:
-        look = (f"{uri} (the run's link follows once it is open; mlflow ui --backend-store-uri {uri})"
-                if enabled else "off")
+        look = (
+            f"{uri} (the run's link follows once it is open; mlflow ui --backend-store-uri {uri})" if enabled else "off"
+        )
         print(banner(cfg, plan, job, run_dir, look), flush=True)
     for f in sorted((run_dir / ".hydra").glob("*.yaml")):  # the composed config, as Hydra wrote it
         tracker.log_artifact(f, "hydra")
@@ -143,22 +166,28 @@ def banner(cfg, plan, job, run_dir: Path, look: str) -> str:
     from lingmao.plan.summary import lr_rule
 
     o, t = cfg.optim, cfg.trainer
-    limits = [f"{job.schedule.total_steps} steps" if job.schedule.total_steps else "",
-              f"{t.max_time:g} s" if t.max_time else ""]
+    limits = [
+        f"{job.schedule.total_steps} steps" if job.schedule.total_steps else "",
+        f"{t.max_time:g} s" if t.max_time else "",
+    ]
     start = f", resuming at step {job.found[1]['progress']['step']}" if job.found else ""
-    return "\n".join([
-        f"lingmao | {plan.preset_reason} | {plan.device} x {plan.world_size}, {plan.precision} "
-        f"({plan.precision_reason}){', compiled' if plan.compile else ''}",
-        f"  batch {plan.micro_batch} x accumulation {plan.accumulation} x {plan.world_size} process(es) = "
-        f"{plan.effective_batch} windows of {plan.context_length} tokens per step",
-        f"  lr {lr_rule(plan)}, warmup + cosine to {o.min_lr_ratio:g}x | "
-        f"{' and '.join(x for x in limits if x) or 'until stopped'}{start}",
-        f"  run folder {run_dir} | MLflow: {look}"])
+    return "\n".join(
+        [
+            f"lingmao | {plan.preset_reason} | {plan.device} x {plan.world_size}, {plan.precision} "
+            f"({plan.precision_reason}){', compiled' if plan.compile else ''}",
+            f"  batch {plan.micro_batch} x accumulation {plan.accumulation} x {plan.world_size} process(es) = "
+            f"{plan.effective_batch} windows of {plan.context_length} tokens per step",
+            f"  lr {lr_rule(plan)}, warmup + cosine to {o.min_lr_ratio:g}x | "
+            f"{' and '.join(x for x in limits if x) or 'until stopped'}{start}",
+            f"  run folder {run_dir} | MLflow: {look}",
+        ]
+    )
 
 
 def _worker(rank: int, cfg_yaml: str, plan_world: int, port: int, launch_dir: str, run_dir: str, tags) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(plan_world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(plan_world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     execute(OmegaConf.create(cfg_yaml), Path(launch_dir), Path(run_dir), tags)
     # Done and the process group destroyed: leave without C++ static
     # destructors, where gloo's store client can still hold a joinable thread
@@ -176,8 +205,12 @@ def _spawn(cfg, plan, launch_dir: Path, run_dir: Path, tags) -> dict | None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(OmegaConf.to_yaml(cfg), plan.world_size, port, str(launch_dir), str(run_dir), tags),
-             nprocs=plan.world_size, join=True)
+    mp.spawn(
+        _worker,
+        args=(OmegaConf.to_yaml(cfg), plan.world_size, port, str(launch_dir), str(run_dir), tags),
+        nprocs=plan.world_size,
+        join=True,
+    )
     return None
 
 
@@ -194,6 +227,7 @@ def _absolute_paths(cfg: DictConfig, launch_dir: Path) -> None:
 
 
 # -- parallel jobs on one machine ---------------------------------------------
+
 
 def parallel_jobs(launcher: dict, cores: int) -> int:
     """How many jobs of a sweep run at once on this machine: joblib's n_jobs
@@ -217,7 +251,7 @@ def slot_resources(slot: int, jobs: int, cores: int, gpu_ids: list[str]) -> tupl
     per = len(gpu_ids) // jobs
     if per == 0:
         return threads, [gpu_ids[slot % len(gpu_ids)]]
-    return threads, gpu_ids[slot * per:(slot + 1) * per]
+    return threads, gpu_ids[slot * per : (slot + 1) * per]
 
 
 def lock_free_slot(folder: Path, jobs: int, preferred: int, wait: float = 30.0):
@@ -273,9 +307,12 @@ def job_slot(launcher: dict, sweep_dir: Path, job_num: int) -> tuple[int, int, l
         return None
     if _SLOT is None:
         if (launcher.get("n_jobs") or 0) < 0:
-            print(f"note: hydra.launcher.n_jobs={launcher['n_jobs']} makes {jobs} job slots on {cores} cores, "
-                  f"{max(1, cores // jobs)} thread(s) each; with fewer jobs than that, set n_jobs to the number "
-                  f"to run at once", file=sys.stderr)
+            print(
+                f"note: hydra.launcher.n_jobs={launcher['n_jobs']} makes {jobs} job slots on {cores} cores, "
+                f"{max(1, cores // jobs)} thread(s) each; with fewer jobs than that, set n_jobs to the number "
+                f"to run at once",
+                file=sys.stderr,
+            )
         gpus = _gpu_ids()
         slot, lock = lock_free_slot(sweep_dir / ".lingmao-slots", jobs, job_num % jobs)
         threads, mine = slot_resources(slot, jobs, cores, gpus)
@@ -286,6 +323,7 @@ def job_slot(launcher: dict, sweep_dir: Path, job_num: int) -> tuple[int, int, l
 
 
 # -- Hydra ----------------------------------------------------------------------
+
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
@@ -318,7 +356,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
-        from lingmao.train.checkpoint import CheckpointWriteError  # loaded by execute already: torch stays off --help's path
+        from lingmao.train.checkpoint import (
+            CheckpointWriteError,
+        )  # loaded by execute already: torch stays off --help's path
         from lingmao.train.nan_policy import NonFiniteError
 
         if not isinstance(e, (NonFiniteError, CheckpointWriteError)):
@@ -335,7 +375,9 @@ class SweepSummary(Callback):
     ended, say where its runs are in MLflow (or which spools to import)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from lingmao.tracking.tracker import resolve_uri, sweep_id, sweep_report
+        from lingmao.tracking.spool import sweep_report
+        from lingmao.tracking.store import resolve_uri
+        from lingmao.tracking.tracker import sweep_id
 
         if config.plan or not config.tracking.enabled:
             return

@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     for batch, row in t.items():
         xs = sorted(row)
         ax.plot(xs, [mean(row[x]) for x in xs], marker="o", label=f"batch {batch}")
-    ax.set(xscale="log", xlabel="learning rate", ylabel="final val loss (nats/token), mean over seeds",
-           title="batch x LR")
+    ax.set(
+        xscale="log", xlabel="learning rate", ylabel="final val loss (nats/token), mean over seeds", title="batch x LR"
+    )
     ax.legend()
     fig.tight_layout()
     out = args.out or args.sweeps[0]

@@ -46,11 +46,19 @@ def smoke(results: Path, overrides: list[str]) -> int:
     seconds = time.perf_counter() - start
     bad = imported()
     ok = code == 0 and not bad
-    add_row(results, "smoke: python -m lingmao.run (tracking off, data=prepared)", "passed" if ok else "FAILED",
-            exit=code, seconds=round(seconds, 1), imported=",".join(bad) or "none of " + "/".join(NOT_IMPORTED))
+    add_row(
+        results,
+        "smoke: python -m lingmao.run (tracking off, data=prepared)",
+        "passed" if ok else "FAILED",
+        exit=code,
+        seconds=round(seconds, 1),
+        imported=",".join(bad) or "none of " + "/".join(NOT_IMPORTED),
+    )
     if bad:
-        print(f"gpu_check: the run imported {', '.join(bad)}; with tracking.enabled=false and data=prepared "
-              f"it must not", file=sys.stderr)
+        print(
+            f"gpu_check: the run imported {', '.join(bad)}; with tracking.enabled=false and data=prepared it must not",
+            file=sys.stderr,
+        )
     return 0 if ok else 1
 
 
@@ -62,7 +70,7 @@ def bench(results: Path, overrides: list[str], steps: int = 20, warmup: int = 5)
 
     from lingmao.bench.compose import Composer
     from lingmao.bench.measure import benchmark, train_tokens
-    from lingmao.bench.suites import silent_tracker
+    from lingmao.bench.suite import silent_tracker
     from lingmao.plan.machine import detect
     from lingmao.plan.make import runnable_plan
     from lingmao.train.backend import apply_runtime
@@ -70,7 +78,7 @@ def bench(results: Path, overrides: list[str], steps: int = 20, warmup: int = 5)
     try:
         from lingmao.plan.peaks import dense_bf16_tflops
     except ImportError:  # before the peaks table moved to lingmao.plan.peaks
-        from lingmao.bench.gpu import dense_bf16_tflops
+        from lingmao.plan.peaks import dense_bf16_tflops
 
     cfg = Composer(overrides).compose()
     plan = runnable_plan(cfg, detect())
@@ -79,16 +87,34 @@ def bench(results: Path, overrides: list[str], steps: int = 20, warmup: int = 5)
     dense = dense_bf16_tflops(name) if plan.device == "cuda" else None
     peaks = {f"{name} datasheet": dense} if dense else {}
     tokens, vocab, stride, source = train_tokens(cfg, False, 0, 0)
-    r = benchmark(cfg, plan, tokens, vocab, stride, steps=steps, warmup=warmup, tracker=silent_tracker(),
-                  peaks=peaks, label="bench")
-    print(f"bench: {cfg.model.name}, context {r.context_length}, micro-batch {r.micro_batch} x {r.accumulation}, "
-          f"{r.precision}{' compiled' if r.compile else ''}, {source}")
+    r = benchmark(
+        cfg,
+        plan,
+        tokens,
+        vocab,
+        stride,
+        steps=steps,
+        warmup=warmup,
+        tracker=silent_tracker(),
+        peaks=peaks,
+        label="bench",
+    )
+    print(
+        f"bench: {cfg.model.name}, context {r.context_length}, micro-batch {r.micro_batch} x {r.accumulation}, "
+        f"{r.precision}{' compiled' if r.compile else ''}, {source}"
+    )
     print("\n".join(r.lines()))
     mfus = {f"mfu_{'datasheet' if i == 0 and dense else 'matmul'}": r.mfu(k) for i, k in enumerate(r.peaks)}
-    add_row(results, f"bench: bare loop {cfg.model.name} ctx {r.context_length} {r.precision}"
-                     f"{' compile' if r.compile else ''}", "passed", **mfus,
-            tokens_per_sec=round(r.tokens_per_sec), achieved_tflops=r.achieved_tflops,
-            peak_gb=r.peak_memory_bytes / 2**30, data_wait=r.data_share)
+    add_row(
+        results,
+        f"bench: bare loop {cfg.model.name} ctx {r.context_length} {r.precision}{' compile' if r.compile else ''}",
+        "passed",
+        **mfus,
+        tokens_per_sec=round(r.tokens_per_sec),
+        achieved_tflops=r.achieved_tflops,
+        peak_gb=r.peak_memory_bytes / 2**30,
+        data_wait=r.data_share,
+    )
     return 0
 
 
@@ -117,8 +143,7 @@ def fmt(value) -> str:
 def rows(results: Path) -> list[tuple[str, str, str]]:
     """(check, result, numbers) per row: the steps' and the tests' rows in the
     order written, then every test that recorded no numbers."""
-    lines = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] \
-        if results.is_file() else []
+    lines = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
     verdicts = outcomes(lines)
     table, seen = [], set()
     for row in lines:

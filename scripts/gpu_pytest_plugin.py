@@ -22,5 +22,14 @@ def pytest_runtest_logreport(report) -> None:
         message = reason.removeprefix("Skipped: ")[:120]
     outcome = {"passed": "passed", "failed": "FAILED" if report.when == "call" else "ERROR", "skipped": "skipped"}
     with open(results, "a") as f:
-        f.write(json.dumps({"test": report.location[2], "outcome": outcome[report.outcome], "when": report.when,
-                            "message": message}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "test": report.location[2],
+                    "outcome": outcome[report.outcome],
+                    "when": report.when,
+                    "message": message,
+                }
+            )
+            + "\n"
+        )

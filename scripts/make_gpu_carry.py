@@ -34,16 +34,46 @@ CARRIED = ("hydra-core", "omegaconf", "antlr4-python3-runtime")
 # The tree that travels to the GPU machine may hold 64 MiB in all; the repository takes a few.
 MAX_CARRY_BYTES = 60 * 2**20
 # The platform tags pip matches for a manylinux x86-64 machine.
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64")
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
 
 # Lines of Tang poems (李白, 王之涣, 孟浩然, 王维, 杜甫): the corpus' documents are
 # quatrains recombined from them, text with the shape a poem has.
-LINES = ("床前明月光", "疑是地上霜", "举头望明月", "低头思故乡", "白日依山尽", "黄河入海流", "欲穷千里目",
-         "更上一层楼", "春眠不觉晓", "处处闻啼鸟", "夜来风雨声", "花落知多少", "红豆生南国", "春来发几枝",
-         "愿君多采撷", "此物最相思", "空山不见人", "但闻人语响", "返景入深林", "复照青苔上", "国破山河在",
-         "城春草木深", "感时花溅泪", "恨别鸟惊心", "两个黄鹂鸣翠柳", "一行白鹭上青天", "窗含西岭千秋雪",
-         "门泊东吴万里船")
+LINES = (
+    "床前明月光",
+    "疑是地上霜",
+    "举头望明月",
+    "低头思故乡",
+    "白日依山尽",
+    "黄河入海流",
+    "欲穷千里目",
+    "更上一层楼",
+    "春眠不觉晓",
+    "处处闻啼鸟",
+    "夜来风雨声",
+    "花落知多少",
+    "红豆生南国",
+    "春来发几枝",
+    "愿君多采撷",
+    "此物最相思",
+    "空山不见人",
+    "但闻人语响",
+    "返景入深林",
+    "复照青苔上",
+    "国破山河在",
+    "城春草木深",
+    "感时花溅泪",
+    "恨别鸟惊心",
+    "两个黄鹂鸣翠柳",
+    "一行白鹭上青天",
+    "窗含西岭千秋雪",
+    "门泊东吴万里船",
+)
 CJK_FIRST = 0x4E00  # CJK Unified Ideographs: the characters the real vocabulary is mostly made of
 
 
@@ -53,7 +83,9 @@ def wheel_versions() -> dict[str, str]:
 
 
 def _pip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=600, check=False
+    )
 
 
 def download_wheels(dest: Path, python_version: str, versions: dict[str, str]) -> list[Path]:
@@ -64,8 +96,19 @@ def download_wheels(dest: Path, python_version: str, versions: dict[str, str]) -
     platforms = [a for p in PLATFORMS for a in ("--platform", p)]
     for name, version in versions.items():
         spec = f"{name}=={version}"
-        got = _pip("download", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
-                   "--implementation", "cp", *platforms, "-d", str(dest), spec)
+        got = _pip(
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            python_version,
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(dest),
+            spec,
+        )
         if got.returncode:
             got = _pip("wheel", "--no-deps", "-w", str(dest), spec)
             if got.returncode:
@@ -73,10 +116,14 @@ def download_wheels(dest: Path, python_version: str, versions: dict[str, str]) -
     wheels = sorted(dest.glob("*.whl"))
     names = {w.name.split("-")[0].lower().replace("_", "-") for w in wheels}
     if names != set(versions) or len(wheels) != len(versions):  # two versions of one stop the install there
-        raise SystemExit(f"make_gpu_carry: {dest} holds {[w.name for w in wheels]}, expected one wheel each of "
-                         f"{sorted(versions)}")
-    built = [w for w in wheels if not w.name.endswith("-none-any.whl") and f"cp{python_version.replace('.', '')}"
-             not in w.name]
+        raise SystemExit(
+            f"make_gpu_carry: {dest} holds {[w.name for w in wheels]}, expected one wheel each of {sorted(versions)}"
+        )
+    built = [
+        w
+        for w in wheels
+        if not w.name.endswith("-none-any.whl") and f"cp{python_version.replace('.', '')}" not in w.name
+    ]
     if built:
         raise SystemExit(f"make_gpu_carry: {[w.name for w in built]} would not install on Python {python_version}")
     return wheels
@@ -104,7 +151,7 @@ def documents(tokens: int, vocab_size: int, seed: int) -> list[str]:
     character once so that the vocabulary has exactly `vocab_size` entries."""
     rng = random.Random(seed)
     chars = charset(vocab_size)
-    docs = ["".join(chars[i:i + 64]) for i in range(0, len(chars), 64)]
+    docs = ["".join(chars[i : i + 64]) for i in range(0, len(chars), 64)]
     size = sum(map(len, docs))
     while size < tokens:
         if rng.random() < 0.9:
@@ -123,11 +170,18 @@ def build_corpus(dest: Path, tokens: int, vocab_size: int, seed: int = 0) -> Pat
 
     with tempfile.TemporaryDirectory() as tmp:
         records = ({"text": t, "genre": "诗"} for t in documents(tokens, vocab_size, seed))
-        prepared = prepare(records, Path(tmp), {"source": "gpu_carry", "tokens": tokens, "vocab": vocab_size},
-                           script="keep", val_fraction=0.02, seed=seed)
+        prepared = prepare(
+            records,
+            Path(tmp),
+            {"source": "gpu_carry", "tokens": tokens, "vocab": vocab_size},
+            script="keep",
+            val_fraction=0.02,
+            seed=seed,
+        )
         if prepared.vocab_size != vocab_size:
-            raise SystemExit(f"make_gpu_carry: the corpus' vocabulary has {prepared.vocab_size} entries, "
-                             f"not {vocab_size}")
+            raise SystemExit(
+                f"make_gpu_carry: the corpus' vocabulary has {prepared.vocab_size} entries, not {vocab_size}"
+            )
         if dest.exists():
             shutil.rmtree(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -146,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(".gpu_carry"), help="the folder to build (default .gpu_carry)")
     ap.add_argument("--python-version", default="3.12", help="the GPU machine's Python (default 3.12)")
     ap.add_argument("--tokens", type=int, default=2_000_000, help="corpus size in tokens (default 2,000,000)")
-    ap.add_argument("--vocab", type=int, default=DEFAULT_VOCAB,
-                    help=f"vocabulary size (default {DEFAULT_VOCAB}, the default corpus', which the plan assumes)")
+    ap.add_argument(
+        "--vocab",
+        type=int,
+        default=DEFAULT_VOCAB,
+        help=f"vocabulary size (default {DEFAULT_VOCAB}, the default corpus', which the plan assumes)",
+    )
     ap.add_argument("--no-wheels", action="store_true", help="build the corpus only")
     args = ap.parse_args(argv)
     out = args.out
@@ -158,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wheel   {w.name} ({w.stat().st_size / 1024:.0f} KiB)")
     corpus = build_corpus(out / "corpus", args.tokens, args.vocab)
     meta = json.loads((corpus / "meta.json").read_text(encoding="utf-8"))
-    print(f"corpus  {corpus}: {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens, "
-          f"vocabulary {meta['vocab_size']:,}")
+    print(
+        f"corpus  {corpus}: {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens, "
+        f"vocabulary {meta['vocab_size']:,}"
+    )
     size = folder_bytes(out)
     print(f"size    {out}: {size / 2**20:.1f} MiB (limit {MAX_CARRY_BYTES / 2**20:.0f} MiB)")
     if size > MAX_CARRY_BYTES:

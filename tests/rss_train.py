@@ -30,9 +30,19 @@ def main(cfg: dict) -> dict:
     torch.set_num_threads(cfg.get("threads", 2))
     base = rss_bytes()  # torch and lingmao imported, nothing built
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=cfg["V"], d_model=cfg["d"], n_heads=cfg["h"], n_layers=cfg["L"],
-                          context_length=cfg["T"], dropout=cfg.get("dropout", 0.0), rotary=cfg.get("rotary", True),
-                          qk_norm=cfg.get("qk_norm", False), moe_experts=cfg.get("experts", 0)))
+    model = GPT(
+        GPTConfig(
+            vocab_size=cfg["V"],
+            d_model=cfg["d"],
+            n_heads=cfg["h"],
+            n_layers=cfg["L"],
+            context_length=cfg["T"],
+            dropout=cfg.get("dropout", 0.0),
+            rotary=cfg.get("rotary", True),
+            qk_norm=cfg.get("qk_norm", False),
+            moe_experts=cfg.get("experts", 0),
+        )
+    )
     if cfg.get("checkpoint"):
         # Activation checkpointing per block, as the engine will do it: each
         # block keeps its input and recomputes the rest in backward.

@@ -11,14 +11,21 @@ from mlflow.tracking import MlflowClient
 
 from lingmao.bench.__main__ import main
 from lingmao.bench.compose import Composer
+from lingmao.bench.cpu import plot_scaling
 from lingmao.bench.options import OptionError, parse_args
 from lingmao.bench.startup import BARE_PHASES, median_phases, phases
 from lingmao.bench.stats import compare, interleave, median_interval
-from lingmao.bench.gpu import dense_bf16_tflops
-from lingmao.bench.cpu import plot_scaling
+from lingmao.plan.peaks import dense_bf16_tflops
 
-TINY = ["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "hardware.accumulation=2",
-        "hardware.precision=fp32", "optim.lr=3e-3"]
+TINY = [
+    "hardware=cpu",
+    "model=tiny",
+    "model.context_length=32",
+    "hardware.batch=4",
+    "hardware.accumulation=2",
+    "hardware.precision=fp32",
+    "optim.lr=3e-3",
+]
 
 
 def noisy(rate: float, sd: float, seed: int):
@@ -49,6 +56,7 @@ def test_interleave_alternates_rounds_and_pairs_adjacent_blocks():
         def block():
             calls.append(name)
             return next(it)
+
         return block
 
     p = interleave(contender("a", [10, 20, 30, 40]), contender("b", [1, 2, 3, 4]), 4)
@@ -82,6 +90,7 @@ def test_noisy_control_makes_the_comparison_inconclusive():
         def block():
             blocks[0] += 1
             return rate * 0.95 ** blocks[0] * (1 + rng.gauss(0, 0.01))
+
         return block
 
     c = compare(interleave(contender(90), contender(100), 30))
@@ -102,8 +111,9 @@ def cpu_suite(tmp_path, overrides, **opts):
 
     composer = Composer(overrides)
     cfg, machine = composer.compose(), detect()
-    return Suite("cpu", composer, cfg, runnable_plan(cfg, machine), machine, BenchOptions(**opts), silent_tracker(),
-                 out=tmp_path)
+    return Suite(
+        "cpu", composer, cfg, runnable_plan(cfg, machine), machine, BenchOptions(**opts), silent_tracker(), out=tmp_path
+    )
 
 
 @pytest.mark.slow
@@ -119,7 +129,7 @@ def test_engine_overhead_same_losses_then_blocks_alternating_in_one_engine_run(t
     assert r["pairs"] == 2 and r["engine_tokens_per_sec"] > 0 and r["bare_tokens_per_sec"] > 0
     # One engine run: a start-up interval, then one log per engine block (order "abab": two of them)
     client = MlflowClient(f"sqlite:///{tmp_path / 'engine' / 'engine_run.db'}")
-    run, = client.search_runs([client.get_experiment_by_name("lingmao-bench-engine").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("lingmao-bench-engine").experiment_id])
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses] == [r["log_every"] * k for k in (1, 2, 3)]
 
@@ -146,8 +156,9 @@ def test_bare_loop_and_bench_steps_compute_the_engines_moe_losses(tmp_path, trai
 
 
 def test_bench_options_are_parsed_apart_from_overrides():
-    suite, opts, rest = parse_args(["suite=cpu", "bench.pairs=4", "bench.synthetic=true", "model=tiny",
-                                    "bench.engine_model=small"])
+    suite, opts, rest = parse_args(
+        ["suite=cpu", "bench.pairs=4", "bench.synthetic=true", "model=tiny", "bench.engine_model=small"]
+    )
     assert (suite, opts.pairs, opts.synthetic, opts.engine_model, rest) == ("cpu", 4, True, "small", ["model=tiny"])
     with pytest.raises(OptionError, match="bench.stepz is not a benchmark key; valid keys: bench.steps"):
         parse_args(["bench.stepz=3"])
@@ -158,11 +169,12 @@ def test_bench_options_are_parsed_apart_from_overrides():
 def test_bench_keys_are_typed_and_bad_ones_named_in_one_line():
     suite, opts, rest = parse_args(["suite=speedrun", "bench.target=2.5", "bench.out=", "bench.warmup=0", "x=1"])
     assert (suite, opts.target, opts.out, opts.warmup, rest) == ("speedrun", 2.5, None, 0, ["x=1"])
-    for arg, message in (("bench.steps=ten", "bench.steps: Value 'ten' of type 'str' could not be converted to "
-                                             "Integer"),
-                         ("bench.synthetic=maybe", "bench.synthetic: Value 'maybe' is not a valid bool"),
-                         ("suite=tpu", "suite: Invalid value 'tpu', expected one of [cpu, gpu, speedrun]"),
-                         ("bench.target=-1", r"bench.target=-1.0 must be >= 0")):
+    for arg, message in (
+        ("bench.steps=ten", "bench.steps: Value 'ten' of type 'str' could not be converted to Integer"),
+        ("bench.synthetic=maybe", "bench.synthetic: Value 'maybe' is not a valid bool"),
+        ("suite=tpu", "suite: Invalid value 'tpu', expected one of [cpu, gpu, speedrun]"),
+        ("bench.target=-1", r"bench.target=-1.0 must be >= 0"),
+    ):
         with pytest.raises(OptionError) as e:
             parse_args([arg])
         assert str(e.value).startswith(message) and "\n" not in str(e.value)
@@ -170,10 +182,15 @@ def test_bench_keys_are_typed_and_bad_ones_named_in_one_line():
 
 def test_variant_values_win_over_the_users_and_keep_their_types():
     c = Composer(["hardware=cpu", "model=tiny", "model.context_length=128", "trainer.max_epochs=3"])
-    cfg = c.compose({}, {"model.context_length": 64, "trainer.max_epochs": None, "resume": "never",
-                         "hardware.compile": True})
-    assert (cfg.model.context_length, cfg.trainer.max_epochs, cfg.resume, cfg.hardware.compile) == \
-        (64, None, "never", True)
+    cfg = c.compose(
+        {}, {"model.context_length": 64, "trainer.max_epochs": None, "resume": "never", "hardware.compile": True}
+    )
+    assert (cfg.model.context_length, cfg.trainer.max_epochs, cfg.resume, cfg.hardware.compile) == (
+        64,
+        None,
+        "never",
+        True,
+    )
     assert c.compose().model.context_length == 128  # the user's command line itself is left alone
 
 
@@ -219,9 +236,19 @@ def test_startup_phases_are_spans_between_marks():
 
 
 def test_scaling_plot_is_written(tmp_path):
-    rows = [{"model": m, "params": p, "context_length": c, "tokens_per_sec": t, "training_memory_gb": g,
-             "precision": "bf16", "memory": "peak RSS"}
-            for m, p, t, g in (("tiny", 2e6, 9000, 0.5), ("small", 3e7, 900, 1.0)) for c in (128, 512)]
+    rows = [
+        {
+            "model": m,
+            "params": p,
+            "context_length": c,
+            "tokens_per_sec": t,
+            "training_memory_gb": g,
+            "precision": "bf16",
+            "memory": "peak RSS",
+        }
+        for m, p, t, g in (("tiny", 2e6, 9000, 0.5), ("small", 3e7, 900, 1.0))
+        for c in (128, 512)
+    ]
     path = plot_scaling(rows, tmp_path / "scaling.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -237,15 +264,38 @@ def test_dense_bf16_peaks_by_device_name():
 @pytest.mark.slow
 def test_benchmark_mode_prints_and_logs_to_mlflow(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([sys.executable, "-m", "lingmao.bench", *TINY, "bench.steps=3", "bench.warmup=1",
-                           "bench.synthetic=true", "trainer.log_every=1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lingmao.bench",
+            *TINY,
+            "bench.steps=3",
+            "bench.warmup=1",
+            "bench.synthetic=true",
+            "trainer.log_every=1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for text in ("samples/sec", "tokens/sec", "MFU", "fp32 matmul measured here", "data wait", "forward+backward",
-                 "optimizer", "logging", "peak memory"):
+    for text in (
+        "samples/sec",
+        "tokens/sec",
+        "MFU",
+        "fp32 matmul measured here",
+        "data wait",
+        "forward+backward",
+        "optimizer",
+        "logging",
+        "peak memory",
+    ):
         assert text in proc.stdout, text
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run, = client.search_runs([client.get_experiment_by_name("lingmao-bench").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("lingmao-bench").experiment_id])
     assert run.data.metrics["bench/samples_per_sec"] > 0 and run.data.metrics["bench/mfu"] > 0
     assert run.data.params["config.model.context_length"] == "32"
     assert len(client.get_metric_history(run.info.run_id, "bench/loss")) == 3
@@ -263,8 +313,11 @@ def test_speedrun_contenders_are_chosen_by_name_baseline_first():
     assert chosen("all") == list(CONTENDERS) and list(CONTENDERS)[0] == "baseline"
     assert chosen("combined, muon") == ["baseline", "muon", "combined"]  # CONTENDERS order, baseline added
     assert chosen("baseline") == ["baseline"]
-    with pytest.raises(OptionError, match=r"bench.contenders='muon,rotory': unknown rotory; choose 'all' or some "
-                                          r"of baseline, muon, rotary, qk_norm, relu2, vocab64, zero_init_proj"):
+    with pytest.raises(
+        OptionError,
+        match=r"bench.contenders='muon,rotory': unknown rotory; choose 'all' or some "
+        r"of baseline, muon, rotary, qk_norm, relu2, vocab64, zero_init_proj",
+    ):
         chosen("muon,rotory")
     with pytest.raises(OptionError, match="empty"):
         chosen(" , ")
@@ -295,12 +348,14 @@ class ScriptedLoop:
 
 
 def scripted_race(monkeypatch, val_by_step, target, losses=None, max_steps=10, eval_every=3):
-    from lingmao.train import validation
     from lingmao.bench.speedrun import Contender, race
     from lingmao.bench.suite import silent_tracker
+    from lingmao.train import validation
 
     loop = ScriptedLoop(losses or {})
-    monkeypatch.setattr(validation, "evaluate", lambda model, batches, plan, device, n, dist, nw: val_by_step[loop.steps])
+    monkeypatch.setattr(
+        validation, "evaluate", lambda model, batches, plan, device, n, dist, nw: val_by_step[loop.steps]
+    )
     return race(Contender("x", "", 1), loop, [], 1, max_steps, eval_every, target, silent_tracker())
 
 
@@ -347,29 +402,47 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
-def test_speedrun_suite_runs_two_contenders_and_logs_them(tmp_path, monkeypatch, shared_cache, mlflow_db, capsys,
-                                                          restore_threads):
+def test_speedrun_suite_runs_two_contenders_and_logs_them(
+    tmp_path, monkeypatch, shared_cache, mlflow_db, capsys, restore_threads
+):
     import json
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    assert main(["suite=speedrun", *TINY, "hardware.threads=1", "bench.contenders=muon", "bench.max_steps=6",
-                 "bench.eval_every=2", "bench.eval_windows=4", f"bench.out={out}"]) == 0
+    assert (
+        main(
+            [
+                "suite=speedrun",
+                *TINY,
+                "hardware.threads=1",
+                "bench.contenders=muon",
+                "bench.max_steps=6",
+                "bench.eval_every=2",
+                "bench.eval_windows=4",
+                f"bench.out={out}",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "target: the baseline's final val loss" in text
-    assert ("reproduce: python -m lingmao.bench suite=speedrun bench.max_steps=6 bench.eval_every=2 "
-            "bench.eval_windows=4 bench.contenders=baseline,muon hardware=cpu model=tiny") in text
+    assert (
+        "reproduce: python -m lingmao.bench suite=speedrun bench.max_steps=6 bench.eval_every=2 "
+        "bench.eval_windows=4 bench.contenders=baseline,muon hardware=cpu model=tiny"
+    ) in text
     r = json.loads((out / "results.json").read_text())["speedrun"]
     rows = r["contenders"]
     assert list(rows) == ["baseline", "muon"]
-    assert [line.split()[0] for line in text.splitlines() if line.startswith(("baseline ", "muon "))][-2:] == \
-        ["baseline", "muon"]  # the table's rows
+    assert [line.split()[0] for line in text.splitlines() if line.startswith(("baseline ", "muon "))][-2:] == [
+        "baseline",
+        "muon",
+    ]  # the table's rows
     base = rows["baseline"]
     assert base["stopped"] == "budget" and base["last_step"] == 6 and r["target"] == base["last_val_loss"]
     assert base["ratio_seconds"] == 1.0 and base["ratio_steps"] == 1.0
     for row in rows.values():
         history = row["history"]
-        assert [h[0] for h in history] == [0, 2, 4, 6][:len(history)]
+        assert [h[0] for h in history] == [0, 2, 4, 6][: len(history)]
         assert [h[1] for h in history] == sorted(h[1] for h in history) and history[0][1] == 0.0
         hit = next(h for h in history if h[2] <= r["target"]) if row["reached"] else None
         assert row["reached"] == any(h[2] <= r["target"] for h in history)
@@ -381,8 +454,9 @@ def test_speedrun_suite_runs_two_contenders_and_logs_them(tmp_path, monkeypatch,
             assert history[-1] == hit and row["steps"] == hit[0]
     assert (out / "speedrun.png").read_bytes()[:4] == b"\x89PNG"
     client = MlflowClient(f"sqlite:///{mlflow_db}")
-    run, = client.search_runs([client.get_experiment_by_name("lingmao-bench").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("lingmao-bench").experiment_id])
     assert run.data.metrics["speedrun/contenders/baseline/ratio_seconds"] == 1.0
     logged = client.get_metric_history(run.info.run_id, "speedrun/muon/val_loss")
-    assert [(m.step, m.value) for m in sorted(logged, key=lambda m: m.step)] == \
-        [(h[0], pytest.approx(h[2])) for h in rows["muon"]["history"]]
+    assert [(m.step, m.value) for m in sorted(logged, key=lambda m: m.step)] == [
+        (h[0], pytest.approx(h[2])) for h in rows["muon"]["history"]
+    ]

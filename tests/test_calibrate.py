@@ -2,15 +2,26 @@
 the short-run rule, one real (small) measurement, and the plan's use of it."""
 
 import pytest
+from test_config import make
 
 from lingmao.plan import calibration as calibrate
 from lingmao.plan.machine import Machine
 from lingmao.plan.make import make_plan
-from test_config import make
 
-MODEL = {"d_model": 32, "n_heads": 2, "n_layers": 1, "context_length": 16, "dropout": 0.0, "mlp_ratio": 4,
-         "rotary": True, "qk_norm": False, "mlp": "gelu", "vocab_multiple": 1, "zero_init_proj": False,
-         "moe": {"experts": 0, "top_k": 2, "capacity_factor": 1.25, "aux_loss_weight": 0.01}}
+MODEL = {
+    "d_model": 32,
+    "n_heads": 2,
+    "n_layers": 1,
+    "context_length": 16,
+    "dropout": 0.0,
+    "mlp_ratio": 4,
+    "rotary": True,
+    "qk_norm": False,
+    "mlp": "gelu",
+    "vocab_multiple": 1,
+    "zero_init_proj": False,
+    "moe": {"experts": 0, "top_k": 2, "capacity_factor": 1.25, "aux_loss_weight": 0.01},
+}
 SHAPE = calibrate.shape_of(MODEL, 50, 1)
 CPU = Machine(cores=2, ram_gb=16.0)
 
@@ -19,6 +30,7 @@ def fake_measure(calls):
     def measure(shape, candidates):
         calls.append(list(candidates))
         return {calibrate.name(p, c): (0.5 if p == "bf16" else 1.0) for p, c in candidates}
+
     return measure
 
 
@@ -76,8 +88,9 @@ def test_the_plan_takes_the_measured_choice_and_its_time_and_says_so(tmp_path):
     # the fake's 0.5 s per step of 1024 tokens, scaled to the plan's step
     tokens = plan.micro_batch * plan.accumulation * plan.context_length
     assert plan.est_step_seconds == pytest.approx(0.5 * tokens / 1024, rel=1e-3)
-    fixed = make_plan(make("hardware=cpu", "model=tiny", "hardware.precision=fp32", "hardware.compile=false"),
-                      CPU, cpu_choice=choice)
+    fixed = make_plan(
+        make("hardware=cpu", "model=tiny", "hardware.precision=fp32", "hardware.compile=false"), CPU, cpu_choice=choice
+    )
     assert len(seen) == 1 and (fixed.precision, fixed.compile) == ("fp32", False)  # nothing left to measure
     pure = make_plan(cfg, CPU)
     assert (pure.precision, pure.compile) == ("fp32", False) and "not measured" in pure.precision_reason

@@ -4,12 +4,11 @@ import dataclasses
 import os
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
 
 import pytest
+import tomllib
 
 from lingmao import cli, compare, generate
 from lingmao import eval as evaluation
@@ -24,7 +23,7 @@ class Demo:
     count: int = field(default=2, metadata={"help": "how many"})
     rate: float = 0.5
     flag: bool = True
-    items: List[str] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)
 
 
 def test_values_are_typed_as_hydra_reads_them():
@@ -46,16 +45,21 @@ def test_a_list_key_may_be_repeated_or_positional():
     assert parse(Demo, ["x", "count=3", "y"], positional="items").items == ["x", "y"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["cuont=3"], "cuont='3': unknown key 'cuont'; valid keys: name, count, rate, flag, items"),
-    (["count=three"], "count='three': expected int"),
-    (["count="], "count='': expected int"),
-    (["rate=fast"], "rate='fast': expected float"),
-    (["flag=maybe"], "flag='maybe': expected true or false"),
-    (["--count=3"], "'--count=3': options are key=value with key one of name, count, rate, flag, items; "
-                    "write count=..."),
-    (["lonely"], "'lonely': options are key=value"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["cuont=3"], "cuont='3': unknown key 'cuont'; valid keys: name, count, rate, flag, items"),
+        (["count=three"], "count='three': expected int"),
+        (["count="], "count='': expected int"),
+        (["rate=fast"], "rate='fast': expected float"),
+        (["flag=maybe"], "flag='maybe': expected true or false"),
+        (
+            ["--count=3"],
+            "'--count=3': options are key=value with key one of name, count, rate, flag, items; write count=...",
+        ),
+        (["lonely"], "'lonely': options are key=value"),
+    ],
+)
 def test_bad_arguments_are_one_line_naming_the_key(argv, message):
     with pytest.raises(OptionError) as err:
         parse(Demo, argv)
@@ -84,8 +88,9 @@ def test_lingmao_help_names_every_command(capsys):
 
 def test_an_unknown_command_names_the_valid_ones(capsys):
     assert cli.main(["train", "model=tiny"]) == 2
-    assert capsys.readouterr().err == ("error: unknown command 'train'; commands: run, compare, generate, eval, "
-                                       "bench (lingmao --help)\n")
+    assert capsys.readouterr().err == (
+        "error: unknown command 'train'; commands: run, compare, generate, eval, bench (lingmao --help)\n"
+    )
 
 
 def test_a_command_gets_the_rest_of_the_line(capsys):
@@ -107,8 +112,7 @@ def test_the_console_script_is_the_dispatcher():
 
 def _lingmao(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -121,7 +125,10 @@ def test_run_hands_hydra_its_arguments_unchanged(tmp_path):
     for proc in (via_cli, direct):
         assert "#0 : plan=True hardware=cpu model=tiny" in proc.stdout
         assert "#1 : plan=True hardware=cpu model=small" in proc.stdout
-    plans = lambda out: [line for line in out.splitlines() if "HYDRA" not in line]
+
+    def plans(out):
+        return [line for line in out.splitlines() if "HYDRA" not in line]
+
     assert plans(via_cli.stdout) == plans(direct.stdout)
     assert (tmp_path / "a").is_dir() and (tmp_path / "b").is_dir()
 
@@ -130,8 +137,14 @@ def test_run_hands_hydra_its_arguments_unchanged(tmp_path):
 def test_run_help_describes_the_groups_keys_and_examples(tmp_path):
     proc = _lingmao(["lingmao", "run", "--help"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for text in ("usage: lingmao run", "hardware: auto, cpu", "model: large, medium, small, tiny",
-                 "trainer.max_steps=1000", "optim.lr=1e-3", "lingmao run -m hardware=cpu model=tiny"):
+    for text in (
+        "usage: lingmao run",
+        "hardware: auto, cpu",
+        "model: large, medium, small, tiny",
+        "trainer.max_steps=1000",
+        "optim.lr=1e-3",
+        "lingmao run -m hardware=cpu model=tiny",
+    ):
         assert text in proc.stdout
     assert "Powered by Hydra" not in proc.stdout  # not Hydra's default page
     # the same page from the module, asked for by name

@@ -15,24 +15,37 @@ ROOT = Path(__file__).parents[1]
 
 def lingmao_run(tmp_path, *args, env=None):
     """`python -m lingmao.run ARGS` in tmp_path; HYDRA_FULL_ERROR only when `env` sets it."""
-    env = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "PYTHONPATH": str(ROOT),
-           "LINGMAO_CACHE": str(tmp_path / "cache"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "lingmao.run", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"},
+        "PYTHONPATH": str(ROOT),
+        "LINGMAO_CACHE": str(tmp_path / "cache"),
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "lingmao.run", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
-@pytest.mark.parametrize("override, says", [
-    ("trainer.max_step=5", ["trainer.max_step: no such key; did you mean trainer.max_steps?",
-                            "valid keys of trainer: max_steps, max_epochs"]),
-    ("trainer.max_steps=abc", ["trainer.max_steps:", "'abc'", "takes an integer or null"]),
-    ("hardware=4090", ["hardware=4090: not a preset of hardware; choose one of: auto, cpu, m1, rtx3060, rtx4090"]),
-    ("experiment=quickstartt", ["experiment=quickstartt:", "choose one of: batch_lr,", "quickstart"]),
-    ("model=huge", ["model=huge:", "choose one of: large, medium, small, tiny"]),
-    ("optim/clip=tight", ["optim/clip=tight:", "choose one of: aggressive, conservative, standard"]),
-    ("model.moe.expert=2", ["did you mean model.moe.experts?", "valid keys of model.moe: experts, top_k"]),
-    ("optim.betas=3", ["optim.betas:", "takes a list"]),
-    ("trainer.max_steps=[1,", ["cannot parse the command line", "override_grammar"]),
-])
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        (
+            "trainer.max_step=5",
+            [
+                "trainer.max_step: no such key; did you mean trainer.max_steps?",
+                "valid keys of trainer: max_steps, max_epochs",
+            ],
+        ),
+        ("trainer.max_steps=abc", ["trainer.max_steps:", "'abc'", "takes an integer or null"]),
+        ("hardware=4090", ["hardware=4090: not a preset of hardware; choose one of: auto, cpu, m1, rtx3060, rtx4090"]),
+        ("experiment=quickstartt", ["experiment=quickstartt:", "choose one of: batch_lr,", "quickstart"]),
+        ("model=huge", ["model=huge:", "choose one of: large, medium, small, tiny"]),
+        ("optim/clip=tight", ["optim/clip=tight:", "choose one of: aggressive, conservative, standard"]),
+        ("model.moe.expert=2", ["did you mean model.moe.experts?", "valid keys of model.moe: experts, top_k"]),
+        ("optim.betas=3", ["optim.betas:", "takes a list"]),
+        ("trainer.max_steps=[1,", ["cannot parse the command line", "override_grammar"]),
+    ],
+)
 def test_hydra_errors_are_one_line_with_what_is_valid(tmp_path, override, says):
     proc = lingmao_run(tmp_path, override, "plan=true")
     err = proc.stderr
@@ -93,8 +106,10 @@ def test_a_missing_sweeper_plugin_gets_an_install_hint():
 
     from lingmao.config.errors import explain
 
-    e = MissingConfigException("Could not find 'hydra/sweeper/optuna'", missing_cfg_file="hydra/sweeper/optuna",
-                               options=["basic"])
+    e = MissingConfigException(
+        "Could not find 'hydra/sweeper/optuna'", missing_cfg_file="hydra/sweeper/optuna", options=["basic"]
+    )
     assert explain(e, ["hydra/sweeper=optuna"], explain.__code__) == (
         "hydra/sweeper=optuna needs a Hydra plugin that is not installed: pip install 'lingmao[optuna]' "
-        "(hydra-optuna-sweeper)")
+        "(hydra-optuna-sweeper)"
+    )

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from lingmao.compare import PLOTS, SelectorError, _same_dir, compare, main
-from lingmao.tracking.store import StoreError, store_uri as resolve_uri
+from lingmao.compare import SelectorError, _same_dir, compare, main
+from lingmao.report.plots import PLOTS
+from lingmao.tracking.store import StoreError
+from lingmao.tracking.store import store_uri as resolve_uri
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_A = "multirun/2024-05-01/12-00-00"
@@ -44,32 +46,52 @@ RUNS = {
     "t4": FakeRun("t4x2-small-lr0.001", "t4x2", 1.1, sweep=SWEEP_B, new_names=True, lr_scale=2.0),
     "zh": FakeRun("诗人-tiny-lr0.002", "cpu", 1.2, new_names=True),  # a Chinese run name in every plot legend
 }
-RENAMED = {"throughput/samples_per_sec": "samples_per_sec", "throughput/tokens_per_sec": "tokens_per_sec",
-           "memory/peak_gb": "peak_memory_gb", "samples/rep4": "val/samples/rep4",
-           "samples/greedy_rep4": "val/samples/greedy_rep4", "samples/form": "val/samples/form"}
+RENAMED = {
+    "throughput/samples_per_sec": "samples_per_sec",
+    "throughput/tokens_per_sec": "tokens_per_sec",
+    "memory/peak_gb": "peak_memory_gb",
+    "samples/rep4": "val/samples/rep4",
+    "samples/greedy_rep4": "val/samples/greedy_rep4",
+    "samples/form": "val/samples/form",
+}
 GENRES = {"shi": "诗", "ci": "词"}
 VERSE_FORM = 0.93  # the corpus's own share of 5/7-character lines (param data.verse_form)
-SAMPLES = [{"step": 50, "decoding": "sampled", "prompt": "床前", "text": "旧的"},
-           {"step": 100, "decoding": "sampled", "prompt": "床前明月光，", "text": "疑是地上霜。"},
-           {"step": 100, "decoding": "greedy", "prompt": "床前明月光，", "text": "床前床前"}]
+SAMPLES = [
+    {"step": 50, "decoding": "sampled", "prompt": "床前", "text": "旧的"},
+    {"step": 100, "decoding": "sampled", "prompt": "床前明月光，", "text": "疑是地上霜。"},
+    {"step": 100, "decoding": "greedy", "prompt": "床前明月光，", "text": "床前床前"},
+]
 OTHER = FakeRun("m1-tiny-lr0.001", "m1", 1.0, mfu=False, rep4=False, finished=False)  # experiment "ablation"
 
 
 def _log(client, exp_id: str, run: FakeRun, start_ms: int, index: int) -> None:
     from mlflow.entities import Metric, Param
 
-    tags = {"hardware": run.hardware, "model": run.name.split("-")[1], "data": "poetry", "experiment": "",
-            "host": "test", "git.commit": "0" * 40, "git.dirty": "false"}
+    tags = {
+        "hardware": run.hardware,
+        "model": run.name.split("-")[1],
+        "data": "poetry",
+        "experiment": "",
+        "host": "test",
+        "git.commit": "0" * 40,
+        "git.dirty": "false",
+    }
     tags.update({f"genre.{k}": v for k, v in GENRES.items()})
     if run.sweep:
         tags.update({"sweep.dir": run.sweep, "sweep.job": str(index), "sweep.values": f"trainer.seed={index}"})
     info = client.create_run(exp_id, start_time=start_ms, tags=tags, run_name=run.name).info
     run.run_id, run.experiment_id = info.run_id, exp_id
     lr = run.name.split("lr")[1]
-    params = {"config.model.name": tags["model"], "config.optim.lr": lr, "plan.lr": str(float(lr) * run.lr_scale),
-              "data.verse_form": str(VERSE_FORM),
-              "plan.effective_batch": "32", "plan.precision": "bf16", "plan.preset": run.hardware,
-              "model.params": str(3_200_000 + 1000 * index)}
+    params = {
+        "config.model.name": tags["model"],
+        "config.optim.lr": lr,
+        "plan.lr": str(float(lr) * run.lr_scale),
+        "data.verse_form": str(VERSE_FORM),
+        "plan.effective_batch": "32",
+        "plan.precision": "bf16",
+        "plan.preset": run.hardware,
+        "model.params": str(3_200_000 + 1000 * index),
+    }
     metrics = []
 
     def add(key: str, value: float, step: int) -> None:
@@ -138,7 +160,8 @@ def test_csv_holds_every_run_of_the_default_experiment_sorted_by_final_val_loss(
         assert float(row["val_perplexity"]) == pytest.approx(run.logged["val/perplexity"][-1])
         # The first throughput value holds start-up and is left out of the median.
         assert float(row["samples_per_sec"]) == pytest.approx(
-            statistics.median(run.logged["throughput/samples_per_sec"][1:]))
+            statistics.median(run.logged["throughput/samples_per_sec"][1:])
+        )
         assert row["hardware"] == run.hardware
         assert float(row["peak_memory_gb"]) == pytest.approx(max(run.logged["memory/peak_gb"]))
         assert int(row["effective_batch"]) == 32
@@ -197,15 +220,18 @@ def test_sweep_dir_selects_only_that_sweeps_runs(store, tmp_path):
     assert {r["run"] for r in rows} == {RUNS["cpu"].name, RUNS["gpu"].name}
 
 
-@pytest.mark.parametrize("selector, matches", [
-    (SWEEP_A, True),
-    (SWEEP_A + "/", True),
-    ("./" + SWEEP_A, True),
-    ("/home/someone/project/" + SWEEP_A, True),  # absolute, launched elsewhere
-    (SWEEP_B, False),
-    ("12-00-00", False),  # the leaf alone is ambiguous across days
-    ("multirun", False),
-])
+@pytest.mark.parametrize(
+    "selector, matches",
+    [
+        (SWEEP_A, True),
+        (SWEEP_A + "/", True),
+        ("./" + SWEEP_A, True),
+        ("/home/someone/project/" + SWEEP_A, True),  # absolute, launched elsewhere
+        (SWEEP_B, False),
+        ("12-00-00", False),  # the leaf alone is ambiguous across days
+        ("multirun", False),
+    ],
+)
 def test_sweep_dir_forms(selector, matches):
     assert _same_dir(selector, SWEEP_A) is matches
 
@@ -243,8 +269,14 @@ def test_uri_precedence(monkeypatch, tmp_path):
 def test_cli(store, tmp_path):
     out = tmp_path / "cli-report"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "lingmao.compare", "lingmao", f"tracking_uri={store}",
-                           f"out={out}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lingmao.compare", "lingmao", f"tracking_uri={store}", f"out={out}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert str(out.resolve() / "index.html") in proc.stdout
     for run in RUNS.values():

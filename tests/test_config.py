@@ -36,8 +36,9 @@ def test_named_presets_set_every_key():
 
 
 def test_model_sizes_follow_seed_000():
-    assert [(make(f"model={m}").model.d_model, make(f"model={m}").model.n_layers) for m in ("small", "medium", "large")] \
-        == [(512, 8), (768, 12), (1024, 16)]
+    assert [
+        (make(f"model={m}").model.d_model, make(f"model={m}").model.n_layers) for m in ("small", "medium", "large")
+    ] == [(512, 8), (768, 12), (1024, 16)]
 
 
 def test_unknown_key_is_rejected_by_name():
@@ -49,8 +50,11 @@ def test_unknown_key_is_rejected_by_name():
 def test_appended_unknown_key_is_rejected_by_validate():
     with pytest.raises(ConfigError, match=r"trainer\.max_stpes"):
         validate(make("+trainer.max_stpes=3"))
-    with pytest.raises(ConfigError, match=r"unknown key\(s\): model\.n_head \(did you mean model\.n_heads\? "
-                                          r"valid keys of model: name, d_model, n_heads"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key\(s\): model\.n_head \(did you mean model\.n_heads\? "
+        r"valid keys of model: name, d_model, n_heads",
+    ):
         validate(make("+model.n_head=3"))
 
 
@@ -73,21 +77,24 @@ def test_unknown_preset_lists_the_choices():
     assert "rtx5090" in msg and "rtx4090" in msg and "t4x2" in msg
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optim.lr=0", "optim.lr"),
-    ("optim.lr=-1e-3", "optim.lr"),
-    ("trainer.max_steps=0", "trainer.max_steps"),
-    ("hardware=cpu hardware.batch=-2", "hardware.batch"),
-    ("hardware=cpu hardware.batch=lots", "hardware.batch"),
-    ("hardware.precision=fp8", "hardware.precision"),
-    ("optim.lr_scaling=cubic", "optim.lr_scaling"),
-    ("data.script=hanzi", "data.script"),
-    ("data.stride=0", "data.stride"),
-    ("data.stride=4096", "data.stride"),
-    ("data=jsonl", "data.paths"),
-    ("model.moe.experts=4 model.moe.top_k=5", "model.moe"),
-    ("trainer.sample.top_p=0", "trainer.sample"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-1e-3", "optim.lr"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("hardware=cpu hardware.batch=-2", "hardware.batch"),
+        ("hardware=cpu hardware.batch=lots", "hardware.batch"),
+        ("hardware.precision=fp8", "hardware.precision"),
+        ("optim.lr_scaling=cubic", "optim.lr_scaling"),
+        ("data.script=hanzi", "data.script"),
+        ("data.stride=0", "data.stride"),
+        ("data.stride=4096", "data.stride"),
+        ("data=jsonl", "data.paths"),
+        ("model.moe.experts=4 model.moe.top_k=5", "model.moe"),
+        ("trainer.sample.top_p=0", "trainer.sample"),
+    ],
+)
 def test_validate_names_the_key(override, key):
     cfg = make(*override.split())
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -95,8 +102,11 @@ def test_validate_names_the_key(override, key):
 
 
 def test_clip_presets_set_grad_clip():
-    assert [make(f"optim/clip={c}").optim.grad_clip for c in ("conservative", "standard", "aggressive")] \
-        == [0.5, 1.0, 2.0]
+    assert [make(f"optim/clip={c}").optim.grad_clip for c in ("conservative", "standard", "aggressive")] == [
+        0.5,
+        1.0,
+        2.0,
+    ]
 
 
 def test_balanced_data_preset_has_seed_caps():
@@ -106,15 +116,16 @@ def test_balanced_data_preset_has_seed_caps():
 
 # -- every key has a rule -----------------------------------------------------
 
-from lingmao.config.rules import RULES, NEEDS, schema_keys, tracking_uri_ok  # noqa: E402
+from lingmao.config.rules import NEEDS, RULES, schema_keys, tracking_uri_ok  # noqa: E402
 
 
 def _needs_a_rule(tp) -> bool:
     """Numbers, text, lists and maps of them, and Any: every type but bool."""
+    import types
     import typing
 
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if typing.get_origin(tp) is typing.Union else tp
+    base = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
     return base is not bool
 
 
@@ -139,7 +150,8 @@ def test_the_default_config_passes_every_rule():
     validate(make())
     from dataclasses import asdict
 
-    from lingmao.config.rules import problems, RunConfig
+    from lingmao.config.rules import problems
+    from lingmao.config.schema import RunConfig
 
     assert problems(RunConfig()) == []
     assert problems(asdict(RunConfig())) == []
@@ -147,66 +159,79 @@ def test_the_default_config_passes_every_rule():
 
 # -- rule families: each override below composed and ran before ----------------
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be > 0"),  # ascended the gradient
-    ("optim.grad_clip=0", "optim.grad_clip=0.0 must be > 0"),  # froze training
-    ("optim.weight_decay=-1", "optim.weight_decay=-1.0 must be >= 0"),
-    ("optim.eps=0", "optim.eps=0.0 must be > 0"),
-    ("optim.warmup=-5", "optim.warmup=-5.0 must be >= 0"),
-    ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio=1.5 must be in [0, 1]"),
-    ("optim.base_batch=0", "optim.base_batch=0 must be > 0"),
-    ("model.mlp_ratio=0", "model.mlp_ratio=0 must be > 0"),
-    ("model.moe.aux_loss_weight=-0.1", "model.moe.aux_loss_weight=-0.1 must be >= 0"),
-    ("trainer.sample_tokens=0", "trainer.sample_tokens=0 must be > 0"),
-    ("trainer.eval_batches=0", "trainer.eval_batches=0 must be > 0"),
-    ("trainer.max_epochs=0", "trainer.max_epochs=0 must be > 0 (or null)"),
-    ("trainer.max_time=-1", "trainer.max_time=-1.0 must be > 0 (or null)"),
-    ("trainer.sample.temperature=-1", "trainer.sample.temperature=-1.0 must be >= 0"),
-    ("trainer.sample.repetition_penalty=0", "trainer.sample.repetition_penalty=0.0 must be > 0"),
-    ("hardware=cpu hardware.num_workers=-1", "hardware.num_workers=-1 must be >= 0 (or null)"),
-    ("hardware=cpu hardware.threads=-2", "hardware.threads=-2 must be >= 0 (or null)"),
-    ("hardware=cpu hardware.memory_gb=-8", "hardware.memory_gb=-8.0 must be >= 0 (or null)"),
-    ("hardware=rtx3060 hardware.prefetch_factor=0", "hardware.prefetch_factor=0 must be > 0 (or null)"),
-    ("seed=-1", "seed=-1 must be in [0, 4294967295]"),
-    ("data.val_fraction=1", "data.val_fraction=1.0 must be in (0, 1)"),
-    ("+data.genre_caps.ci=-5", "data.genre_caps={'ci': -5} must be values, each >= 0"),
-    # Checked by the engine only once training had started:
-    ("trainer.nan_lr_factor=1", "trainer.nan_lr_factor=1.0 must be in (0, 1)"),
-    ("trainer.early_stop_patience=0", "trainer.early_stop_patience=0 must be > 0 (or null)"),
-    ("checkpoint.every_minutes=0", "checkpoint.every_minutes=0.0 must be > 0 (or null)"),
-])
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be > 0"),  # ascended the gradient
+        ("optim.grad_clip=0", "optim.grad_clip=0.0 must be > 0"),  # froze training
+        ("optim.weight_decay=-1", "optim.weight_decay=-1.0 must be >= 0"),
+        ("optim.eps=0", "optim.eps=0.0 must be > 0"),
+        ("optim.warmup=-5", "optim.warmup=-5.0 must be >= 0"),
+        ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio=1.5 must be in [0, 1]"),
+        ("optim.base_batch=0", "optim.base_batch=0 must be > 0"),
+        ("model.mlp_ratio=0", "model.mlp_ratio=0 must be > 0"),
+        ("model.moe.aux_loss_weight=-0.1", "model.moe.aux_loss_weight=-0.1 must be >= 0"),
+        ("trainer.sample_tokens=0", "trainer.sample_tokens=0 must be > 0"),
+        ("trainer.eval_batches=0", "trainer.eval_batches=0 must be > 0"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 must be > 0 (or null)"),
+        ("trainer.max_time=-1", "trainer.max_time=-1.0 must be > 0 (or null)"),
+        ("trainer.sample.temperature=-1", "trainer.sample.temperature=-1.0 must be >= 0"),
+        ("trainer.sample.repetition_penalty=0", "trainer.sample.repetition_penalty=0.0 must be > 0"),
+        ("hardware=cpu hardware.num_workers=-1", "hardware.num_workers=-1 must be >= 0 (or null)"),
+        ("hardware=cpu hardware.threads=-2", "hardware.threads=-2 must be >= 0 (or null)"),
+        ("hardware=cpu hardware.memory_gb=-8", "hardware.memory_gb=-8.0 must be >= 0 (or null)"),
+        ("hardware=rtx3060 hardware.prefetch_factor=0", "hardware.prefetch_factor=0 must be > 0 (or null)"),
+        ("seed=-1", "seed=-1 must be in [0, 4294967295]"),
+        ("data.val_fraction=1", "data.val_fraction=1.0 must be in (0, 1)"),
+        ("+data.genre_caps.ci=-5", "data.genre_caps={'ci': -5} must be values, each >= 0"),
+        # Checked by the engine only once training had started:
+        ("trainer.nan_lr_factor=1", "trainer.nan_lr_factor=1.0 must be in (0, 1)"),
+        ("trainer.early_stop_patience=0", "trainer.early_stop_patience=0 must be > 0 (or null)"),
+        ("checkpoint.every_minutes=0", "checkpoint.every_minutes=0.0 must be > 0 (or null)"),
+    ],
+)
 def test_numbers_out_of_range_name_the_key_and_the_range(override, message):
     with pytest.raises(ConfigError) as e:
         validate(make(*override.split()))
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.betas=[0.9,1.0]", "optim.betas=[0.9, 1.0] must be 2 values, each in [0, 1)"),
-    ("optim.betas=[0.9]", "optim.betas=[0.9] must be 2 values"),
-    ("trainer.sample.prompts=[]", "trainer.sample.prompts=[] must be at least one value"),
-    ("data=jsonl data.paths=['']", "data.paths=[''] must be values, each non-empty text"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.betas=[0.9,1.0]", "optim.betas=[0.9, 1.0] must be 2 values, each in [0, 1)"),
+        ("optim.betas=[0.9]", "optim.betas=[0.9] must be 2 values"),
+        ("trainer.sample.prompts=[]", "trainer.sample.prompts=[] must be at least one value"),
+        ("data=jsonl data.paths=['']", "data.paths=[''] must be values, each non-empty text"),
+    ],
+)
 def test_lists_name_the_key_and_what_each_item_may_be(override, message):
     with pytest.raises(ConfigError) as e:
         validate(make(*override.split()))
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("trainer.on_nan=explode", "trainer.on_nan='explode' is not valid; choose one of: stop, skip, rollback"),
-    ("hardware=cpu hardware.compile_mode=fast", "hardware.compile_mode='fast' is not valid; choose one of: default,"),
-    ("hardware=cpu hardware.ddp_backend=mpi", "hardware.ddp_backend='mpi' is not valid; choose one of: nccl, gloo"),
-    ("hardware.name=rtx5090", "hardware.name='rtx5090' is not valid; choose one of: auto, cpu"),
-    ("data.on_bad_record=ignore", "data.on_bad_record='ignore' is not valid; choose one of: error, skip"),
-    ("experiment=quickstart experiment=quickstart", None),  # a real one passes
-    ("night.start=25:00", "night.start='25:00' must be a time as HH:MM"),
-    ("night.end=8h", "night.end='8h' must be a time as HH:MM"),
-    ("hardware=rtx3060 hardware.alloc_conf=garbage", "hardware.alloc_conf='garbage' must be empty or key:value"),
-    (("tracking.experiment_name=' '",), "tracking.experiment_name=' ' must be non-empty text"),
-    ("checkpoint.dir=''", "checkpoint.dir='' must be non-empty text"),
-    (("model.name='my model'",), "model.name='my model' must be a name of letters"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.on_nan=explode", "trainer.on_nan='explode' is not valid; choose one of: stop, skip, rollback"),
+        (
+            "hardware=cpu hardware.compile_mode=fast",
+            "hardware.compile_mode='fast' is not valid; choose one of: default,",
+        ),
+        ("hardware=cpu hardware.ddp_backend=mpi", "hardware.ddp_backend='mpi' is not valid; choose one of: nccl, gloo"),
+        ("hardware.name=rtx5090", "hardware.name='rtx5090' is not valid; choose one of: auto, cpu"),
+        ("data.on_bad_record=ignore", "data.on_bad_record='ignore' is not valid; choose one of: error, skip"),
+        ("experiment=quickstart experiment=quickstart", None),  # a real one passes
+        ("night.start=25:00", "night.start='25:00' must be a time as HH:MM"),
+        ("night.end=8h", "night.end='8h' must be a time as HH:MM"),
+        ("hardware=rtx3060 hardware.alloc_conf=garbage", "hardware.alloc_conf='garbage' must be empty or key:value"),
+        (("tracking.experiment_name=' '",), "tracking.experiment_name=' ' must be non-empty text"),
+        ("checkpoint.dir=''", "checkpoint.dir='' must be non-empty text"),
+        (("model.name='my model'",), "model.name='my model' must be a name of letters"),
+    ],
+)
 def test_text_keys_name_the_key_and_the_choices(override, message):
     cfg = make(*(override if isinstance(override, tuple) else override.split()))
     if message is None:
@@ -234,13 +259,38 @@ def test_every_problem_is_reported_at_once_on_one_line():
     assert "optim.grad_clip" in str(e.value) and "optim.weight_decay" in str(e.value) and "\n" not in str(e.value)
 
 
-GOOD_URIS = ["mlruns", "./runs/mlruns", "/abs/mlruns", "C:\\runs\\mlruns", "file:///tmp/mlruns", "file:/tmp/mlruns",
-             "sqlite:///mlflow.db", "sqlite:////abs/mlflow.db", "http://localhost:5000", "https://mlflow.example.com",
-             "databricks", "databricks://profile", "databricks-uc", "uc:http://localhost:8080",
-             "postgresql://u:p@host/db", "postgresql+psycopg2://host/db", "mysql+pymysql://host/db",
-             "mssql+pyodbc://host/db"]
-BAD_URIS = ["htp://localhost:5000", "sqlite:/mlflow.db", "sqlite://", "http://", "postgres://host/db",
-            "postgresql+a+b://host/db", "s3://bucket/runs", "ftp://host/runs", " ", "mlflow:5000"]
+GOOD_URIS = [
+    "mlruns",
+    "./runs/mlruns",
+    "/abs/mlruns",
+    "C:\\runs\\mlruns",
+    "file:///tmp/mlruns",
+    "file:/tmp/mlruns",
+    "sqlite:///mlflow.db",
+    "sqlite:////abs/mlflow.db",
+    "http://localhost:5000",
+    "https://mlflow.example.com",
+    "databricks",
+    "databricks://profile",
+    "databricks-uc",
+    "uc:http://localhost:8080",
+    "postgresql://u:p@host/db",
+    "postgresql+psycopg2://host/db",
+    "mysql+pymysql://host/db",
+    "mssql+pyodbc://host/db",
+]
+BAD_URIS = [
+    "htp://localhost:5000",
+    "sqlite:/mlflow.db",
+    "sqlite://",
+    "http://",
+    "postgres://host/db",
+    "postgresql+a+b://host/db",
+    "s3://bucket/runs",
+    "ftp://host/runs",
+    " ",
+    "mlflow:5000",
+]
 
 
 @pytest.mark.parametrize("uri", GOOD_URIS)
@@ -254,8 +304,11 @@ def test_tracking_uris_mlflow_opens_are_accepted(uri):
 def test_other_tracking_uris_are_refused_with_the_schemes(uri):
     cfg = make()
     cfg.tracking.uri = uri
-    with pytest.raises(ConfigError, match=r"tracking\.uri=.* is not a store MLflow opens; use a folder path, "
-                                          r"file:///path, sqlite:///path.db, http\(s\)://"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tracking\.uri=.* is not a store MLflow opens; use a folder path, "
+        r"file:///path, sqlite:///path.db, http\(s\)://",
+    ):
         validate(cfg)
 
 
@@ -264,14 +317,19 @@ def test_the_uri_schemes_are_mlflows():
     stores agrees with the rule."""
     from mlflow.tracking._tracking_service.utils import _get_tracking_scheme
 
-    scheme_level = [u for u in GOOD_URIS + BAD_URIS if u.strip() and u not in
-                    ("sqlite:/mlflow.db", "sqlite://", "http://", "postgresql+a+b://host/db", "mlflow:5000")]
+    scheme_level = [
+        u
+        for u in GOOD_URIS + BAD_URIS
+        if u.strip()
+        and u not in ("sqlite:/mlflow.db", "sqlite://", "http://", "postgresql+a+b://host/db", "mlflow:5000")
+    ]
     for uri in scheme_level:
         assert (_get_tracking_scheme(uri) != "None") == tracking_uri_ok(uri), uri
 
 
 def test_needs_cover_settings_of_several_keys():
-    assert [m for m, wrong in NEEDS if wrong(make("data=jsonl"))] == \
-        ["data=jsonl needs data.paths, e.g. 'data.paths=[corpus.jsonl]'"]
+    assert [m for m, wrong in NEEDS if wrong(make("data=jsonl"))] == [
+        "data=jsonl needs data.paths, e.g. 'data.paths=[corpus.jsonl]'"
+    ]
     with pytest.raises(ConfigError, match="set one of trainer.max_steps"):
         validate(make("trainer.max_steps=null"))

@@ -24,11 +24,34 @@ from lingmao.data.tokenizer import SPECIALS, build_char_tokenizer, load_tokenize
 from lingmao.data.windows import TokenWindows, make_loader
 
 EXPECTED_GENRES = {  # source -> genre
-    "全唐诗": "诗", "全宋诗": "诗", "诗经": "诗", "曹操诗集": "诗", "纳兰性德诗集": "诗", "水墨唐诗": "诗",
-    "唐诗三百首": "诗", "千家诗": "诗", "宋词": "词", "花间集": "词", "南唐二主词": "词", "楚辞": "赋",
-    "元曲": "曲", "论语": "文", "大学": "文", "中庸": "文", "孟子": "文", "古文观止": "文", "三字经": "文",
-    "千字文": "文", "百家姓": "文", "弟子规": "文", "朱子家训": "文", "增广贤文": "文", "幼学琼林": "文",
-    "声律启蒙": "文", "文字蒙求": "文", "幽梦影": "文",
+    "全唐诗": "诗",
+    "全宋诗": "诗",
+    "诗经": "诗",
+    "曹操诗集": "诗",
+    "纳兰性德诗集": "诗",
+    "水墨唐诗": "诗",
+    "唐诗三百首": "诗",
+    "千家诗": "诗",
+    "宋词": "词",
+    "花间集": "词",
+    "南唐二主词": "词",
+    "楚辞": "赋",
+    "元曲": "曲",
+    "论语": "文",
+    "大学": "文",
+    "中庸": "文",
+    "孟子": "文",
+    "古文观止": "文",
+    "三字经": "文",
+    "千字文": "文",
+    "百家姓": "文",
+    "弟子规": "文",
+    "朱子家训": "文",
+    "增广贤文": "文",
+    "幼学琼林": "文",
+    "声律启蒙": "文",
+    "文字蒙求": "文",
+    "幽梦影": "文",
 }
 KEY = {"source": "test"}
 
@@ -121,7 +144,7 @@ def test_prepare_split_disjoint_stable_and_val_index(poetry_dist, tmp_path):
     genre_of = {cc.convert(r["text"]): r["genre"] for r in recs}
     ids, tok = np.asarray(a.tokens("val")), a.tokenizer()
     for (start, g), doc in zip(vd, val):
-        assert tok.decode(ids[start:start + len(doc)].tolist()) == doc
+        assert tok.decode(ids[start : start + len(doc)].tolist()) == doc
         assert a.meta["genres"][g] == genre_of[doc]
     assert a.meta["val_tokens_per_char"] > 1
 
@@ -230,7 +253,7 @@ def test_windows_property(n, ctx, data):
     assert len(w) == len(starts)
     for i, s in enumerate(starts):
         x, y = w[i]
-        assert x.tolist() == tokens[s:s + ctx].tolist() and y.tolist() == tokens[s + 1:s + ctx + 1].tolist()
+        assert x.tolist() == tokens[s : s + ctx].tolist() and y.tolist() == tokens[s + 1 : s + ctx + 1].tolist()
 
 
 def _window_ids(loader, stride) -> list[int]:
@@ -265,7 +288,10 @@ def test_jsonl_reads_plain_and_gz(tmp_path, write_jsonl):
     a = write_jsonl(tmp_path / "a.jsonl", [{"body": "甲", "genre": "诗", "title": "t"}, ""])
     b = write_jsonl(tmp_path / "b.jsonl.gz", [{"body": "乙"}], gz=True)
     recs = list(jsonl_records([a, b], text_field="body"))
-    assert [(r["text"], r["genre"], r["source"]) for r in recs] == [("甲", "诗", "a.jsonl"), ("乙", "其他", "b.jsonl.gz")]
+    assert [(r["text"], r["genre"], r["source"]) for r in recs] == [
+        ("甲", "诗", "a.jsonl"),
+        ("乙", "其他", "b.jsonl.gz"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
-from lingmao.train import checkpoint
-from lingmao.config.rules import CONF_DIR, ModelConfig, RunConfig, fill_absent, register, schema_keys, value_when_absent
-from lingmao.model.gpt import GPT, GPTConfig
 from test_resume import COMMON, cli
+
+from lingmao.config.rules import CONF_DIR, fill_absent, register, schema_keys, value_when_absent
+from lingmao.config.schema import ModelConfig, RunConfig
+from lingmao.model.gpt import GPT, GPTConfig
+from lingmao.train import checkpoint
 
 register()
 V = 100
@@ -69,8 +70,7 @@ def test_an_old_checkpoints_config_is_compared_as_rotary_false(tmp_path):
     assert "model.vocab_multiple: checkpoint 1 vs config 64" in str(e.value)
 
 
-def test_a_checkpoint_without_rotary_in_its_config_resumes_as_rotary_false(tmp_path, shared_cache, monkeypatch,
-                                                                             capsys):
+def test_a_checkpoint_without_rotary_in_its_config_resumes_as_rotary_false(tmp_path, shared_cache, monkeypatch, capsys):
     args = [*COMMON, "tracking.enabled=false", f"hydra.run.dir={tmp_path / 'run'}"]
     assert cli(args + ["model.rotary=false", "trainer.max_steps=2"], tmp_path, monkeypatch) == 0
     last = tmp_path / "run" / "checkpoints" / "last.pt"

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lingmao.model.gpt import GPT, GPTConfig
 from lingmao.train import distributed
 from lingmao.train.distributed import Dist, Parallel, rank_seed
-from lingmao.model.gpt import GPT, GPTConfig
 
 
 @pytest.fixture
@@ -27,8 +27,9 @@ def gloo_group():
 
 
 def plan(compile: bool):
-    return SimpleNamespace(compile=compile, compile_mode="default", activation_checkpointing=False, device="cpu",
-                           ddp_backend="gloo")
+    return SimpleNamespace(
+        compile=compile, compile_mode="default", activation_checkpointing=False, device="cpu", ddp_backend="gloo"
+    )
 
 
 def tiny():
@@ -47,8 +48,9 @@ def test_ddp_is_inside_compile_and_broadcasts_no_buffers(gloo_group):
 def test_the_cuda_device_is_set_before_the_process_group_starts(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
-    monkeypatch.setattr(torch.distributed, "init_process_group",
-                        lambda *a, **k: calls.append(("init", k.get("device_id"))))
+    monkeypatch.setattr(
+        torch.distributed, "init_process_group", lambda *a, **k: calls.append(("init", k.get("device_id")))
+    )
     device = distributed.start(SimpleNamespace(device="cuda", ddp_backend="nccl"), Dist(3, 1, 4))
     assert device == torch.device("cuda", 1)
     assert calls == [("set_device", torch.device("cuda", 1)), ("init", torch.device("cuda", 1))]

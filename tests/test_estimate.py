@@ -8,8 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lingmao.plan.estimate import MARGIN, MemoryEstimate, count_params, estimate_memory, estimate_step_time, fit_micro_batch, flops_per_token
 from lingmao.model.gpt import GPT, GPTConfig
+from lingmao.plan.estimate import (
+    MARGIN,
+    MemoryEstimate,
+    count_params,
+    estimate_memory,
+    estimate_step_time,
+    fit_micro_batch,
+    flops_per_token,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [  # (d_model, n_heads, n_layers, context_length, vocab_size, mlp_ratio)
@@ -25,12 +33,21 @@ TINY = dict(d_model=128, n_heads=4, n_layers=2, context_length=128, vocab_size=8
 
 def gpt(d, h, L, T, V, r, dropout=0.0, **switches):
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=V, d_model=d, n_heads=h, n_layers=L, context_length=T, dropout=dropout,
-                         mlp_ratio=r, **switches))
+    return GPT(
+        GPTConfig(
+            vocab_size=V, d_model=d, n_heads=h, n_layers=L, context_length=T, dropout=dropout, mlp_ratio=r, **switches
+        )
+    )
 
 
-SWITCHES = [dict(), dict(rotary=True), dict(qk_norm=True), dict(rotary=True, qk_norm=True),
-            dict(moe_experts=4), dict(rotary=True, moe_experts=3, vocab_multiple=64)]
+SWITCHES = [
+    dict(),
+    dict(rotary=True),
+    dict(qk_norm=True),
+    dict(rotary=True, qk_norm=True),
+    dict(moe_experts=4),
+    dict(rotary=True, moe_experts=3, vocab_multiple=64),
+]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -115,8 +132,9 @@ def test_cpu_dropout_takes_the_math_attention_path():
 
 
 @pytest.mark.parametrize("memory_gb", [4, 12, 16, 24])
-@pytest.mark.parametrize("model", [dict(SMALL), dict(SMALL, d_model=1024, n_heads=16, n_layers=16,
-                                                       context_length=1024)])
+@pytest.mark.parametrize(
+    "model", [dict(SMALL), dict(SMALL, d_model=1024, n_heads=16, n_layers=16, context_length=1024)]
+)
 def test_fit_micro_batch_is_the_largest_that_fits(memory_gb, model):
     kw = dict(model, precision="bf16", device="cuda", dropout=0.1)
     memory, headroom = memory_gb * 2**30, 0.9
@@ -173,8 +191,17 @@ def weight_casts(model) -> int:
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("switches", [dict(), dict(rotary=True), dict(rotary=True, qk_norm=True), dict(qk_norm=True),
-                                      dict(rotary=True, moe_experts=4), dict(moe_experts=4, moe_top_k=1)])
+@pytest.mark.parametrize(
+    "switches",
+    [
+        dict(),
+        dict(rotary=True),
+        dict(rotary=True, qk_norm=True),
+        dict(qk_norm=True),
+        dict(rotary=True, moe_experts=4),
+        dict(moe_experts=4, moe_top_k=1),
+    ],
+)
 def test_activations_equal_what_autograd_saves(autocast, dropout, switches):
     """The activation term (plus log_softmax's saved fp32 output, counted under
     logits) is what autograd keeps for backward on CPU: with rotary, QK-norm
@@ -182,10 +209,22 @@ def test_activations_equal_what_autograd_saves(autocast, dropout, switches):
     d, h, L, T, V, B = 64, 4, 2, 64, 500, 4
     model = gpt(d, h, L, T, V, 4, dropout, **switches)
     x = torch.randint(0, V, (B, T))
-    e = estimate_memory(d_model=d, n_heads=h, n_layers=L, context_length=T, vocab_size=V, micro_batch=B,
-                        precision="bf16" if autocast else "fp32", dropout=dropout, device="cpu", **switches)
+    e = estimate_memory(
+        d_model=d,
+        n_heads=h,
+        n_layers=L,
+        context_length=T,
+        vocab_size=V,
+        micro_batch=B,
+        precision="bf16" if autocast else "fp32",
+        dropout=dropout,
+        device="cpu",
+        **switches,
+    )
     expected = e.activations + 4 * B * T * V + (weight_casts(model) if autocast else 0)
-    assert saved_bytes(model, x, autocast) == pytest.approx(expected, rel=0.01 if switches.get("moe_experts") else 0.001)
+    assert saved_bytes(model, x, autocast) == pytest.approx(
+        expected, rel=0.01 if switches.get("moe_experts") else 0.001
+    )
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -195,8 +234,8 @@ def test_checkpointed_blocks_keep_only_their_input(autocast, monkeypatch):
     that backward recomputes at a time."""
     from torch.utils.checkpoint import checkpoint
 
-    from lingmao.plan.estimate import _layer_activation_bytes
     from lingmao.model.gpt import Block
+    from lingmao.plan.estimate import _layer_activation_bytes
 
     d, h, L, T, V, B = 64, 4, 3, 64, 500, 4
     plain = Block.forward
@@ -204,15 +243,27 @@ def test_checkpointed_blocks_keep_only_their_input(autocast, monkeypatch):
     model = gpt(d, h, L, T, V, 4, 0.1, rotary=True)
     x = torch.randint(0, V, (B, T))
     a = 2 if autocast else 4
-    e = estimate_memory(d_model=d, n_heads=h, n_layers=L, context_length=T, vocab_size=V, micro_batch=B,
-                        precision="bf16" if autocast else "fp32", dropout=0.1, device="cpu", rotary=True,
-                        activation_checkpointing=True)
-    recomputed = (_layer_activation_bytes(d=d, h=h, T=T, r=4, a=a, dropout=0.1, device="cpu", rotary=True)
-                  - 4 * d) * B * T
+    e = estimate_memory(
+        d_model=d,
+        n_heads=h,
+        n_layers=L,
+        context_length=T,
+        vocab_size=V,
+        micro_batch=B,
+        precision="bf16" if autocast else "fp32",
+        dropout=0.1,
+        device="cpu",
+        rotary=True,
+        activation_checkpointing=True,
+    )
+    recomputed = (
+        (_layer_activation_bytes(d=d, h=h, T=T, r=4, a=a, dropout=0.1, device="cpu", rotary=True) - 4 * d) * B * T
+    )
     # the head's weight cast is saved outside the blocks; the blocks' casts are recomputed
     head_cast = 2 * V * d if autocast else 0
-    assert saved_bytes(model, x, autocast) == pytest.approx(e.activations - recomputed + 4 * B * T * V + head_cast,
-                                                            rel=0.001)
+    assert saved_bytes(model, x, autocast) == pytest.approx(
+        e.activations - recomputed + 4 * B * T * V + head_cast, rel=0.001
+    )
 
 
 def measured_rss(**cfg) -> int:
@@ -220,8 +271,14 @@ def measured_rss(**cfg) -> int:
     in a fresh process, minus its RSS after the imports."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "rss_train.py"), json.dumps(cfg)], capture_output=True,
-                         text=True, env=env, check=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "rss_train.py"), json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=600,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_minus_base"]
 
 
@@ -235,11 +292,22 @@ def test_estimate_matches_measured_rss(size, micro_batch, loss_chunk):
     model: its ~360 MiB sits beside a few hundred MiB of library pages that
     load lazily after the baseline, which no model-size estimate can predict."""
     shape = {"small": dict(d=512, h=8, L=8), "medium": dict(d=768, h=12, L=12)}[size]
-    measured = measured_rss(**shape, T=512, V=13563, B=micro_batch, dropout=0.1, rotary=True, steps=2,
-                            loss_chunk=loss_chunk)
-    est = estimate_memory(d_model=shape["d"], n_heads=shape["h"], n_layers=shape["L"], context_length=512,
-                          vocab_size=13563, micro_batch=micro_batch, precision="fp32", dropout=0.1, device="cpu",
-                          rotary=True, loss_chunk=loss_chunk).total
+    measured = measured_rss(
+        **shape, T=512, V=13563, B=micro_batch, dropout=0.1, rotary=True, steps=2, loss_chunk=loss_chunk
+    )
+    est = estimate_memory(
+        d_model=shape["d"],
+        n_heads=shape["h"],
+        n_layers=shape["L"],
+        context_length=512,
+        vocab_size=13563,
+        micro_batch=micro_batch,
+        precision="fp32",
+        dropout=0.1,
+        device="cpu",
+        rotary=True,
+        loss_chunk=loss_chunk,
+    ).total
     err = est / measured - 1
     assert abs(err) <= 0.15, f"estimate {est / 2**20:.0f} MiB vs measured {measured / 2**20:.0f} MiB ({err:+.0%})"
     assert MARGIN <= 0.30

@@ -28,11 +28,26 @@ def trained(tmp_path_factory, _shared_cache, _mlflow_template):
     db = shutil.copyfile(_mlflow_template, root / "mlflow.db")
     uri = f"sqlite:///{db}"
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "hardware=cpu", "hardware.precision=fp32", "model=tiny", "model.context_length=32", "model.d_model=32", "model.n_heads=2",
-            f"trainer.max_steps={STEPS}", "trainer.eval_every=2", "checkpoint.every_steps=2",
-            "trainer.progress=false", "hardware.batch=2", "hardware.accumulation=1",
-            f"tracking.uri={uri}", "tracking.system_metrics=false", f"data.cache_dir={_shared_cache}"])
+        cfg = compose(
+            "config",
+            overrides=[
+                "hardware=cpu",
+                "hardware.precision=fp32",
+                "model=tiny",
+                "model.context_length=32",
+                "model.d_model=32",
+                "model.n_heads=2",
+                f"trainer.max_steps={STEPS}",
+                "trainer.eval_every=2",
+                "checkpoint.every_steps=2",
+                "trainer.progress=false",
+                "hardware.batch=2",
+                "hardware.accumulation=1",
+                f"tracking.uri={uri}",
+                "tracking.system_metrics=false",
+                f"data.cache_dir={_shared_cache}",
+            ],
+        )
     final = execute(cfg, root, root / "run")
     return root / "run", final, uri
 
@@ -96,8 +111,10 @@ def test_a_jsonl_file_is_converted_to_the_corpus_script_and_scored_per_genre(tra
     simplified, traditional = tmp_path / "s.jsonl", tmp_path / "t.jsonl"
     to_traditional = OpenCC("s2t").convert
     simplified.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
-    traditional.write_text("".join(json.dumps({**d, "text": to_traditional(d["text"])}, ensure_ascii=False) + "\n"
-                                   for d in docs), encoding="utf-8")
+    traditional.write_text(
+        "".join(json.dumps({**d, "text": to_traditional(d["text"])}, ensure_ascii=False) + "\n" for d in docs),
+        encoding="utf-8",
+    )
     assert to_traditional(docs[0]["text"]) != docs[0]["text"]  # the file really is in the other script
     a = evaluation.run(options(run_dir, data=str(simplified)))
     b = evaluation.run(options(run_dir, data=str(traditional)))

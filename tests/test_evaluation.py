@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from lingmao.data.tokenizer import EOS_ID
-from lingmao.train.validation import per_genre_loss
 from lingmao.model.gpt import GPT, GPTConfig
+from lingmao.train.validation import per_genre_loss
 
 GENRES = ["文", "曲", "诗", "词"]
 
@@ -29,8 +29,8 @@ def reference(model, tokens, val_docs, ctx):
     for (start, g), end in zip(val_docs.tolist(), ends):
         seq = torch.tensor([EOS_ID] + tokens[start:end].astype(np.int64).tolist())
         for j in range(0, len(seq) - 1, ctx):
-            x, y = seq[j:j + ctx][None], seq[j + 1:j + ctx + 1][None]
-            x = x[:, :y.shape[1]]
+            x, y = seq[j : j + ctx][None], seq[j + 1 : j + ctx + 1][None]
+            x = x[:, : y.shape[1]]
             loss = F.cross_entropy(model(x)[0], y[0], reduction="sum").item()
             sums[g] = sums.get(g, 0.0) + loss
             counts[g] = counts.get(g, 0) + y.numel()
@@ -64,7 +64,6 @@ def test_max_docs_per_genre_takes_the_first_ones():
 
 def test_every_eval_logs_verse_form_beside_rep4_and_the_corpus_reference(tmp_path, mlflow_db, shared_cache):
     from mlflow.tracking import MlflowClient
-
     from test_resume import mlflow_runs, train_here
 
     final = train_here(tmp_path, tmp_path / "run", "trainer.max_steps=2", "tracking.run_name=form")
@@ -76,13 +75,14 @@ def test_every_eval_logs_verse_form_beside_rep4_and_the_corpus_reference(tmp_pat
 
 
 def test_each_prompt_gets_per_prompt_sampled_continuations_and_one_greedy():
+    from lingmao.config.schema import SampleConfig
     from lingmao.data.tokenizer import build_char_tokenizer
     from lingmao.train.validation import sample
-    from lingmao.config.schema import SampleConfig
 
     tok = build_char_tokenizer(["床前明月光，疑是地上霜。举头望明月，低头思故乡。"])
-    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), d_model=16, n_heads=2, n_layers=1, context_length=32,
-                          dropout=0.0))
+    model = GPT(
+        GPTConfig(vocab_size=tok.get_vocab_size(), d_model=16, n_heads=2, n_layers=1, context_length=32, dropout=0.0)
+    )
     s = SampleConfig(prompts=["床前", "举头"], per_prompt=3)
     sampled = sample(model, tok, s, 8, "cpu", seed=0)
     assert [r["prompt"] for r in sampled] == ["床前"] * 3 + ["举头"] * 3

@@ -15,19 +15,36 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
 from omegaconf import OmegaConf
 
-from lingmao.train import checkpoint
 from lingmao.config.rules import CONF_DIR, EXPERIMENTS_DIR, register, validate
 from lingmao.model.gpt import GPTConfig
 from lingmao.run import execute
+from lingmao.train import checkpoint
 
 register()
 PRESETS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
 # Small enough for a few steps in a second or two, whatever the preset sets.
-TINY = ["model=tiny", "model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.context_length=32",
-        "data.stride=16", "trainer.max_steps=2", "trainer.max_epochs=null", "trainer.max_time=null",
-        "trainer.eval_every=2", "trainer.log_every=1", "trainer.eval_batches=2", "trainer.sample_tokens=8",
-        "trainer.progress=false", "tracking.enabled=false", "checkpoint.every_steps=null",
-        "hardware.batch=2", "hardware.accumulation=1", "hardware.fallback=true", "hardware.compile=false"]
+TINY = [
+    "model=tiny",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_layers=1",
+    "model.context_length=32",
+    "data.stride=16",
+    "trainer.max_steps=2",
+    "trainer.max_epochs=null",
+    "trainer.max_time=null",
+    "trainer.eval_every=2",
+    "trainer.log_every=1",
+    "trainer.eval_batches=2",
+    "trainer.sample_tokens=8",
+    "trainer.progress=false",
+    "tracking.enabled=false",
+    "checkpoint.every_steps=null",
+    "hardware.batch=2",
+    "hardware.accumulation=1",
+    "hardware.fallback=true",
+    "hardware.compile=false",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,9 +64,11 @@ def sweep(name: str) -> list[list[tuple[str, str, object]]]:
     (Optuna), the listed choices; an interval is left to the search."""
     params = make(f"experiment={name}", hydra=True).hydra.sweeper.params or {}
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    choices = [[(o.get_key_element(), text, value)
-                for text, value in zip(o.sweep_string_iterator(), o.sweep_iterator())]
-               for o in parsed if o.value_type != ValueType.INTERVAL_SWEEP]
+    choices = [
+        [(o.get_key_element(), text, value) for text, value in zip(o.sweep_string_iterator(), o.sweep_iterator())]
+        for o in parsed
+        if o.value_type != ValueType.INTERVAL_SWEEP
+    ]
     return [list(cell) for cell in itertools.product(*choices)]
 
 
@@ -58,8 +77,16 @@ def sweep_cells(name: str) -> list[list[str]]:
 
 
 def test_presets_are_the_planned_set():
-    assert {"repeater", "batch_lr", "context_stride", "genre_balance", "hardware_matrix", "night", "speed",
-            "minimind_t4x2"} <= set(PRESETS)
+    assert {
+        "repeater",
+        "batch_lr",
+        "context_stride",
+        "genre_balance",
+        "hardware_matrix",
+        "night",
+        "speed",
+        "minimind_t4x2",
+    } <= set(PRESETS)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -108,15 +135,22 @@ def test_every_preset_trains_a_few_steps(name, shared_cache, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     decodings = ["sampled", "greedy"] if name == "repeater" else ["sampled"]
     per_prompt = {"sampled": cfg.trainer.sample.per_prompt, "greedy": 1}
-    assert [r["decoding"] for r in rows] == [d for d in decodings for _ in cfg.trainer.sample.prompts
-                                             for _ in range(per_prompt[d])]
+    assert [r["decoding"] for r in rows] == [
+        d for d in decodings for _ in cfg.trainer.sample.prompts for _ in range(per_prompt[d])
+    ]
 
 
 @pytest.mark.slow
 def test_hardware_matrix_is_one_multirun(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([sys.executable, "-m", "lingmao.run", "-m", "experiment=hardware_matrix"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lingmao.run", "-m", "experiment=hardware_matrix"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Launching 24 jobs" in proc.stdout + proc.stderr
     assert proc.stdout.count("effective_batch") == 24

@@ -5,9 +5,9 @@ last checkpoint is lost. (A hung tracking server: test_tracking_faults.py;
 a full disk: test_failures.py and test_reliability.py.)"""
 
 import pytest
+from test_resume import COMMON, cli_env, finish, history, train_here
 
 from lingmao.train import checkpoint
-from test_resume import COMMON, cli_env, finish, history, train_here
 
 ARGS = [*COMMON, "trainer.max_steps=8", "checkpoint.every_steps=2", "hydra.run.dir=cut", "tracking.run_name=cut"]
 
@@ -48,15 +48,17 @@ def start(tmp_path, cache, code, name):
     import sys
 
     out, err = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
-    return subprocess.Popen([sys.executable, "-c", code, *ARGS], cwd=tmp_path, env=cli_env(cache), stdout=out,
-                            stderr=err)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *ARGS], cwd=tmp_path, env=cli_env(cache), stdout=out, stderr=err
+    )
 
 
 def resume_and_compare(tmp_path, mlflow_db, shared_cache, kept_step: int) -> None:
     """The same command again continues from step `kept_step`; every step's
     loss then equals the uninterrupted run's."""
-    rc, out, err = finish(start(tmp_path, shared_cache, "from lingmao import run; run.main()", "resumed"),
-                          tmp_path, "resumed")
+    rc, out, err = finish(
+        start(tmp_path, shared_cache, "from lingmao import run; run.main()", "resumed"), tmp_path, "resumed"
+    )
     assert rc == 0, err[-2000:]
     assert f"at step {kept_step}" in out
     train_here(tmp_path, tmp_path / "full", *ARGS[:-2], "tracking.run_name=full")
@@ -82,8 +84,7 @@ def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one(tmp_path, mlfl
 
 
 @pytest.mark.slow
-def test_sigkill_inside_the_trackers_send_loses_nothing_up_to_the_last_checkpoint(tmp_path, mlflow_db,
-                                                                                  shared_cache):
+def test_sigkill_inside_the_trackers_send_loses_nothing_up_to_the_last_checkpoint(tmp_path, mlflow_db, shared_cache):
     import signal
 
     rc, _, err = finish(start(tmp_path, shared_cache, KILLED_IN_TRACKER_SEND, "cut"), tmp_path, "cut")

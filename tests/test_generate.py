@@ -5,13 +5,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lingmao.train import checkpoint
 from lingmao import generate
 from lingmao.config.rules import CONF_DIR, register
+from lingmao.data.textmetrics import repeated_ngram_rate
 from lingmao.data.tokenizer import build_char_tokenizer, tokenizer_hash
 from lingmao.model.gpt import GPT, GPTConfig
 from lingmao.model.sampling import nucleus, penalize_repetition
-from lingmao.data.textmetrics import repeated_ngram_rate
+from lingmao.train import checkpoint
 
 register()
 
@@ -38,7 +38,7 @@ def test_cached_logits_match_a_full_forward():
     x = torch.randint(0, 50, (2, 12))
     cache = KVCache(model.config, 2, x.device, torch.float32)
     first = model(x[:, :7], cache)
-    steps = [model(x[:, t:t + 1], cache) for t in range(7, 12)]
+    steps = [model(x[:, t : t + 1], cache) for t in range(7, 12)]
     torch.testing.assert_close(torch.cat([first, *steps], 1), model(x), atol=1e-5, rtol=1e-5)
 
 
@@ -73,7 +73,10 @@ def test_repetition_penalty_breaks_a_greedy_loop():
     prompt = torch.zeros(1, 3, dtype=torch.long)
     plain = model.generate(prompt, 40, temperature=0)[0, 3:].tolist()
     penalized = model.generate(prompt, 40, temperature=0, repetition_penalty=1.5)[0, 3:].tolist()
-    as_text = lambda ids: "".join(chr(0x4E00 + i) for i in ids)
+
+    def as_text(ids):
+        return "".join(chr(0x4E00 + i) for i in ids)
+
     assert repeated_ngram_rate(as_text(plain)) > 0.5  # a random model loops
     assert repeated_ngram_rate(as_text(penalized)) < repeated_ngram_rate(as_text(plain))
 
@@ -81,8 +84,18 @@ def test_repetition_penalty_breaks_a_greedy_loop():
 def test_seeded_sampling_is_reproducible():
     model = tiny()
     prompt = torch.zeros(3, 2, dtype=torch.long)
-    run = lambda seed: model.generate(prompt, 20, temperature=1.0, top_k=0, top_p=0.9, repetition_penalty=1.1,
-                                      generator=torch.Generator().manual_seed(seed))
+
+    def run(seed):
+        return model.generate(
+            prompt,
+            20,
+            temperature=1.0,
+            top_k=0,
+            top_p=0.9,
+            repetition_penalty=1.1,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
 
@@ -93,7 +106,7 @@ def test_generation_stops_once_every_row_reached_eos():
     greedy = model.generate(prompt, 30, temperature=0)[0, 3:].tolist()
     eos = greedy[4]
     stopped = model.generate(prompt, 30, temperature=0, eos_id=eos)[0, 3:].tolist()
-    assert stopped == greedy[:greedy.index(eos) + 1]
+    assert stopped == greedy[: greedy.index(eos) + 1]
 
 
 # --- the CLI ---
@@ -106,16 +119,21 @@ def checkpoint_file(tmp_path):
     """A checkpoint as the engine writes it, plus the tokenizer embedded."""
     tok = build_char_tokenizer(LINES)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["model=tiny", "model.context_length=32", "model.d_model=32",
-                                           "model.n_heads=2"])
+        cfg = compose(
+            "config", overrides=["model=tiny", "model.context_length=32", "model.d_model=32", "model.n_heads=2"]
+        )
     config = OmegaConf.to_container(cfg, resolve=True)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_model_config(cfg.model, tok.get_vocab_size()))
 
     def write(embed=True, name="last.pt", step=7, script="simplified"):
-        state = {"format": checkpoint.FORMAT, "model": model.state_dict(), "progress": {"step": step},
-                 "config": {**config, "data": {**config["data"], "script": script}},
-                 "tokenizer_hash": tokenizer_hash(tok)}
+        state = {
+            "format": checkpoint.FORMAT,
+            "model": model.state_dict(),
+            "progress": {"step": step},
+            "config": {**config, "data": {**config["data"], "script": script}},
+            "tokenizer_hash": tokenizer_hash(tok),
+        }
         if embed:
             state["tokenizer"] = tok.to_str()
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -128,8 +146,17 @@ def checkpoint_file(tmp_path):
 
 def test_cli_prints_n_samples_per_prompt(checkpoint_file, capsys):
     path = checkpoint_file()
-    rc = generate.main([f"checkpoint={path}", "prompt=床前", "prompt=子曰", "n=3", "max_new_tokens=12",
-                        "device=cpu", "stop_at_eos=false"])
+    rc = generate.main(
+        [
+            f"checkpoint={path}",
+            "prompt=床前",
+            "prompt=子曰",
+            "n=3",
+            "max_new_tokens=12",
+            "device=cpu",
+            "stop_at_eos=false",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     lines = [line for line in out.splitlines() if line.startswith("[")]
@@ -139,7 +166,15 @@ def test_cli_prints_n_samples_per_prompt(checkpoint_file, capsys):
 
 def test_cli_jsonl_is_seeded_and_carries_metrics(checkpoint_file, capsys):
     path = checkpoint_file()
-    args = [f"checkpoint={path}", "prompt=明月", "n=2", "max_new_tokens=10", "format=jsonl", "seed=3", "stop_at_eos=false"]
+    args = [
+        f"checkpoint={path}",
+        "prompt=明月",
+        "n=2",
+        "max_new_tokens=10",
+        "format=jsonl",
+        "seed=3",
+        "stop_at_eos=false",
+    ]
     assert generate.main(args) == 0
     first = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert generate.main(args + ["cache=false"]) == 0  # same seed, no cache: the same samples
@@ -183,10 +218,25 @@ def test_cli_finds_the_tokenizer_outside_an_old_checkpoint(checkpoint_file, tmp_
 def test_complete_samples_without_dropout_and_restores_the_mode():
     tok = build_char_tokenizer(LINES)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_heads=2, n_layers=1, context_length=16,
-                          dropout=0.5)).train()
-    run = lambda: generate.complete(model, tok, "明月", 2, 12, temperature=0, top_k=0, top_p=1.0,
-                                    repetition_penalty=1.0, generator=None, stop_at_eos=False)
+    model = GPT(
+        GPTConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_heads=2, n_layers=1, context_length=16, dropout=0.5)
+    ).train()
+
+    def run():
+        return generate.complete(
+            model,
+            tok,
+            "明月",
+            2,
+            12,
+            temperature=0,
+            top_k=0,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            generator=None,
+            stop_at_eos=False,
+        )
+
     first = run()
     assert model.training
     assert all(run() == first for _ in range(3))  # dropout would change the greedy choices from run to run
@@ -197,10 +247,22 @@ def test_cli_reads_a_checkpoint_the_engine_wrote(shared_cache, tmp_path, capsys)
     from lingmao.run import execute
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["hardware=cpu", "model=tiny", "model.context_length=32", "model.d_model=32",
-                                           "model.n_heads=2", "trainer.max_steps=2", "trainer.eval_every=2",
-                                           "trainer.progress=false", "tracking.enabled=false", "hardware.batch=2",
-                                           "hardware.accumulation=1"])
+        cfg = compose(
+            "config",
+            overrides=[
+                "hardware=cpu",
+                "model=tiny",
+                "model.context_length=32",
+                "model.d_model=32",
+                "model.n_heads=2",
+                "trainer.max_steps=2",
+                "trainer.eval_every=2",
+                "trainer.progress=false",
+                "tracking.enabled=false",
+                "hardware.batch=2",
+                "hardware.accumulation=1",
+            ],
+        )
     execute(cfg, tmp_path, tmp_path / "run")
     capsys.readouterr()
     path = tmp_path / "run" / "checkpoints" / "last.pt"

@@ -39,9 +39,18 @@ CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA and HARDWARE != "cpu", reason="needs a CUDA device")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="measures CUDA itself")
 
-BASE = [f"hardware={HARDWARE}", "hardware.devices=1", "data=prepared", f"data.prepared_dir={CORPUS}",
-        "tracking.enabled=false", "trainer.progress=false", "trainer.eval_batches=2", "trainer.sample_tokens=8",
-        "checkpoint.every_minutes=null", "trainer.log_every=1"]
+BASE = [
+    f"hardware={HARDWARE}",
+    "hardware.devices=1",
+    "data=prepared",
+    f"data.prepared_dir={CORPUS}",
+    "tracking.enabled=false",
+    "trainer.progress=false",
+    "trainer.eval_batches=2",
+    "trainer.sample_tokens=8",
+    "checkpoint.every_minutes=null",
+    "trainer.log_every=1",
+]
 TINY = ["model=tiny", "optim.lr=1e-3"]
 
 # `python -m lingmao.run ARGS` with two hooks: every metrics record to
@@ -82,17 +91,33 @@ def record(check: str, **numbers) -> None:
 class Run:
     """One CLI run in its own process and folder; `wait()` for its outcome."""
 
-    def __init__(self, tmp: Path, name: str, args: list[str], kill_after: int | None = None, env: dict | None = None,
-                 timeout: float = RUN_TIMEOUT):
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        args: list[str],
+        kill_after: int | None = None,
+        env: dict | None = None,
+        timeout: float = RUN_TIMEOUT,
+    ):
         self.dir, self.name, self.timeout = tmp / name, name, timeout
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_file = self.dir / "metrics.jsonl"
-        full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                    "LINGMAO_METRICS": str(self.metrics_file), "LINGMAO_KILL_AFTER": str(kill_after or 0),
-                    **(env or {})}
+        full_env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "LINGMAO_METRICS": str(self.metrics_file),
+            "LINGMAO_KILL_AFTER": str(kill_after or 0),
+            **(env or {}),
+        }
         self.out = open(self.dir / "output.txt", "w")  # noqa: SIM115 (the process writes to it until wait())
-        self.proc = subprocess.Popen([sys.executable, "-c", CLI, *BASE, *args, f"hydra.run.dir={self.dir / 'run'}"],
-                                     cwd=self.dir, env=full_env, stdout=self.out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CLI, *BASE, *args, f"hydra.run.dir={self.dir / 'run'}"],
+            cwd=self.dir,
+            env=full_env,
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait(self) -> Run:
         self.timed_out = False
@@ -143,17 +168,32 @@ def relative_gap(xs: list[float], ys: list[float]) -> float:
 
 # --- 10 steps: bf16, fp16 + GradScaler, compile on and off -----------------------
 
-VARIANTS = {"bf16-eager": ("bf16", False), "bf16-compile": ("bf16", True),
-            "fp16-eager": ("fp16", False), "fp16-compile": ("fp16", True)}
+VARIANTS = {
+    "bf16-eager": ("bf16", False),
+    "bf16-compile": ("bf16", True),
+    "fp16-eager": ("fp16", False),
+    "fp16-compile": ("fp16", True),
+}
 
 
 @pytest.fixture(scope="module")
 def ten_steps(tmp_path_factory) -> dict[str, Run]:
     """The four variants at once (one GPU has room for all): 10 steps each."""
     tmp = tmp_path_factory.mktemp("ten_steps")
-    runs = {label: Run(tmp, label, [*TINY, f"hardware.precision={p}", f"hardware.compile={str(c).lower()}",
-                                    "trainer.max_steps=10", "trainer.eval_every=10"])
-            for label, (p, c) in VARIANTS.items()}
+    runs = {
+        label: Run(
+            tmp,
+            label,
+            [
+                *TINY,
+                f"hardware.precision={p}",
+                f"hardware.compile={str(c).lower()}",
+                "trainer.max_steps=10",
+                "trainer.eval_every=10",
+            ],
+        )
+        for label, (p, c) in VARIANTS.items()
+    }
     wait_all(list(runs.values()))
     return runs
 
@@ -166,9 +206,14 @@ def test_ten_steps_train(ten_steps, label):
     run = ten_steps[label]
     losses = [v for _, v in run.series("train/loss")]
     scales = [v for _, v in run.series("loss_scale")]
-    record(f"10 steps {label}", exit=run.rc, first_loss=losses[0] if losses else None,
-           last_loss=losses[-1] if losses else None, loss_scale=scales[-1] if scales else None,
-           peak_gb=max((v for _, v in run.series("memory/peak_gb")), default=None))
+    record(
+        f"10 steps {label}",
+        exit=run.rc,
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        loss_scale=scales[-1] if scales else None,
+        peak_gb=max((v for _, v in run.series("memory/peak_gb")), default=None),
+    )
     run.ok()
     assert [s for s, _ in run.series("train/loss")] == list(range(1, 11))
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
@@ -201,8 +246,11 @@ def test_fp16_matches_bf16_at_the_first_step(ten_steps):
     bf16 = [v for _, v in ten_steps["bf16-eager"].ok().series("train/loss")]
     fp16 = [v for _, v in ten_steps["fp16-eager"].ok().series("train/loss")]
     gap = relative_gap(fp16, bf16) if len(bf16) == len(fp16) == 10 else None
-    record("fp16 = bf16 at step 1", first_step_gap=abs(fp16[0] - bf16[0]) / bf16[0] if gap is not None else None,
-           max_relative_gap=gap)
+    record(
+        "fp16 = bf16 at step 1",
+        first_step_gap=abs(fp16[0] - bf16[0]) / bf16[0] if gap is not None else None,
+        max_relative_gap=gap,
+    )
     assert gap is not None and abs(fp16[0] - bf16[0]) < 1e-2 * bf16[0]
 
 
@@ -236,9 +284,16 @@ def measured_plan(preset: str, size: str) -> tuple[list[str], object]:
     machine = detect()
     on_its_card = make_plan(compose([f"hardware={preset}", f"model={size}", "hardware.devices=1"]), machine)
     gpu_gb = machine.gpus[0].memory_gb
-    args = [f"hardware={preset}", f"model={size}", f"hardware.batch={on_its_card.micro_batch}",
-            "hardware.accumulation=2", f"hardware.memory_gb={gpu_gb:.0f}", "hardware.compile=false",
-            "trainer.max_steps=2", "trainer.eval_every=2"]
+    args = [
+        f"hardware={preset}",
+        f"model={size}",
+        f"hardware.batch={on_its_card.micro_batch}",
+        "hardware.accumulation=2",
+        f"hardware.memory_gb={gpu_gb:.0f}",
+        "hardware.compile=false",
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+    ]
     if getattr(on_its_card, "activation_checkpointing", False):  # what the plan chose for that card
         args.append("hardware.activation_checkpointing=true")
     run_plan = make_plan(compose([*BASE, *args]), machine)
@@ -274,9 +329,15 @@ def test_peak_memory_within_the_plans_margin(memory_runs, preset, size):
     run, plan = memory_runs[(preset, size)]
     peaks = [v for _, v in run.series("memory/peak_gb")]
     measured = max(peaks) if peaks else None
-    record(f"memory {preset} {size}", micro_batch=plan.micro_batch, precision=plan.precision,
-           estimate_gb=plan.estimate_gb, measured_gb=measured,
-           ratio=measured / plan.estimate_gb if measured else None, margin=plan.estimate_margin)
+    record(
+        f"memory {preset} {size}",
+        micro_batch=plan.micro_batch,
+        precision=plan.precision,
+        estimate_gb=plan.estimate_gb,
+        measured_gb=measured,
+        ratio=measured / plan.estimate_gb if measured else None,
+        margin=plan.estimate_margin,
+    )
     run.ok()
     assert measured is not None
     assert abs(measured - plan.estimate_gb) <= plan.estimate_margin * plan.estimate_gb
@@ -284,14 +345,15 @@ def test_peak_memory_within_the_plans_margin(memory_runs, preset, size):
 
 # --- MFU: medium, context 768, bf16, compiled -------------------------------------------
 
+
 def device_peak_tflops() -> tuple[float, str]:
     """This GPU's dense bf16 peak: the datasheet's, else a bf16 matmul measured here."""
-    from lingmao.bench.measure import matmul_tflops
+    from lingmao.train.backend import matmul_tflops
 
     try:
         from lingmao.plan.peaks import dense_bf16_tflops
     except ImportError:  # before the peaks table moved to lingmao.plan.peaks
-        from lingmao.bench.gpu import dense_bf16_tflops
+        from lingmao.plan.peaks import dense_bf16_tflops
 
     name = torch.cuda.get_device_name()
     peak = dense_bf16_tflops(name)
@@ -307,15 +369,32 @@ def test_mfu_medium_context_768_bf16_compiled(tmp_path):
     hardware.peak_tflops, so the number is this device's): over steps 11-30,
     after compilation. MFU above 1 is an accounting error."""
     peak, source = device_peak_tflops()
-    run = Run(tmp_path, "mfu", ["model=medium", "model.context_length=768", "hardware.precision=bf16",
-                                "hardware.compile=true", f"hardware.peak_tflops={peak}", "trainer.max_steps=30",
-                                "trainer.log_every=10", "trainer.eval_every=30"], timeout=220).wait()
+    run = Run(
+        tmp_path,
+        "mfu",
+        [
+            "model=medium",
+            "model.context_length=768",
+            "hardware.precision=bf16",
+            "hardware.compile=true",
+            f"hardware.peak_tflops={peak}",
+            "trainer.max_steps=30",
+            "trainer.log_every=10",
+            "trainer.eval_every=30",
+        ],
+        timeout=220,
+    ).wait()
     logs = [m for m in run.metrics() if "mfu" in m]
     steady = logs[1:]  # the first interval holds compilation
     mfu = sum(m["mfu"] for m in steady) / len(steady) if steady else None
-    record("MFU medium ctx 768 bf16 compile", mfu=mfu, peak_tflops=peak, peak_from=source,
-           tokens_per_sec=steady[-1]["throughput/tokens_per_sec"] if steady else None,
-           peak_gb=max((m["memory/peak_gb"] for m in logs), default=None))
+    record(
+        "MFU medium ctx 768 bf16 compile",
+        mfu=mfu,
+        peak_tflops=peak,
+        peak_from=source,
+        tokens_per_sec=steady[-1]["throughput/tokens_per_sec"] if steady else None,
+        peak_gb=max((m["memory/peak_gb"] for m in logs), default=None),
+    )
     run.ok()
     assert len(steady) == 2
     assert 0.0 < mfu <= 1.0
@@ -323,8 +402,14 @@ def test_mfu_medium_context_768_bf16_compiled(tmp_path):
 
 # --- resume after SIGKILL -------------------------------------------------------------
 
-RESUME = [*TINY, "model.dropout=0.1", "hardware.compile=false", "trainer.max_steps=8", "trainer.eval_every=4",
-          "checkpoint.every_steps=2"]
+RESUME = [
+    *TINY,
+    "model.dropout=0.1",
+    "hardware.compile=false",
+    "trainer.max_steps=8",
+    "trainer.eval_every=4",
+    "checkpoint.every_steps=2",
+]
 
 
 @pytest.mark.gpu
@@ -350,8 +435,13 @@ def test_resume_after_sigkill_continues_the_run(tmp_path):
     diff, noise = max_difference(a, b), max_difference(b, c)
     tail = [v for s, v in resumed.series("train/loss") if s > 4]
     reference = [v for s, v in full.series("train/loss") if s > 4]
-    record("resume after SIGKILL", bit_exact=diff == 0.0, max_weight_diff=diff, two_full_runs_diff=noise,
-           loss_gap=relative_gap(tail, reference) if len(tail) == len(reference) == 4 else None)
+    record(
+        "resume after SIGKILL",
+        bit_exact=diff == 0.0,
+        max_weight_diff=diff,
+        two_full_runs_diff=noise,
+        loss_gap=relative_gap(tail, reference) if len(tail) == len(reference) == 4 else None,
+    )
     assert a["progress"]["step"] == b["progress"]["step"] == 8
     assert len(tail) == 4 and [s for s, _ in resumed.series("train/loss") if s > 4] == [5, 6, 7, 8]
     if noise == 0.0:  # this GPU repeats itself: so must a resumed run
@@ -362,8 +452,16 @@ def test_resume_after_sigkill_continues_the_run(tmp_path):
 
 # --- DDP: 2 processes on one GPU (gloo) = 1 process -----------------------------------
 
-DDP = [*TINY, "model.dropout=0.0", "hardware.precision=fp32", "hardware.tf32=false", "hardware.compile=false",
-       "trainer.max_steps=6", "trainer.eval_every=3", "hardware.accumulation=2"]
+DDP = [
+    *TINY,
+    "model.dropout=0.0",
+    "hardware.precision=fp32",
+    "hardware.tf32=false",
+    "hardware.compile=false",
+    "trainer.max_steps=6",
+    "trainer.eval_every=3",
+    "hardware.accumulation=2",
+]
 
 
 @pytest.mark.gpu
@@ -377,9 +475,21 @@ def test_two_gloo_processes_on_one_gpu_match_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ranks = [Run(tmp_path, f"rank{r}", [*DDP, "hardware.batch=4", "hardware.ddp_backend=gloo"],
-                 env={"RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                      "MASTER_PORT": str(port)}) for r in range(2)]
+    ranks = [
+        Run(
+            tmp_path,
+            f"rank{r}",
+            [*DDP, "hardware.batch=4", "hardware.ddp_backend=gloo"],
+            env={
+                "RANK": str(r),
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+        )
+        for r in range(2)
+    ]
     one = Run(tmp_path, "one", [*DDP, "hardware.batch=8"])
     wait_all([*ranks, one])
     for r in (*ranks, one):
@@ -387,8 +497,11 @@ def test_two_gloo_processes_on_one_gpu_match_one_process(tmp_path):
     two_losses = [v for _, v in ranks[0].series("train/loss")]
     one_losses = [v for _, v in one.series("train/loss")]
     diff = max_difference(ranks[0].checkpoint(), one.checkpoint())
-    record("DDP 2 x gloo = 1 process", loss_gap=relative_gap(two_losses, one_losses) if two_losses else None,
-           max_weight_diff=diff)
+    record(
+        "DDP 2 x gloo = 1 process",
+        loss_gap=relative_gap(two_losses, one_losses) if two_losses else None,
+        max_weight_diff=diff,
+    )
     assert ranks[0].checkpoint()["plan"]["world_size"] == 2
     assert len(two_losses) == len(one_losses) == 6
     assert two_losses == pytest.approx(one_losses, rel=1e-5, abs=1e-5)

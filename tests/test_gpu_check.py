@@ -68,7 +68,8 @@ def test_carried_corpus_is_the_same_for_the_same_seed():
 
 
 def test_prepared_source_needs_a_folder_and_names_what_is_missing(tmp_path, corpus):
-    from lingmao.data import CorpusError, load_prepared
+    from lingmao.data import load_prepared
+    from lingmao.data.corpus import CorpusError
 
     assert data_config("data=prepared").prepared_dir is None
     with pytest.raises(CorpusError, match=r"data=prepared needs data.prepared_dir=PATH"):
@@ -94,10 +95,22 @@ def test_gpu_check_sh_rehearses_a_run_that_imports_no_mlflow_datasets_opencc(tmp
     hardware=auto, tracking off and the carried corpus finishes, and the step
     fails if mlflow, datasets or opencc were imported."""
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "GPU_CHECK_PARTS": "smoke", "GPU_CHECK_CARRY": str(corpus.parent),
-           "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "GPU_CHECK_PARTS": "smoke",
+        "GPU_CHECK_CARRY": str(corpus.parent),
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(REPO),
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     smoke = next(r for r in rows if r["check"].startswith("smoke"))
@@ -112,12 +125,32 @@ def test_pytest_plugin_writes_each_outcome_as_it_ends(tmp_path):
         "import pytest\n"
         "def test_ok():\n    assert True\n"
         "def test_bad():\n    assert 1 == 2, 'one is not two'\n"
-        "@pytest.mark.skip(reason='not here')\ndef test_skipped():\n    pass\n")
+        "@pytest.mark.skip(reason='not here')\ndef test_skipped():\n    pass\n"
+    )
     results = tmp_path / "results.jsonl"
-    env = {**os.environ, "GPU_CHECK_RESULTS": str(results),
-           "PYTHONPATH": os.pathsep.join([str(REPO / "scripts"), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "gpu_pytest_plugin",
-                    str(tmp_path / "test_some.py")], cwd=tmp_path, env=env, capture_output=True, timeout=120, check=False)
+    env = {
+        **os.environ,
+        "GPU_CHECK_RESULTS": str(results),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "scripts"), os.environ.get("PYTHONPATH", "")]),
+    }
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "gpu_pytest_plugin",
+            str(tmp_path / "test_some.py"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     verdicts = check.outcomes([json.loads(line) for line in results.read_text().splitlines()])
     assert verdicts["test_ok"] == "passed"
     assert verdicts["test_bad"].startswith("FAILED: AssertionError: one is not two")
@@ -132,12 +165,16 @@ def test_table_joins_the_tests_numbers_with_their_outcomes(tmp_path, capsys):
     results = tmp_path / "results.jsonl"
     check.add_row(results, "step install", "passed", seconds=3)
     with open(results, "a") as f:
-        f.write(rows_of({"check": "memory a", "test": "test_a[x]", "numbers": {"ratio": 0.91234, "gb": None}},
-                        {"test": "test_a[x]", "outcome": "passed", "when": "call", "message": ""},
-                        {"check": "mfu b", "test": "test_b", "numbers": {"mfu": 0.4}},
-                        {"test": "test_b", "outcome": "FAILED", "when": "call", "message": "assert 0.4 < 0.3"},
-                        {"test": "test_b", "outcome": "passed", "when": "teardown", "message": ""},
-                        {"test": "test_c", "outcome": "skipped", "when": "setup", "message": "needs a CUDA device"}))
+        f.write(
+            rows_of(
+                {"check": "memory a", "test": "test_a[x]", "numbers": {"ratio": 0.91234, "gb": None}},
+                {"test": "test_a[x]", "outcome": "passed", "when": "call", "message": ""},
+                {"check": "mfu b", "test": "test_b", "numbers": {"mfu": 0.4}},
+                {"test": "test_b", "outcome": "FAILED", "when": "call", "message": "assert 0.4 < 0.3"},
+                {"test": "test_b", "outcome": "passed", "when": "teardown", "message": ""},
+                {"test": "test_c", "outcome": "skipped", "when": "setup", "message": "needs a CUDA device"},
+            )
+        )
     assert check.table(results) == 1  # test_b failed
     lines = capsys.readouterr().out.splitlines()
     row = {" ".join(line.split()[:2]): line for line in lines[2:-1]}

@@ -2,11 +2,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_config import make
 
 from lingmao.plan.machine import Gpu, Machine, detect
-from lingmao.plan.peaks import PEAKS, dense_bf16_tflops, peak_for
 from lingmao.plan.make import make_plan, runnable_plan
-from test_config import make
+from lingmao.plan.peaks import PEAKS, dense_bf16_tflops, peak_for
 
 
 def fake_cuda(monkeypatch, *gpus):
@@ -52,15 +52,26 @@ def test_mixed_gpus_are_sized_for_the_smallest():
     assert make_plan(make("model=large"), m).memory_gb == 11.7
 
 
-@pytest.mark.parametrize("name, precision, tf32, tflops", [
-    ("NVIDIA H100 80GB HBM3", "bf16", False, 989.4), ("NVIDIA H100 PCIe", "bf16", False, 756.0),
-    ("NVIDIA H100 NVL", "fp16", False, 835.0), ("NVIDIA H200", "bf16", False, 989.4),
-    ("NVIDIA A100-SXM4-80GB", "fp32", True, 156.0), ("NVIDIA A100-SXM4-80GB", "fp32", False, 19.5),
-    ("NVIDIA L4", "bf16", False, 121.0), ("NVIDIA L40S", "bf16", False, 362.0), ("NVIDIA A10", "bf16", False, 125.0),
-    ("Tesla V100-PCIE-16GB", "fp16", False, 112.0), ("Tesla T4", "fp16", False, 65.0),
-    ("Tesla T4", "fp32", True, 8.1),  # no TF32 units on Turing: plain fp32
-    ("NVIDIA GeForce RTX 4090", "bf16", False, 165.2), ("NVIDIA GeForce RTX 3090", "bf16", False, 71.0),
-    ("NVIDIA GeForce RTX 3060", "fp32", False, 12.7)])
+@pytest.mark.parametrize(
+    "name, precision, tf32, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", False, 989.4),
+        ("NVIDIA H100 PCIe", "bf16", False, 756.0),
+        ("NVIDIA H100 NVL", "fp16", False, 835.0),
+        ("NVIDIA H200", "bf16", False, 989.4),
+        ("NVIDIA A100-SXM4-80GB", "fp32", True, 156.0),
+        ("NVIDIA A100-SXM4-80GB", "fp32", False, 19.5),
+        ("NVIDIA L4", "bf16", False, 121.0),
+        ("NVIDIA L40S", "bf16", False, 362.0),
+        ("NVIDIA A10", "bf16", False, 125.0),
+        ("Tesla V100-PCIE-16GB", "fp16", False, 112.0),
+        ("Tesla T4", "fp16", False, 65.0),
+        ("Tesla T4", "fp32", True, 8.1),  # no TF32 units on Turing: plain fp32
+        ("NVIDIA GeForce RTX 4090", "bf16", False, 165.2),
+        ("NVIDIA GeForce RTX 3090", "bf16", False, 71.0),
+        ("NVIDIA GeForce RTX 3060", "fp32", False, 12.7),
+    ],
+)
 def test_peaks_by_device_name_and_precision(name, precision, tf32, tflops):
     assert peak_for(name).for_precision(precision, tf32) == tflops
 
@@ -125,15 +136,19 @@ def test_gpus_are_read_through_nvml_without_starting_cuda(monkeypatch):
 def test_allocator_settings_go_through_the_environment_or_a_warning_never_a_private_api(monkeypatch, capsys):
     import os
 
+    from test_plan import H100, make
+
     from lingmao.plan.make import make_plan
     from lingmao.train.backend import apply_runtime
-    from test_plan import H100, make
 
     plan = make_plan(make("hardware=rtx4090"), H100)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # CUDA already started
-    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings",
-                        lambda *a: (_ for _ in ()).throw(AssertionError("private, deprecated API")))
+    monkeypatch.setattr(
+        torch.cuda.memory,
+        "_set_allocator_settings",
+        lambda *a: (_ for _ in ()).throw(AssertionError("private, deprecated API")),
+    )
     apply_runtime(plan)
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     assert "export PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:128" in capsys.readouterr().err

@@ -66,8 +66,9 @@ def test_activation_checkpointing_recomputes_blocks_with_the_same_dropout():
 
 
 def test_a_run_with_both_savers_trains_like_one_without(tmp_path, shared_cache, monkeypatch):
-    from lingmao.plan import make as plan_module
     from test_resume import _keep_torch_threads, train_here  # noqa: F401
+
+    from lingmao.plan import make as plan_module
 
     # AdamW: Muon's bf16 orthogonalisation would turn the savers' last-bit differences into ~1e-4
     base = ["trainer.max_steps=3", "tracking.enabled=false", "model.dropout=0.0", "optim=adamw"]

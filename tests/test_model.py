@@ -57,10 +57,12 @@ def test_gptconfig_is_checked_by_the_configs_rules():
 
     from lingmao.config.rules import ConfigError
 
-    for kw, message in [(dict(dropout=1.5), r"model\.dropout=1\.5 must be in \[0, 1\)"),
-                        (dict(d_model=30), r"model\.d_model=30 must be > 0 and divisible by model\.n_heads=4"),
-                        (dict(n_layers=0), r"model\.n_layers=0 must be > 0"),
-                        (dict(mlp_ratio=-1), r"model\.mlp_ratio=-1 must be > 0")]:
+    for kw, message in [
+        (dict(dropout=1.5), r"model\.dropout=1\.5 must be in \[0, 1\)"),
+        (dict(d_model=30), r"model\.d_model=30 must be > 0 and divisible by model\.n_heads=4"),
+        (dict(n_layers=0), r"model\.n_layers=0 must be > 0"),
+        (dict(mlp_ratio=-1), r"model\.mlp_ratio=-1 must be > 0"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             GPTConfig(**{**dict(vocab_size=50, d_model=32, n_heads=4, n_layers=2, context_length=16), **kw})
 

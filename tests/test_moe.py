@@ -78,8 +78,8 @@ def test_overflow_is_dropped_and_counted():
     assert layer.dropped.item() == 20 - capacity
     assert layer.drop_rate.item() == pytest.approx((20 - capacity) / 20)
     # position-major order: the earliest positions of both sequences keep their expert
-    kept = (out.abs().sum(-1) > 0)
-    assert kept[:, :capacity // 2].all() and not kept[:, capacity // 2 + 1:].any()
+    kept = out.abs().sum(-1) > 0
+    assert kept[:, : capacity // 2].all() and not kept[:, capacity // 2 + 1 :].any()
     layer.eval()(x)
     assert layer.dropped.item() == 0  # no capacity limit at eval
 
@@ -122,13 +122,19 @@ def test_active_params_count_top_k_experts_and_drive_flops():
 def test_cached_generation_equals_uncached_for_moe():
     model = moe_model().eval()
     prompt = torch.randint(0, V, (2, 4))
-    assert torch.equal(model.generate(prompt, 20, temperature=0),
-                       model.generate(prompt, 20, temperature=0, use_cache=False))
+    assert torch.equal(
+        model.generate(prompt, 20, temperature=0), model.generate(prompt, 20, temperature=0, use_cache=False)
+    )
 
 
-@pytest.mark.parametrize("kw, key", [(dict(moe_experts=2, moe_top_k=3), "model.moe.top_k"),
-                                      (dict(moe_experts=-1), "model.moe.experts"),
-                                      (dict(moe_experts=2, moe_capacity_factor=0.0), "model.moe.capacity_factor")])
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        (dict(moe_experts=2, moe_top_k=3), "model.moe.top_k"),
+        (dict(moe_experts=-1), "model.moe.experts"),
+        (dict(moe_experts=2, moe_capacity_factor=0.0), "model.moe.capacity_factor"),
+    ],
+)
 def test_bad_moe_settings_name_the_key(kw, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         config(**kw)

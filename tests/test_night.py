@@ -17,8 +17,18 @@ def t(s: str) -> dt.time:
     return parse_hhmm(s, "x")
 
 
-@pytest.mark.parametrize("now, inside", [("20:59", False), ("21:00", True), ("23:59", True), ("00:00", True),
-                                         ("07:59", True), ("08:00", False), ("12:00", False)])
+@pytest.mark.parametrize(
+    "now, inside",
+    [
+        ("20:59", False),
+        ("21:00", True),
+        ("23:59", True),
+        ("00:00", True),
+        ("07:59", True),
+        ("08:00", False),
+        ("12:00", False),
+    ],
+)
 def test_window_wraps_past_midnight(now, inside):
     assert in_window(t(now), t("21:00"), t("08:00")) is inside
 
@@ -59,18 +69,20 @@ def test_bad_time_names_the_key():
 
 def test_a_run_crossing_21_00_switches_and_keeps_the_maths(tmp_path, shared_cache, monkeypatch, capsys):
     import torch
+    from test_resume import train_here
 
     from lingmao.train import checkpoint, engine
-    from test_resume import train_here
 
     n = torch.get_num_threads()
     # AdamW: Muon's bf16 orthogonalisation would turn the chunks' last-bit differences into ~1e-4
     base = ["trainer.max_steps=6", "tracking.enabled=false", "model.dropout=0.0", "hardware.threads=2", "optim=adamw"]
     day = train_here(tmp_path, tmp_path / "day", *base)
     clock = Clock(dt.datetime(2026, 1, 1, 20, 58))
+
     def tick():
         clock.now += dt.timedelta(seconds=30)
         return clock.now
+
     monkeypatch.setattr(engine, "wall_clock", tick)
     night = train_here(tmp_path, tmp_path / "night", *base, "night_mode=true")
     torch.set_num_threads(n)

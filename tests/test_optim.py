@@ -1,4 +1,3 @@
-
 import pytest
 
 from lingmao.model.gpt import GPT, GPTConfig
@@ -59,8 +58,12 @@ def test_no_decay_on_norms_biases_and_embeddings():
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
-    assert decayed == {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
-                       "blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight"}
+    assert decayed == {
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.weight",
+        "blocks.0.mlp.fc.weight",
+        "blocks.0.mlp.proj.weight",
+    }
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
@@ -68,7 +71,7 @@ def test_no_decay_on_norms_biases_and_embeddings():
 def test_muon_keeps_its_lr_while_adamw_is_batch_scaled():
     from types import SimpleNamespace
 
-    from lingmao.config.rules import OptimConfig
+    from lingmao.config.schema import OptimConfig
     from lingmao.train.optim import make_optimizer
 
     model = GPT(GPTConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=1, context_length=8))

@@ -3,13 +3,13 @@ import re
 import time
 
 import pytest
+from test_config import make
 
-from lingmao.plan.batch import model_shape
 from lingmao.config.rules import ConfigError
+from lingmao.plan.batch import model_shape
 from lingmao.plan.estimate import GiB, estimate_memory
 from lingmao.plan.machine import Gpu, Machine, detect
 from lingmao.plan.make import PRESETS, closest_preset, exit_status, load_preset, make_plan, runnable_plan
-from test_config import make
 
 LAPTOP = Machine(cores=2, ram_gb=24)
 T4 = Gpu("Tesla T4", 14.7, 7.5)
@@ -35,8 +35,11 @@ def test_every_preset_has_a_test_row():
 
 def alternative_overrides(refusal: str) -> list[list[str]]:
     """The overrides a refusal names as fitting, e.g. model.context_length=256 or model=small."""
-    found = re.findall(r"(model\.context_length=\d+|model=\w+|hardware\.batch=\d+ hardware\.accumulation=\d+"
-                       r"(?: hardware\.activation_checkpointing=true)?)", refusal)
+    found = re.findall(
+        r"(model\.context_length=\d+|model=\w+|hardware\.batch=\d+ hardware\.accumulation=\d+"
+        r"(?: hardware\.activation_checkpointing=true)?)",
+        refusal,
+    )
     return [f.split() for f in found]
 
 
@@ -56,8 +59,13 @@ def check_target_plan(plan, preset: str, preferred: int, cfg_overrides: list[str
     # the largest: the next larger divisor of the per-device batch (up to the preferred one) does not fit
     per = target // plan.world_size
     larger = [m for m in range(plan.micro_batch + 1, min(preferred, per) + 1) if per % m == 0]
-    shape = model_shape(make(*cfg_overrides).model, vocab=plan.vocab_assumed, precision=plan.precision,
-                        device=plan.device, ddp=plan.world_size > 1)
+    shape = model_shape(
+        make(*cfg_overrides).model,
+        vocab=plan.vocab_assumed,
+        precision=plan.precision,
+        device=plan.device,
+        ddp=plan.world_size > 1,
+    )
     for m in larger[:1]:
         need = estimate_memory(micro_batch=m, activation_checkpointing=plan.activation_checkpointing, **shape)
         assert need.gb() * (1 + plan.estimate_margin) > plan.memory_gb
@@ -116,9 +124,17 @@ def test_ampere_preset_on_a_real_t4_drops_to_fp16():
     assert plan.precision == "fp16" and not plan.tf32
 
 
-@pytest.mark.parametrize("machine, preset", [(LAPTOP, "cpu"), (T4S, "t4x2"), (H100, "rtx4090"), (MAC, "m1"),
-                                              (Machine(2, 8, gpus=(Gpu("RTX 3060", 12, 8.6),)), "rtx3060"),
-                                              (Machine(2, 12, gpus=(T4,)), "t4")])
+@pytest.mark.parametrize(
+    "machine, preset",
+    [
+        (LAPTOP, "cpu"),
+        (T4S, "t4x2"),
+        (H100, "rtx4090"),
+        (MAC, "m1"),
+        (Machine(2, 8, gpus=(Gpu("RTX 3060", 12, 8.6),)), "rtx3060"),
+        (Machine(2, 12, gpus=(T4,)), "t4"),
+    ],
+)
 def test_auto_picks_the_closest_preset(machine, preset):
     plan = make_plan(make(), machine)
     assert plan.preset == preset == closest_preset(machine)[0]
@@ -242,8 +258,9 @@ def test_fixed_batch_that_does_not_fit_stops_with_a_suggestion_of_the_same_effec
     assert fixed.fits and fixed.effective_batch == 256
 
 
-@pytest.mark.parametrize("preset, model, machine", [("rtx3060", "large", LAPTOP), ("cpu", "medium", Machine(2, 6)),
-                                                     ("t4x2", "large", T4S)])
+@pytest.mark.parametrize(
+    "preset, model, machine", [("rtx3060", "large", LAPTOP), ("cpu", "medium", Machine(2, 6)), ("t4x2", "large", T4S)]
+)
 def test_every_suggested_split_keeps_the_effective_batch(preset, model, machine):
     overrides = [f"hardware={preset}", f"model={model}", "hardware.batch=64", "hardware.accumulation=2"]
     plan = make_plan(make(*overrides), machine)
@@ -272,9 +289,19 @@ def test_checkpointing_is_chosen_when_it_is_what_makes_a_size_fit():
     assert plan.fits and plan.activation_checkpointing and plan.effective_batch == 256
     assert any("activation checkpointing on" in n for n in plan.notes)
     assert plan.estimate_checkpointed_gb == plan.estimate_gb
-    plain = estimate_memory(d_model=1024, n_heads=16, n_layers=16, context_length=16384,
-                            vocab_size=plan.vocab_assumed, micro_batch=1, precision="fp16", dropout=0.1, rotary=True,
-                            vocab_multiple=64, loss_chunk=plan.loss_chunk)
+    plain = estimate_memory(
+        d_model=1024,
+        n_heads=16,
+        n_layers=16,
+        context_length=16384,
+        vocab_size=plan.vocab_assumed,
+        micro_batch=1,
+        precision="fp16",
+        dropout=0.1,
+        rotary=True,
+        vocab_multiple=64,
+        loss_chunk=plan.loss_chunk,
+    )
     assert plain.total * 1.3 > T4.memory_gb * GiB  # without it, not even micro-batch 1
     forced = make_plan(make("hardware=rtx4090", "model=small", "hardware.activation_checkpointing=true"), LAPTOP)
     assert forced.activation_checkpointing
@@ -297,8 +324,9 @@ def test_a_size_that_cannot_fit_is_refused_with_what_would():
 
 
 def test_table_reads_as_a_decision():
-    plan = make_plan(make("hardware=rtx4090", "model=small", "optim.lr=5e-5", "optim.lr_scaling=sqrt",
-                          "optim.base_batch=16"), LAPTOP)
+    plan = make_plan(
+        make("hardware=rtx4090", "model=small", "optim.lr=5e-5", "optim.lr_scaling=sqrt", "optim.base_batch=16"), LAPTOP
+    )
     text = plan.table()
     assert text.splitlines()[0].startswith("FITS  hardware=rtx4090 model=small")
     assert "5e-5 (optim.lr) x sqrt(32/16) = 7.1e-5" in text

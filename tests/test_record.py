@@ -3,15 +3,23 @@ when not on a terminal, ASCII metric names, corpus statistics as tags,
 the composed Hydra config as artifacts."""
 
 from mlflow.tracking import MlflowClient
-
 from test_resume import _keep_torch_threads, cli, mlflow_runs  # noqa: F401
 
 
-def test_a_cli_run_leaves_a_log_plain_progress_lines_and_a_readable_record(tmp_path, mlflow_db, shared_cache,
-                                                                           monkeypatch, capsys):
-    args = ["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "trainer.max_steps=4",
-            "trainer.log_every=2", "trainer.eval_every=4", f"hydra.run.dir={tmp_path / 'run'}",
-            "tracking.run_name=record"]
+def test_a_cli_run_leaves_a_log_plain_progress_lines_and_a_readable_record(
+    tmp_path, mlflow_db, shared_cache, monkeypatch, capsys
+):
+    args = [
+        "hardware=cpu",
+        "model=tiny",
+        "model.context_length=32",
+        "hardware.batch=4",
+        "trainer.max_steps=4",
+        "trainer.log_every=2",
+        "trainer.eval_every=4",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "tracking.run_name=record",
+    ]
     assert cli(args, tmp_path, monkeypatch) == 0
     out = capsys.readouterr().out
     assert "step 2/4 | train/loss " in out and "\r" not in out  # pytest's stderr is no terminal: no bar frames
@@ -24,8 +32,10 @@ def test_a_cli_run_leaves_a_log_plain_progress_lines_and_a_readable_record(tmp_p
     assert not [k for k in run.data.metrics if k.startswith("data/")]  # corpus counts are tags
     assert int(run.data.tags["data.duplicates.windows"]) > 0
     client = MlflowClient(f"sqlite:///{mlflow_db}")
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "hydra")} >= {"hydra/config.yaml",
-                                                                                   "hydra/overrides.yaml"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "hydra")} >= {
+        "hydra/config.yaml",
+        "hydra/overrides.yaml",
+    }
     assert "run.log" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
@@ -41,17 +51,28 @@ def test_the_corpus_is_a_dataset_input_and_a_resume_records_what_changed(tmp_pat
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["poetry"]
 
 
-def test_the_banner_says_what_the_run_will_do_before_it_starts(tmp_path, mlflow_db, shared_cache, monkeypatch,
-                                                               capsys):
-    args = ["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "hardware.accumulation=2",
-            "optim.lr=1e-3", "optim.lr_scaling=sqrt", "optim.base_batch=16", "trainer.max_steps=2",
-            "hardware.precision=fp32", f"hydra.run.dir={tmp_path / 'run'}"]
+def test_the_banner_says_what_the_run_will_do_before_it_starts(tmp_path, mlflow_db, shared_cache, monkeypatch, capsys):
+    args = [
+        "hardware=cpu",
+        "model=tiny",
+        "model.context_length=32",
+        "hardware.batch=4",
+        "hardware.accumulation=2",
+        "optim.lr=1e-3",
+        "optim.lr_scaling=sqrt",
+        "optim.base_batch=16",
+        "trainer.max_steps=2",
+        "hardware.precision=fp32",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     assert cli(args, tmp_path, monkeypatch) == 0
     out = capsys.readouterr().out
-    head = out[:out.index("corpus:")]  # printed before the run's own lines
+    head = out[: out.index("corpus:")]  # printed before the run's own lines
     assert "batch 4 x accumulation 2 x 1 process(es) = 8 windows of 32 tokens per step" in head
-    assert "lr Muon 2e-2 (optim.muon_lr) for the blocks' matrices, AdamW 1e-3 (optim.lr) x sqrt(8/16) = 7.1e-4" \
-        in head and "2 steps" in head
+    assert (
+        "lr Muon 2e-2 (optim.muon_lr) for the blocks' matrices, AdamW 1e-3 (optim.lr) x sqrt(8/16) = 7.1e-4" in head
+        and "2 steps" in head
+    )
     assert f"run folder {tmp_path / 'run'}" in head and "MLflow: sqlite:///" in head
 
 
@@ -61,8 +82,14 @@ def test_plan_true_writes_nothing(tmp_path):
     from pathlib import Path
 
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([sys.executable, "-m", "lingmao.run", "hardware=rtx4090", "model=small", "plan=true"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lingmao.run", "hardware=rtx4090", "model=small", "plan=true"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "micro_batch" in proc.stdout or "micro-batch" in proc.stdout, proc.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []  # no outputs/ folder, no .hydra copy
 
@@ -74,8 +101,17 @@ def test_a_plan_that_does_not_fit_says_so_first_and_exits_non_zero(tmp_path):
     from pathlib import Path
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "lingmao.run", *a, "plan=true"], cwd=tmp_path, env=env,
-                                    capture_output=True, text=True, timeout=300)
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "lingmao.run", *a, "plan=true"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
     no = run("hardware=rtx3060", "hardware.memory_gb=0.05", "model=small")
     assert no.returncode == 3 and no.stdout.lstrip().startswith("DOES NOT FIT"), no.stdout[:500] + no.stderr[-500:]
     yes = run("hardware=t4x2", "model=medium")
@@ -84,12 +120,13 @@ def test_a_plan_that_does_not_fit_says_so_first_and_exits_non_zero(tmp_path):
 
 def test_user_tags_and_the_best_weights_go_into_the_run(tmp_path, mlflow_db, shared_cache):
     import torch
-
-    from lingmao import generate
     from test_resume import train_here
 
-    train_here(tmp_path, tmp_path / "run", "trainer.max_steps=2", "tracking.run_name=tagged",
-               "+tracking.tags={team: poetry}")
+    from lingmao import generate
+
+    train_here(
+        tmp_path, tmp_path / "run", "trainer.max_steps=2", "tracking.run_name=tagged", "+tracking.tags={team: poetry}"
+    )
     _, runs = mlflow_runs(mlflow_db, "tagged")
     run = runs[0]
     assert run.data.tags["team"] == "poetry"
@@ -101,9 +138,17 @@ def test_user_tags_and_the_best_weights_go_into_the_run(tmp_path, mlflow_db, sha
 
 
 def test_the_runs_link_is_printed_once_the_run_is_open(tmp_path, mlflow_db, shared_cache, monkeypatch, capsys):
-    args = ["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "trainer.max_steps=40",
-            "trainer.log_every=1", "trainer.eval_every=40", f"hydra.run.dir={tmp_path / 'run'}",
-            "tracking.run_name=linked"]
+    args = [
+        "hardware=cpu",
+        "model=tiny",
+        "model.context_length=32",
+        "hardware.batch=4",
+        "trainer.max_steps=40",
+        "trainer.log_every=1",
+        "trainer.eval_every=40",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "tracking.run_name=linked",
+    ]
     assert cli(args, tmp_path, monkeypatch) == 0
     out = capsys.readouterr().out
     _, runs = mlflow_runs(mlflow_db, "linked")
@@ -112,11 +157,18 @@ def test_the_runs_link_is_printed_once_the_run_is_open(tmp_path, mlflow_db, shar
     assert out.index("MLflow run: ") < out.index("done: step 40")  # printed by the run, before its end line
 
 
-def test_a_run_bounded_by_time_shows_its_clock_beside_the_steps(tmp_path, mlflow_db, shared_cache, monkeypatch,
-                                                                 capsys):
-    args = ["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "trainer.max_steps=4",
-            "trainer.max_time=900", "trainer.log_every=2", "trainer.eval_every=4",
-            f"hydra.run.dir={tmp_path / 'run'}"]
+def test_a_run_bounded_by_time_shows_its_clock_beside_the_steps(tmp_path, mlflow_db, shared_cache, monkeypatch, capsys):
+    args = [
+        "hardware=cpu",
+        "model=tiny",
+        "model.context_length=32",
+        "hardware.batch=4",
+        "trainer.max_steps=4",
+        "trainer.max_time=900",
+        "trainer.log_every=2",
+        "trainer.eval_every=4",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     assert cli(args, tmp_path, monkeypatch) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 2/4 | ")]
     assert lines and lines[0].split(" | ")[1].endswith("/900 s"), lines

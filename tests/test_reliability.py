@@ -13,12 +13,18 @@ import sys
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from test_failures import poison_gradient
+from test_resume import (
+    cli,
+    configure,
+    history,
+    mlflow_runs,  # noqa: F401
+    train_here,
+    write_poems,
+)
 
 from lingmao.train import checkpoint, engine
 from lingmao.train.recovery import RunLock, job_differences
-from test_failures import poison_gradient
-from test_resume import (_keep_torch_threads, cli, configure, history, mlflow_runs,  # noqa: F401
-                         train_here, write_poems)
 
 
 def run_info(store, name):
@@ -28,8 +34,16 @@ def run_info(store, name):
 
 
 def test_a_refused_resume_leaves_the_finished_run_untouched(tmp_path, mlflow_db, shared_cache, monkeypatch):
-    args = ["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "trainer.max_steps=2",
-            "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}", "tracking.run_name=done"]
+    args = [
+        "hardware=cpu",
+        "model=tiny",
+        "model.context_length=32",
+        "hardware.batch=4",
+        "trainer.max_steps=2",
+        "trainer.progress=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "tracking.run_name=done",
+    ]
     assert cli(args, tmp_path, monkeypatch) == 0
     before = run_info(mlflow_db, "done")
     assert cli(args + ["model.d_model=64"], tmp_path, monkeypatch) == 2  # another shape: refused
@@ -37,39 +51,68 @@ def test_a_refused_resume_leaves_the_finished_run_untouched(tmp_path, mlflow_db,
     assert after.info.status == "FINISHED" and after.data.tags == before.data.tags
 
 
-def test_resume_auto_refuses_a_checkpoint_of_another_job_before_mlflow(tmp_path, mlflow_db, shared_cache,
-                                                                       monkeypatch, capsys):
+def test_resume_auto_refuses_a_checkpoint_of_another_job_before_mlflow(
+    tmp_path, mlflow_db, shared_cache, monkeypatch, capsys
+):
     # A sweep whose jobs share an absolute checkpoint.dir: the second job must not "resume" the first.
     shared = tmp_path / "shared-checkpoints"
-    args = ["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "trainer.max_steps=2",
-            "trainer.progress=false", f"checkpoint.dir={shared}"]
-    assert cli(args + ["optim.lr=1e-3", "tracking.run_name=lr1", f"hydra.run.dir={tmp_path / 'a'}"],
-               tmp_path, monkeypatch) == 0
+    args = [
+        "hardware=cpu",
+        "model=tiny",
+        "model.context_length=32",
+        "hardware.batch=4",
+        "trainer.max_steps=2",
+        "trainer.progress=false",
+        f"checkpoint.dir={shared}",
+    ]
+    assert (
+        cli(args + ["optim.lr=1e-3", "tracking.run_name=lr1", f"hydra.run.dir={tmp_path / 'a'}"], tmp_path, monkeypatch)
+        == 0
+    )
     capsys.readouterr()
-    assert cli(args + ["optim.lr=3e-3", "tracking.run_name=lr3", f"hydra.run.dir={tmp_path / 'b'}"],
-               tmp_path, monkeypatch) == 2
+    assert (
+        cli(args + ["optim.lr=3e-3", "tracking.run_name=lr3", f"hydra.run.dir={tmp_path / 'b'}"], tmp_path, monkeypatch)
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "resume=auto:" in err and "checkpoint of another job" in err and "optim.lr: checkpoint 0.001 vs now 0.003" in err
+    assert (
+        "resume=auto:" in err
+        and "checkpoint of another job" in err
+        and "optim.lr: checkpoint 0.001 vs now 0.003" in err
+    )
     assert mlflow_runs(mlflow_db, "lr3")[1] == []  # no MLflow run was made for the refused job
     assert run_info(mlflow_db, "lr1").info.status == "FINISHED"
 
 
 def test_job_differences_ignore_what_a_resume_may_change():
-    a = {"seed": 1, "optim": {"lr": 1e-3}, "trainer": {"max_steps": 10, "eval_every": 5}, "hardware": {"batch": 4},
-         "tracking": {"uri": "x"}}
-    b = {"seed": 1, "optim": {"lr": 1e-3}, "trainer": {"max_steps": 99, "eval_every": 7}, "hardware": {"batch": 8},
-         "tracking": {"uri": "y"}}
+    a = {
+        "seed": 1,
+        "optim": {"lr": 1e-3},
+        "trainer": {"max_steps": 10, "eval_every": 5},
+        "hardware": {"batch": 4},
+        "tracking": {"uri": "x"},
+    }
+    b = {
+        "seed": 1,
+        "optim": {"lr": 1e-3},
+        "trainer": {"max_steps": 99, "eval_every": 7},
+        "hardware": {"batch": 8},
+        "tracking": {"uri": "y"},
+    }
     assert job_differences(a, b) == []
     assert job_differences(a, {**b, "seed": 2, "optim": {"lr": 2e-3}}) == [
-        "optim.lr: checkpoint 0.001 vs now 0.002", "seed: checkpoint 1 vs now 2"]
+        "optim.lr: checkpoint 0.001 vs now 0.002",
+        "seed: checkpoint 1 vs now 2",
+    ]
 
 
 def test_an_explicit_resume_with_another_lr_is_a_new_run_that_logs_it(tmp_path, mlflow_db, shared_cache):
     base = ["trainer.max_steps=2", "tracking.run_name=first", "optim.lr=3e-3"]
     train_here(tmp_path, tmp_path / "a", *base)
     last = tmp_path / "a" / "checkpoints" / "last.pt"
-    train_here(tmp_path, tmp_path / "b", "trainer.max_steps=4", "optim.lr=1e-3", f"resume={last}",
-               "tracking.run_name=second")
+    train_here(
+        tmp_path, tmp_path / "b", "trainer.max_steps=4", "optim.lr=1e-3", f"resume={last}", "tracking.run_name=second"
+    )
     first, second = run_info(mlflow_db, "first"), run_info(mlflow_db, "second")
     assert first.info.run_id != second.info.run_id
     assert second.data.params["config.optim.lr"] == "0.001" and first.data.params["config.optim.lr"] == "0.003"
@@ -90,8 +133,10 @@ def test_a_second_process_in_the_same_run_folder_is_refused(tmp_path):
 
 def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
     folder = tmp_path / "checkpoints"
-    code = (f"from lingmao.train.recovery import RunLock; import time; lock = RunLock({str(folder)!r}).acquire(); "
-            f"print('held', flush=True); time.sleep(60)")
+    code = (
+        f"from lingmao.train.recovery import RunLock; import time; lock = RunLock({str(folder)!r}).acquire(); "
+        f"print('held', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(checkpoint.ResumeError, match="is in use by process"):
@@ -112,13 +157,15 @@ def test_a_full_disk_reported_as_runtimeerror_is_a_checkpoint_write_error(tmp_pa
 
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(checkpoint.CheckpointWriteError, match="could not write checkpoint .*unexpected pos.*MiB free"):
-        train_here(tmp_path, tmp_path / "run", "trainer.max_steps=4", "checkpoint.every_steps=2",
-                   "tracking.enabled=false")
+        train_here(
+            tmp_path, tmp_path / "run", "trainer.max_steps=4", "checkpoint.every_steps=2", "tracking.enabled=false"
+        )
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["step"] == 2
 
 
-def test_a_second_signal_stops_at_once_marked_killed_in_one_line(tmp_path, mlflow_db, shared_cache, monkeypatch,
-                                                                 capsys):
+def test_a_second_signal_stops_at_once_marked_killed_in_one_line(
+    tmp_path, mlflow_db, shared_cache, monkeypatch, capsys
+):
     from lingmao.train import recovery as checkpointer
 
     save = checkpointer.Checkpointer.save
@@ -130,9 +177,22 @@ def test_a_second_signal_stops_at_once_marked_killed_in_one_line(tmp_path, mlflo
         return path
 
     monkeypatch.setattr(checkpointer.Checkpointer, "save", save_then_second_signal)
-    rc = cli(["hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "trainer.max_steps=50",
-              "checkpoint.every_steps=2", "trainer.log_every=1", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}",
-              "tracking.run_name=twice"], tmp_path, monkeypatch)
+    rc = cli(
+        [
+            "hardware=cpu",
+            "model=tiny",
+            "model.context_length=32",
+            "hardware.batch=4",
+            "trainer.max_steps=50",
+            "checkpoint.every_steps=2",
+            "trainer.log_every=1",
+            "trainer.progress=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "tracking.run_name=twice",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     err = capsys.readouterr().err
     assert rc == 130
     assert "stopped at once by a second signal; the last checkpoint is" in err and "Traceback" not in err
@@ -143,9 +203,23 @@ def test_a_second_signal_stops_at_once_marked_killed_in_one_line(tmp_path, mlflo
 def test_a_short_validation_split_is_named(tmp_path, monkeypatch, capsys):
     corpus = write_poems(tmp_path / "poems.jsonl", n=60)
     monkeypatch.setenv("LINGMAO_CACHE", str(tmp_path / "cache"))
-    assert cli(["hardware=cpu", "model=tiny", "model.context_length=256", "hardware.batch=1", "data=jsonl",
-                f"data.paths=[{corpus}]", "data.val_fraction=0.01", "tracking.enabled=false"],
-               tmp_path, monkeypatch) == 2
+    assert (
+        cli(
+            [
+                "hardware=cpu",
+                "model=tiny",
+                "model.context_length=256",
+                "hardware.batch=1",
+                "data=jsonl",
+                f"data.paths=[{corpus}]",
+                "data.val_fraction=0.01",
+                "tracking.enabled=false",
+            ],
+            tmp_path,
+            monkeypatch,
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "error: the validation split has " in err and "raise data.val_fraction" in err
 
@@ -155,8 +229,14 @@ def test_a_bad_corpus_makes_no_mlflow_run(tmp_path, mlflow_db, monkeypatch, caps
     bad.write_bytes(b'{"text": "a"}\n{"text": \n')
     monkeypatch.setenv("LINGMAO_CACHE", str(tmp_path / "cache"))
     for _ in range(2):
-        assert cli(["hardware=cpu", "model=tiny", "data=jsonl", f"data.paths=[{bad}]", "tracking.run_name=bad"],
-                   tmp_path, monkeypatch) == 2
+        assert (
+            cli(
+                ["hardware=cpu", "model=tiny", "data=jsonl", f"data.paths=[{bad}]", "tracking.run_name=bad"],
+                tmp_path,
+                monkeypatch,
+            )
+            == 2
+        )
     exp = MlflowClient(f"sqlite:///{mlflow_db}").get_experiment_by_name("lingmao")
     assert exp is None or mlflow_runs(mlflow_db, "bad")[1] == []
 
@@ -168,14 +248,22 @@ def test_a_rerun_of_a_finished_run_adds_no_second_final_eval(tmp_path, mlflow_db
     assert [s for s, _ in history(mlflow_db, "again", "val/loss")] == [2]
     assert final["val/loss"] == history(mlflow_db, "again", "val/loss")[0][1]
     assert "night mode" not in capsys.readouterr().out
-    assert "night_mode" not in MlflowClient(f"sqlite:///{mlflow_db}").get_run(
-        run_info(mlflow_db, "again").info.run_id).data.metrics
+    assert (
+        "night_mode"
+        not in MlflowClient(f"sqlite:///{mlflow_db}").get_run(run_info(mlflow_db, "again").info.run_id).data.metrics
+    )
 
 
 def test_night_mode_started_at_night_applies_at_once(tmp_path, shared_cache, monkeypatch, capsys):
     monkeypatch.setattr(engine, "wall_clock", lambda: dt.datetime(2026, 1, 1, 23, 0))
-    train_here(tmp_path, tmp_path / "run", "trainer.max_steps=2", "tracking.enabled=false", "night_mode=true",
-               "hardware.threads=2")
+    train_here(
+        tmp_path,
+        tmp_path / "run",
+        "trainer.max_steps=2",
+        "tracking.enabled=false",
+        "night_mode=true",
+        "hardware.threads=2",
+    )
     assert torch.get_num_threads() == 1
     assert "night mode on at step 0: micro-batch 2, threads 1" in capsys.readouterr().out
 
@@ -184,8 +272,15 @@ def test_night_mode_splits_keep_the_moe_aux_loss_weight(tmp_path, shared_cache, 
     """At night a micro-batch of 4 runs as two pieces of 2: the same
     arithmetic as micro-batch 2 with twice the accumulation, MoE auxiliary
     loss included (it was added once per piece at full weight)."""
-    moe = ["trainer.max_steps=3", "tracking.enabled=false", "model.dropout=0.0", "model.moe.experts=2",
-           "model.moe.top_k=1", "model.moe.aux_loss_weight=1.0", "model.moe.capacity_factor=4.0"]
+    moe = [
+        "trainer.max_steps=3",
+        "tracking.enabled=false",
+        "model.dropout=0.0",
+        "model.moe.experts=2",
+        "model.moe.top_k=1",
+        "model.moe.aux_loss_weight=1.0",
+        "model.moe.capacity_factor=4.0",
+    ]
     halves = train_here(tmp_path, tmp_path / "halves", *moe, "hardware.batch=2", "hardware.accumulation=4")
     monkeypatch.setattr(engine, "wall_clock", lambda: dt.datetime(2026, 1, 1, 23, 0))
     night = train_here(tmp_path, tmp_path / "night", *moe, "night_mode=true")  # batch 4, accumulation 2
@@ -207,6 +302,7 @@ def test_fp16_divergence_reaches_on_nan_instead_of_skipping_forever(tmp_path, sh
 
     monkeypatch.setattr(torch.amp.GradScaler, "unscale_", overflowing)
     from lingmao.plan import make as plan_module
+
     real_plan = plan_module.make_plan
 
     def fp16_plan(*a, **k):  # a CPU stand-in for a T4: fp16 with a GradScaler
@@ -233,8 +329,13 @@ def test_a_run_bounded_only_by_time_ends_at_the_lr_floor(tmp_path, shared_cache)
     from lingmao.plan import make as plan_module
     from lingmao.plan.machine import detect
 
-    args = ["trainer.max_steps=null", "trainer.max_time=8", "optim.min_lr_ratio=0.1", "tracking.enabled=false",
-            "trainer.eval_every=100000"]
+    args = [
+        "trainer.max_steps=null",
+        "trainer.max_time=8",
+        "optim.min_lr_ratio=0.1",
+        "tracking.enabled=false",
+        "trainer.eval_every=100000",
+    ]
     final = train_here(tmp_path, tmp_path / "run", *args)
     peak = plan_module.make_plan(configure(*args), detect()).lr
     assert final["step"] > 5
@@ -253,5 +354,6 @@ def test_the_validation_split_is_fixed_by_data_split_seed_not_the_run_seed(tmp_p
     # a checkpoint from before data.split_seed: its run seed chose the split
     state = {"config": {"seed": 42, "model": {}, "data": {"source": "poetry"}}, "tokenizer_hash": "h"}
     with pytest.raises(checkpoint.ResumeError, match="data.split_seed: checkpoint 42 vs config 1337"):
-        checkpoint.check_compatible(state, {"seed": 42, "model": {}, "data": {"source": "poetry", "split_seed": 1337}},
-                                    "h", tmp_path / "old.pt")
+        checkpoint.check_compatible(
+            state, {"seed": 42, "model": {}, "data": {"source": "poetry", "split_seed": 1337}}, "h", tmp_path / "old.pt"
+        )

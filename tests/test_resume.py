@@ -12,21 +12,33 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LINES, _write_jsonl
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from conftest import LINES, _write_jsonl
-from lingmao.train import checkpoint, recovery as checkpointer, validation
 from lingmao import run
-from lingmao.train.signals import Stopper
 from lingmao.config.rules import CONF_DIR
 from lingmao.data.tokenizer import load_tokenizer, tokenizer_hash
+from lingmao.train import checkpoint, validation
+from lingmao.train import recovery as checkpointer
+from lingmao.train.signals import Stopper
 
-COMMON = ["hardware=cpu", "hardware.precision=fp32", "hardware.threads=1", "hardware.batch=4",
-          "hardware.accumulation=2", "model=tiny", "model.context_length=32",
-          "model.dropout=0.1",  # dropout draws from torch's RNG: an exact resume must restore it
-          "optim.lr=3e-3", "trainer.log_every=1", "trainer.eval_every=4", "trainer.eval_batches=2",
-          "trainer.sample_tokens=4", "trainer.progress=false"]
+COMMON = [
+    "hardware=cpu",
+    "hardware.precision=fp32",
+    "hardware.threads=1",
+    "hardware.batch=4",
+    "hardware.accumulation=2",
+    "model=tiny",
+    "model.context_length=32",
+    "model.dropout=0.1",  # dropout draws from torch's RNG: an exact resume must restore it
+    "optim.lr=3e-3",
+    "trainer.log_every=1",
+    "trainer.eval_every=4",
+    "trainer.eval_batches=2",
+    "trainer.sample_tokens=4",
+    "trainer.progress=false",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -84,8 +96,7 @@ run.main()
 def start_cli(argv: list[str], tmp_path: Path, env: dict, name: str, kill_after: int | None = None) -> subprocess.Popen:
     """The CLI in a real process; output to files (a full pipe would block it)."""
     out, err = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
-    program = ["-m", "lingmao.run"] if kill_after is None else \
-        ["-c", KILLED_AFTER_CHECKPOINT.format(step=kill_after)]
+    program = ["-m", "lingmao.run"] if kill_after is None else ["-c", KILLED_AFTER_CHECKPOINT.format(step=kill_after)]
     return subprocess.Popen([sys.executable, *program, *argv], cwd=tmp_path, env=env, stdout=out, stderr=err)
 
 
@@ -129,8 +140,7 @@ def scripted_val_losses(monkeypatch, values: list[float]) -> None:
 @pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(tmp_path, mlflow_db, shared_cache):
     args = [*COMMON, "trainer.max_steps=8", "checkpoint.every_steps=2", "hydra.run.dir=cut", "tracking.run_name=cut"]
-    rc, _, err = finish(start_cli(args, tmp_path, cli_env(shared_cache), "cut", kill_after=4),
-                        tmp_path, "cut")
+    rc, _, err = finish(start_cli(args, tmp_path, cli_env(shared_cache), "cut", kill_after=4), tmp_path, "cut")
     assert rc == -signal.SIGKILL, err[-2000:]
     folder = tmp_path / "cut" / "checkpoints"
     assert checkpoint.load(folder / "last.pt")["progress"]["step"] == 4
@@ -165,8 +175,18 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(tmp_path, mlflow_db
 
 @pytest.mark.slow
 def test_sigterm_finishes_the_step_checkpoints_and_marks_the_run_killed(tmp_path, mlflow_db, shared_cache):
-    proc = start_cli([*COMMON, "trainer.max_steps=100000", "checkpoint.every_steps=3", "hydra.run.dir=run",
-                      "tracking.run_name=term"], tmp_path, cli_env(shared_cache), "term")
+    proc = start_cli(
+        [
+            *COMMON,
+            "trainer.max_steps=100000",
+            "checkpoint.every_steps=3",
+            "hydra.run.dir=run",
+            "tracking.run_name=term",
+        ],
+        tmp_path,
+        cli_env(shared_cache),
+        "term",
+    )
     folder = tmp_path / "run" / "checkpoints"
     deadline = time.monotonic() + 240
     while not list(folder.glob("step*.pt")) and proc.poll() is None and time.monotonic() < deadline:
@@ -194,12 +214,19 @@ def test_second_signal_stops_at_once():
     assert signal.getsignal(signal.SIGTERM) is not stopper._handle
 
 
-def test_checkpoints_hold_the_whole_state_and_keep_the_last_and_the_best(tmp_path, mlflow_db, shared_cache,
-                                                                         monkeypatch):
+def test_checkpoints_hold_the_whole_state_and_keep_the_last_and_the_best(
+    tmp_path, mlflow_db, shared_cache, monkeypatch
+):
     # val/loss at the checkpoints of steps 2, 4, 6: the best one is the oldest, and pruned
     scripted_val_losses(monkeypatch, [1.0, 2.0, 3.0])
-    train_here(tmp_path, tmp_path / "run", "trainer.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
-               "tracking.run_name=contents")
+    train_here(
+        tmp_path,
+        tmp_path / "run",
+        "trainer.max_steps=6",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=2",
+        "tracking.run_name=contents",
+    )
     folder = tmp_path / "run" / "checkpoints"
     assert sorted(f.name for f in folder.iterdir()) == ["best.pt", "last.pt", "step00000004.pt", "step00000006.pt"]
     assert (folder / "last.pt").samefile(folder / "step00000006.pt")
@@ -226,8 +253,14 @@ def test_checkpoints_hold_the_whole_state_and_keep_the_last_and_the_best(tmp_pat
 def test_every_minutes_checkpoints_each_carry_an_eval(tmp_path, shared_cache, monkeypatch):
     now = iter(range(0, 10**6, 61))  # every reading of the clock is 61 s after the last
     monkeypatch.setattr(checkpointer, "clock", lambda: next(now))
-    train_here(tmp_path, tmp_path / "run", "trainer.max_steps=4", "checkpoint.every_minutes=1",
-               "checkpoint.keep_last=9", "tracking.enabled=false")
+    train_here(
+        tmp_path,
+        tmp_path / "run",
+        "trainer.max_steps=4",
+        "checkpoint.every_minutes=1",
+        "checkpoint.keep_last=9",
+        "tracking.enabled=false",
+    )
     files = sorted((tmp_path / "run" / "checkpoints").glob("step*.pt"))
     assert [f.name for f in files] == [f"step{s:08d}.pt" for s in (1, 2, 3, 4)]
     assert all(checkpoint.load(f)["val_loss"] is not None for f in files)
@@ -253,8 +286,14 @@ def test_resume_auto_skips_an_unreadable_checkpoint(tmp_path, capsys):
 
 def test_early_stop_after_patience_evals_without_improvement(tmp_path, shared_cache, monkeypatch, capsys):
     scripted_val_losses(monkeypatch, [3.0, 2.0, 2.5, 2.0, 9.0, 9.0])
-    final = train_here(tmp_path, tmp_path / "run", "trainer.max_steps=50", "trainer.eval_every=1",
-                       "trainer.early_stop_patience=2", "tracking.enabled=false")
+    final = train_here(
+        tmp_path,
+        tmp_path / "run",
+        "trainer.max_steps=50",
+        "trainer.eval_every=1",
+        "trainer.early_stop_patience=2",
+        "tracking.enabled=false",
+    )
     assert final["status"] == "FINISHED" and final["step"] == 4
     assert "early stop: val/loss has not improved on 2.0000 for 2 evals" in capsys.readouterr().out
     progress = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]
@@ -268,8 +307,15 @@ def without_warnings(err: str) -> str:
 
 def test_resume_refuses_a_checkpoint_of_another_shape_or_tokenizer(tmp_path, shared_cache, monkeypatch, capsys):
     corpus = write_poems(tmp_path / "poems.jsonl")
-    args = [*COMMON, "data=jsonl", f"data.paths=[{corpus}]", "data.val_fraction=0.1", "trainer.max_steps=2",
-            "tracking.enabled=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [
+        *COMMON,
+        "data=jsonl",
+        f"data.paths=[{corpus}]",
+        "data.val_fraction=0.1",
+        "trainer.max_steps=2",
+        "tracking.enabled=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     assert cli(args, tmp_path, monkeypatch) == 0
     saved = tmp_path / "run" / "checkpoints" / "last.pt"
     before = saved.read_bytes()
@@ -290,5 +336,3 @@ def test_resume_refuses_a_checkpoint_of_another_shape_or_tokenizer(tmp_path, sha
     assert cli(args + [f"resume={tmp_path / 'gone.pt'}"], tmp_path, monkeypatch) == 2
     assert "gone.pt: no such file" in without_warnings(capsys.readouterr().err)
     assert saved.read_bytes() == before  # a refused resume leaves the checkpoint alone
-
-

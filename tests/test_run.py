@@ -8,15 +8,26 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-TINY = ["hardware=cpu", "model=tiny", "model.context_length=32", "trainer.max_steps=30", "trainer.eval_every=10",
-        "trainer.log_every=5", "trainer.eval_batches=4", "trainer.progress=false", "optim.lr=3e-3",
-        "hardware.batch=4", "hardware.accumulation=2"]
+TINY = [
+    "hardware=cpu",
+    "model=tiny",
+    "model.context_length=32",
+    "trainer.max_steps=30",
+    "trainer.eval_every=10",
+    "trainer.log_every=5",
+    "trainer.eval_batches=4",
+    "trainer.progress=false",
+    "optim.lr=3e-3",
+    "hardware.batch=4",
+    "hardware.accumulation=2",
+]
 
 
 def run_cli(args, cwd: Path, cache: Path, check=True) -> subprocess.CompletedProcess:
     env = {**os.environ, "LINGMAO_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([sys.executable, "-m", "lingmao.run", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lingmao.run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -39,8 +50,17 @@ def test_tiny_run_learns_and_is_recorded(tmp_path, training_cache):
     assert run.data.tags["hardware"] == "cpu" and run.data.tags["model"] == "tiny"
     assert run.data.params["config.model.context_length"] == "32"
     assert int(run.data.params["model.params"]) > 0
-    for key in ("train/loss", "val/loss", "val/perplexity", "val/bpc", "lr", "samples_per_sec",
-                "tokens_per_sec", "mfu", "peak_memory_gb"):
+    for key in (
+        "train/loss",
+        "val/loss",
+        "val/perplexity",
+        "val/bpc",
+        "lr",
+        "samples_per_sec",
+        "tokens_per_sec",
+        "mfu",
+        "peak_memory_gb",
+    ):
         assert key in run.data.metrics, key
     val = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)]
     assert len(val) == 3 and val[-1] < val[0] - 0.5

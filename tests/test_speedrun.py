@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lingmao.train import checkpoint
 from lingmao import run
 from lingmao.config.rules import CONF_DIR, ConfigError, register, validate
 from lingmao.model.gpt import GPT, GPTConfig, KVCache, rope_angles
 from lingmao.model.gpt import rotate as rope
+from lingmao.train import checkpoint
 from lingmao.train.optim import MuonAdamW, Schedule, build_optimizer
 
 register()
@@ -44,9 +44,18 @@ def compose_cfg(*overrides):
 # --- model switches ---
 
 
-@pytest.mark.parametrize("switch", [dict(rotary=True), dict(qk_norm=True), dict(mlp="relu2"),
-                                    dict(vocab_multiple=64), dict(zero_init_proj=True), ALL_ON,
-                                    dict(ALL_ON, moe_experts=4)])
+@pytest.mark.parametrize(
+    "switch",
+    [
+        dict(rotary=True),
+        dict(qk_norm=True),
+        dict(mlp="relu2"),
+        dict(vocab_multiple=64),
+        dict(zero_init_proj=True),
+        ALL_ON,
+        dict(ALL_ON, moe_experts=4),
+    ],
+)
 def test_each_switch_builds_and_gives_one_logit_per_token(switch):
     model = tiny(**switch)
     logits = model(batch(2, 10))
@@ -82,7 +91,7 @@ def test_rotary_scores_depend_only_on_the_offset():
 
     def rotate(x, start):  # x's tokens at positions start, start + 1, ...
         T = x.shape[-2]
-        return rope(x, cos[start:start + T], sin[start:start + T])
+        return rope(x, cos[start : start + T], sin[start : start + T])
 
     scores = [rotate(q, s) @ rotate(k, s).transpose(-1, -2) for s in (0, 5, 37)]
     torch.testing.assert_close(scores[1], scores[0], atol=1e-5, rtol=1e-5)
@@ -117,7 +126,7 @@ def test_rotary_cached_logits_match_a_full_forward():
     model = tiny(rotary=True).eval()
     x = batch(2, 12)
     cache = KVCache(model.config, 2, x.device, torch.float32)
-    steps = [model(x[:, :7], cache)] + [model(x[:, t:t + 1], cache) for t in range(7, 12)]
+    steps = [model(x[:, :7], cache)] + [model(x[:, t : t + 1], cache) for t in range(7, 12)]
     torch.testing.assert_close(torch.cat(steps, 1), model(x), atol=1e-5, rtol=1e-5)
 
 
@@ -183,14 +192,21 @@ def test_padded_rows_never_win_and_leave_the_loss_alone():
     padded.ln_f.register_forward_hook(lambda m, i, out: hidden.append(out))
     torch.testing.assert_close(loss_of(padded, x), loss_of(plain, x))
     assert ((hidden[0] @ padded.tok_emb.weight.T).argmax(-1) >= V).all()  # the premise
-    out = padded.eval().generate(batch(8, 3), 12, temperature=2.0, top_k=None,
-                                 generator=torch.Generator().manual_seed(0))
+    out = padded.eval().generate(
+        batch(8, 3), 12, temperature=2.0, top_k=None, generator=torch.Generator().manual_seed(0)
+    )
     assert out.max() < V
 
 
 def test_checkpoint_config_rebuilds_the_same_shapes():
-    cfg = compose_cfg("model=tiny", "model.context_length=16", "model.vocab_multiple=64", "model.rotary=true",
-                      "model.qk_norm=true", "model.mlp=relu2")
+    cfg = compose_cfg(
+        "model=tiny",
+        "model.context_length=16",
+        "model.vocab_multiple=64",
+        "model.rotary=true",
+        "model.qk_norm=true",
+        "model.mlp=relu2",
+    )
     model = GPT(GPTConfig.from_model_config(cfg.model, V))
     saved = OmegaConf.to_container(cfg.model)  # what a checkpoint's "config" holds
     rebuilt = GPT(GPTConfig.from_model_config(saved, V))
@@ -233,8 +249,11 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(experts):
     in_adamw = [names[id(p)] for g in opt.adamw.param_groups for p in g["params"]]
     assert not set(in_muon) & set(in_adamw)
     assert sorted(in_muon + in_adamw) == sorted(names.values())  # each parameter exactly once
-    expected = {n for n, p in model.named_parameters()
-                if p.dim() == 2 and n.startswith("blocks.") and not n.endswith("router.weight")}
+    expected = {
+        n
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and n.startswith("blocks.") and not n.endswith("router.weight")
+    }
     assert set(in_muon) == expected and len(expected) == 2 * (2 + 2 * max(1, experts))
     assert {"tok_emb.weight", "ln_f.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.q_norm.weight"} <= set(in_adamw)
     assert ("blocks.0.mlp.router.weight" in in_adamw) == bool(experts)
@@ -320,13 +339,34 @@ def test_optim_name_is_validated():
 
 # --- end to end ---
 
-SWITCHES = ["optim=muon", "model.rotary=true", "model.qk_norm=true", "model.mlp=relu2", "model.vocab_multiple=64",
-            "model.zero_init_proj=true"]
-COMMON = ["hardware=cpu", "hardware.precision=fp32", "hardware.threads=1", "hardware.batch=4",
-          "hardware.accumulation=1", "model=tiny", "model.context_length=32", "optim.lr=3e-3", "optim.warmup=2",
-          "trainer.log_every=1", "trainer.eval_every=100", "trainer.eval_batches=1", "trainer.sample_tokens=4",
-          "trainer.progress=false", "tracking.enabled=false", "checkpoint.every_steps=2", "checkpoint.keep_last=9",
-          *SWITCHES]
+SWITCHES = [
+    "optim=muon",
+    "model.rotary=true",
+    "model.qk_norm=true",
+    "model.mlp=relu2",
+    "model.vocab_multiple=64",
+    "model.zero_init_proj=true",
+]
+COMMON = [
+    "hardware=cpu",
+    "hardware.precision=fp32",
+    "hardware.threads=1",
+    "hardware.batch=4",
+    "hardware.accumulation=1",
+    "model=tiny",
+    "model.context_length=32",
+    "optim.lr=3e-3",
+    "optim.warmup=2",
+    "trainer.log_every=1",
+    "trainer.eval_every=100",
+    "trainer.eval_batches=1",
+    "trainer.sample_tokens=4",
+    "trainer.progress=false",
+    "tracking.enabled=false",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep_last=9",
+    *SWITCHES,
+]
 
 
 @pytest.fixture
@@ -351,8 +391,11 @@ def test_all_switches_train_and_resume_exactly(tmp_path, shared_cache, keep_thre
     assert muon_lr / adamw_lr == pytest.approx(0.02 / last["plan"]["lr"])
     assert adamw_lr == pytest.approx(Schedule(last["plan"]["lr"], 2, 4, 0.1).lr(3))
 
-    resumed = run.execute(compose_cfg(*COMMON, "trainer.max_steps=4", f"resume={folder / 'step00000002.pt'}"),
-                          tmp_path, tmp_path / "resumed")
+    resumed = run.execute(
+        compose_cfg(*COMMON, "trainer.max_steps=4", f"resume={folder / 'step00000002.pt'}"),
+        tmp_path,
+        tmp_path / "resumed",
+    )
     assert resumed["step"] == 4
     assert f"resuming from {folder / 'step00000002.pt'} at step 2" in capsys.readouterr().out
     again = checkpoint.load(tmp_path / "resumed" / "checkpoints" / "last.pt")

@@ -28,8 +28,13 @@ def test_parallel_jobs_follow_joblib_and_ignore_other_launchers():
     assert parallel_jobs({"_target_": JOBLIB, "n_jobs": -2}, cores=16) == 15
     assert parallel_jobs({"_target_": JOBLIB, "n_jobs": None}, cores=16) == 1
     assert parallel_jobs({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, cores=16) == 1
-    assert parallel_jobs({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
-                          "tasks_per_node": 1}, cores=16) == 1
+    assert (
+        parallel_jobs(
+            {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", "tasks_per_node": 1},
+            cores=16,
+        )
+        == 1
+    )
 
 
 def test_slot_resources_split_cores_and_gpus():
@@ -57,8 +62,16 @@ def test_slots_are_claimed_exclusively(tmp_path, capsys):
 def test_slurm_launcher_composes():
     register()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "hardware=t4x2", "hydra.launcher.partition=gpu",
-                                           "hydra.launcher.gpus_per_node=2"], return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=[
+                "hydra/launcher=slurm",
+                "hardware=t4x2",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_node=2",
+            ],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (1, 2, "gpu")
@@ -71,8 +84,10 @@ def test_batch_lr_search_preset_composes():
         cfg = compose("config", overrides=["experiment=batch_lr_search", "model=tiny"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "minimize"
-    assert dict(sweeper.params) == {"optim.lr": "tag(log, interval(1e-5, 3e-3))",
-                                    "hardware.accumulation": "choice(1, 2, 4, 8)"}
+    assert dict(sweeper.params) == {
+        "optim.lr": "tag(log, interval(1e-5, 3e-3))",
+        "hardware.accumulation": "choice(1, 2, 4, 8)",
+    }
     assert sweeper.storage is None  # in memory: optuna 2.x storage breaks beside SQLAlchemy 2
     assert cfg.optim.lr_scaling == "none" and cfg.trainer.max_epochs == 1 and cfg.model.name == "tiny"
 
@@ -90,9 +105,22 @@ def steps(client, run, key):
 def test_joblib_sweep_loses_nothing_and_splits_the_machine(tmp_path, shared_cache):
     """No store yet: the two jobs race to create it (tracking.ensure_store's lock)."""
     mlflow_db = tmp_path / "mlflow.db"
-    proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, "model.context_length=16",
-                    "trainer.max_steps=15", "trainer.log_every=1", "trainer.eval_every=5", "trainer.eval_batches=2",
-                    "optim.lr=1e-3,3e-3"], tmp_path, shared_cache)
+    proc = run_cli(
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            *TINY,
+            "model.context_length=16",
+            "trainer.max_steps=15",
+            "trainer.log_every=1",
+            "trainer.eval_every=5",
+            "trainer.eval_batches=2",
+            "optim.lr=1e-3,3e-3",
+        ],
+        tmp_path,
+        shared_cache,
+    )
     out = proc.stdout + proc.stderr
     assert "database is locked" not in out
     client, runs = runs_of(mlflow_db)
@@ -115,14 +143,32 @@ def test_joblib_sweep_loses_nothing_and_splits_the_machine(tmp_path, shared_cach
 @pytest.mark.slow
 def test_optuna_batch_lr_search_records_the_best(tmp_path, shared_cache, mlflow_db):
     fixed = [o for o in TINY if not o.startswith(("optim.lr=", "hardware.accumulation="))]  # would pin them
-    run_cli(["-m", "experiment=batch_lr_search", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2",
-             *fixed, "model.context_length=16", "trainer.max_epochs=null", "trainer.max_steps=4",
-             "trainer.eval_every=4", "trainer.eval_batches=2", "tracking.system_metrics=false"],
-            tmp_path, shared_cache)
+    run_cli(
+        [
+            "-m",
+            "experiment=batch_lr_search",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.sampler.n_startup_trials=2",
+            *fixed,
+            "model.context_length=16",
+            "trainer.max_epochs=null",
+            "trainer.max_steps=4",
+            "trainer.eval_every=4",
+            "trainer.eval_batches=2",
+            "tracking.system_metrics=false",
+        ],
+        tmp_path,
+        shared_cache,
+    )
     (results,) = tmp_path.glob("multirun/*/*/optimization_results.yaml")
     best = yaml.safe_load(results.read_text())
     assert set(best["best_params"]) == {"optim.lr", "hardware.accumulation"}
-    assert 1e-5 <= best["best_params"]["optim.lr"] <= 3e-3 and best["best_params"]["hardware.accumulation"] in (1, 2, 4, 8)
+    assert 1e-5 <= best["best_params"]["optim.lr"] <= 3e-3 and best["best_params"]["hardware.accumulation"] in (
+        1,
+        2,
+        4,
+        8,
+    )
     client, runs = runs_of(mlflow_db)
     assert len(runs) == 3 and len({r.data.tags["sweep.id"] for r in runs}) == 1
     assert {r.data.tags["experiment"] for r in runs} == {"batch_lr_search"}
@@ -142,10 +188,28 @@ def test_remote_tracking_server_records_the_run(tmp_path, shared_cache, mlflow_d
     port = free_port()
     # No job-execution consumers (MLflow 3 starts seven): faster to start, nothing left behind.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{mlflow_db}",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)  # its own process group: stopped with its uvicorn worker
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{mlflow_db}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # its own process group: stopped with its uvicorn worker
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.chdir(tmp_path)
     try:
@@ -159,9 +223,19 @@ def test_remote_tracking_server_records_the_run(tmp_path, shared_cache, mlflow_d
                 assert time.monotonic() < deadline, "mlflow server did not answer /health in 120 s"
                 time.sleep(0.5)
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=[*TINY, "model.context_length=16", "trainer.max_steps=6",
-                                               "trainer.eval_every=3", "trainer.log_every=1", "trainer.eval_batches=2",
-                                               f"tracking.uri={uri}", "tracking.system_metrics=false"])
+            cfg = compose(
+                "config",
+                overrides=[
+                    *TINY,
+                    "model.context_length=16",
+                    "trainer.max_steps=6",
+                    "trainer.eval_every=3",
+                    "trainer.log_every=1",
+                    "trainer.eval_batches=2",
+                    f"tracking.uri={uri}",
+                    "tracking.system_metrics=false",
+                ],
+            )
         run_dir = tmp_path / "run"
         run_dir.mkdir()
         execute(cfg, tmp_path, run_dir)

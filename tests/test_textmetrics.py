@@ -21,8 +21,11 @@ def test_distinct_counts_unique_ngrams():
 
 
 def test_repetition_and_its_mean():
-    assert repetition("明月明月明月明月") == {"rep4": pytest.approx(0.6), "distinct1": 0.25,
-                                          "distinct2": pytest.approx(2 / 7)}
+    assert repetition("明月明月明月明月") == {
+        "rep4": pytest.approx(0.6),
+        "distinct1": 0.25,
+        "distinct2": pytest.approx(2 / 7),
+    }
     mean = mean_repetition(["明月明月明月明月", POEM])
     assert mean["rep4"] == pytest.approx(0.3)
     assert mean_repetition([]) == {}
@@ -32,8 +35,8 @@ def test_duplicate_windows_counts_exact_and_shifted_copies():
     rng = np.random.default_rng(0)
     window = 64
     tokens = rng.integers(4, 3000, 400 * window).astype(np.uint16)
-    tokens[100 * window:110 * window] = tokens[:10 * window]  # 10 windows copied in place: exact
-    tokens[200 * window + 7:205 * window + 7] = tokens[20 * window:25 * window]  # 5 shifted by 7: near
+    tokens[100 * window : 110 * window] = tokens[: 10 * window]  # 10 windows copied in place: exact
+    tokens[200 * window + 7 : 205 * window + 7] = tokens[20 * window : 25 * window]  # 5 shifted by 7: near
     d = duplicate_windows(tokens, window, shingle=16, keep_one_in=4)
     assert (d.windows, d.exact) == (400, 10)
     # windows 200..204 each hold 57 copied tokens out of 64; window 205 holds 7 (below the threshold)

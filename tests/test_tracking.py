@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lingmao.tracking import store as tracking_store
 from lingmao.run import compact
-from lingmao.tracking.tracker import SPOOL_NAME, Tracker, TrackingError, import_spool, main, read_spool, sweep_id
+from lingmao.tracking import store as tracking_store
+from lingmao.tracking.spool import SPOOL_NAME, import_spool, main, read_spool
+from lingmao.tracking.store import TrackingError
+from lingmao.tracking.tracker import Tracker, sweep_id
 
 
 def closed_port() -> int:
@@ -33,8 +35,16 @@ def history(client, run_id, key):
 
 
 def test_compact_numbers_in_run_names():
-    assert [compact(x) for x in (3e-4, 0.0003, 1.5e-3, 2.345e-5, 1e-2, 0.1, 16, 1e5)] == \
-        ["3e-4", "3e-4", "1.5e-3", "2.35e-5", "0.01", "0.1", "16", "1e5"]
+    assert [compact(x) for x in (3e-4, 0.0003, 1.5e-3, 2.345e-5, 1e-2, 0.1, 16, 1e5)] == [
+        "3e-4",
+        "3e-4",
+        "1.5e-3",
+        "2.35e-5",
+        "0.01",
+        "0.1",
+        "16",
+        "1e5",
+    ]
 
 
 def test_sweep_id_is_readable_and_per_folder(tmp_path):
@@ -209,10 +219,23 @@ def test_training_runs_against_an_unreachable_store(tmp_path, shared_cache, fast
     monkeypatch.chdir(tmp_path)
     dead = f"http://127.0.0.1:{closed_port()}"
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "hardware.accumulation=1",
-            "trainer.max_steps=6", "trainer.eval_every=3", "trainer.log_every=1", "trainer.eval_batches=2",
-            "trainer.progress=false", f"tracking.uri={dead}", "tracking.system_metrics=false"])
+        cfg = compose(
+            "config",
+            overrides=[
+                "hardware=cpu",
+                "model=tiny",
+                "model.context_length=32",
+                "hardware.batch=4",
+                "hardware.accumulation=1",
+                "trainer.max_steps=6",
+                "trainer.eval_every=3",
+                "trainer.log_every=1",
+                "trainer.eval_batches=2",
+                "trainer.progress=false",
+                f"tracking.uri={dead}",
+                "tracking.system_metrics=false",
+            ],
+        )
     final = execute(cfg, tmp_path, tmp_path)
     assert final["step"] == 6
     err = capsys.readouterr().err
@@ -264,8 +287,9 @@ def test_a_fresh_store_opens_quietly_and_the_run_names_its_source(tmp_path, capf
     tags = MlflowClient(uri).get_run(tr.run_id).data.tags
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] and tags["mlflow.user"]
     assert tags["lingmao.version"] == importlib.metadata.version("lingmao")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(tracking_store.__file__).parent,
-                          capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(tracking_store.__file__).parent, capture_output=True, text=True
+    ).stdout.strip()
     assert tags.get("mlflow.source.git.commit") == (head or None)
 
 
@@ -273,14 +297,18 @@ def test_the_corpus_is_logged_as_a_dataset_input(tmp_path, mlflow_db, monkeypatc
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{mlflow_db}"
     tr = Tracker(uri, "lingmao", "data", spool=tmp_path / SPOOL_NAME)
-    tr.log_input_dataset("poems-zh", "3fa2c1d0e9b8a7f6", "hf://chinese-poetry", n_records=1200,
-                         profile={"train_tokens": 52000})
+    tr.log_input_dataset(
+        "poems-zh", "3fa2c1d0e9b8a7f6", "hf://chinese-poetry", n_records=1200, profile={"train_tokens": 52000}
+    )
     tr.log_input_dataset("val", "0123456789abcdef" * 3, str(tmp_path / "val.jsonl"), context="eval")
     tr.end()
     inputs = MlflowClient(uri).get_run(tr.run_id).inputs.dataset_inputs
     inp, val = sorted(inputs, key=lambda i: i.dataset.name)
-    assert (inp.dataset.name, inp.dataset.digest, inp.dataset.source_type) == \
-        ("poems-zh", "3fa2c1d0e9b8a7f6", "hugging_face")
+    assert (inp.dataset.name, inp.dataset.digest, inp.dataset.source_type) == (
+        "poems-zh",
+        "3fa2c1d0e9b8a7f6",
+        "hugging_face",
+    )
     assert (val.dataset.source_type, len(val.dataset.digest), val.tags[0].value) == ("local", 36, "eval")
     assert json.loads(inp.dataset.profile) == {"num_records": 1200, "train_tokens": 52000}
     assert json.loads(inp.dataset.source) == {"uri": "hf://chinese-poetry"}
@@ -308,7 +336,7 @@ def test_params_changed_on_resume_are_kept_beside_the_first_ones(tmp_path, mlflo
 
 
 def test_stores_with_a_scheme_or_a_profile_name_are_not_made_into_folders(tmp_path):
-    from lingmao.tracking.tracker import resolve_uri
+    from lingmao.tracking.store import resolve_uri
 
     for uri in ("databricks", "databricks-uc", "uc:", "file:///tmp/x", "http://h:5000", "postgresql://u@h/db"):
         assert resolve_uri(uri, tmp_path) == uri

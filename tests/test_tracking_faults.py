@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lingmao.tracking.tracker import SPOOL_NAME, Tracker, import_spool, main, read_spool
+from lingmao.tracking.spool import SPOOL_NAME, import_spool, main, read_spool
+from lingmao.tracking.tracker import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 HANG = 60.0  # seconds a hung request waits before the server lets it go: longer than any bound tested
@@ -135,16 +136,22 @@ def test_a_store_that_hangs_mid_run_spools_the_send_in_flight(tmp_path, mlflow_d
 
 
 def run_script(code: str, tmp_path: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **env, "PYTHONPATH": str(REPO)})
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+    )
 
 
 @pytest.mark.parametrize("store", ["sqlite", "hung"])
 def test_sigkill_after_a_flush_loses_no_metric(tmp_path, mlflow_db, hung_server, store):
     uri = f"sqlite:///{mlflow_db}" if store == "sqlite" else hung_server
     bound = 60.0 if store == "sqlite" else 1.0  # a healthy store on a loaded machine takes seconds to open
-    proc = run_script(f"""
+    proc = run_script(
+        f"""
         import os, signal
         from lingmao.tracking.tracker import Tracker
         tr = Tracker({uri!r}, "lingmao", "killed", spool={str(tmp_path / SPOOL_NAME)!r}, timeout={bound})
@@ -154,7 +161,10 @@ def test_sigkill_after_a_flush_loses_no_metric(tmp_path, mlflow_db, hung_server,
         tr.flush(wait=True)
         print(tr.run_id, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
-    """, tmp_path, {})
+    """,
+        tmp_path,
+        {},
+    )
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, err
     if store == "sqlite":
@@ -166,7 +176,8 @@ def test_sigkill_after_a_flush_loses_no_metric(tmp_path, mlflow_db, hung_server,
 def test_two_sigterms_stop_a_wait_on_a_hung_store(tmp_path, hung_server):
     """The engine's handler: the first SIGTERM asks for a stop after the step,
     the second raises at once, also inside a wait on the tracker."""
-    proc = run_script(f"""
+    proc = run_script(
+        f"""
         import sys
         from lingmao.train.engine import Stopper
         from lingmao.tracking.tracker import Tracker
@@ -180,7 +191,10 @@ def test_two_sigterms_stop_a_wait_on_a_hung_store(tmp_path, hung_server):
                 print("interrupted", flush=True)
                 sys.exit(3)
         print("returned", flush=True)
-    """, tmp_path, {})
+    """,
+        tmp_path,
+        {},
+    )
     assert proc.stdout.readline().strip() == "waiting"
     time.sleep(2.0)  # inside flush's wait by now
     for _ in range(2):
@@ -190,8 +204,9 @@ def test_two_sigterms_stop_a_wait_on_a_hung_store(tmp_path, hung_server):
     assert proc.returncode == 3 and out.strip() == "interrupted", err
 
 
-def test_training_against_a_hung_server_checkpoints_and_spools_every_step(tmp_path, shared_cache, hung_server,
-                                                                        monkeypatch):
+def test_training_against_a_hung_server_checkpoints_and_spools_every_step(
+    tmp_path, shared_cache, hung_server, monkeypatch
+):
     """End to end in-process: the checkpoints are written on time and the
     spool holds every step's metrics."""
     from hydra import compose, initialize_config_dir
@@ -207,11 +222,24 @@ def test_training_against_a_hung_server_checkpoints_and_spools_every_step(tmp_pa
     monkeypatch.setattr(lingmao.tracking.tracker, "Tracker", Bounded)
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "hardware=cpu", "model=tiny", "model.context_length=32", "hardware.batch=4", "hardware.accumulation=1",
-            "trainer.max_steps=6", "trainer.eval_every=3", "trainer.log_every=1", "trainer.eval_batches=2",
-            "checkpoint.every_steps=3", "trainer.progress=false", f"tracking.uri={hung_server}",
-            "tracking.system_metrics=false"])
+        cfg = compose(
+            "config",
+            overrides=[
+                "hardware=cpu",
+                "model=tiny",
+                "model.context_length=32",
+                "hardware.batch=4",
+                "hardware.accumulation=1",
+                "trainer.max_steps=6",
+                "trainer.eval_every=3",
+                "trainer.log_every=1",
+                "trainer.eval_batches=2",
+                "checkpoint.every_steps=3",
+                "trainer.progress=false",
+                f"tracking.uri={hung_server}",
+                "tracking.system_metrics=false",
+            ],
+        )
     t = time.monotonic()
     final = execute(cfg, tmp_path, tmp_path)
     assert final["step"] == 6 and time.monotonic() - t < 120

@@ -20,9 +20,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SWEEP = ["-m", "hardware=cpu", "model=tiny", "model.context_length=32", "trainer.max_steps=10",
-         "trainer.eval_every=5", "trainer.log_every=5", "trainer.eval_batches=2", "trainer.progress=false",
-         "hardware.batch=4", "optim.lr=1e-3,3e-3"]
+SWEEP = [
+    "-m",
+    "hardware=cpu",
+    "model=tiny",
+    "model.context_length=32",
+    "trainer.max_steps=10",
+    "trainer.eval_every=5",
+    "trainer.log_every=5",
+    "trainer.eval_batches=2",
+    "trainer.progress=false",
+    "hardware.batch=4",
+    "optim.lr=1e-3,3e-3",
+]
 SECTION = re.compile(r'data-testid="experiment-view-compare-runs-section-header"[^>]*>(.*?)<span', re.S)
 
 
@@ -52,11 +62,22 @@ def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> None:
     pytest.fail(f"mlflow ui did not answer {url}/health within {seconds:.0f}s")
 
 
-def _browser(chromium: str, profile: Path, *args: str, timeout: int = 120, width: int = 1600) -> subprocess.CompletedProcess:
+def _browser(
+    chromium: str, profile: Path, *args: str, timeout: int = 120, width: int = 1600
+) -> subprocess.CompletedProcess:
     # The virtual-time budget lets the page's requests and rendering finish
     # before the DOM or the screenshot is taken; the timeout bounds it all.
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},1400",
-           f"--user-data-dir={profile}", "--virtual-time-budget=60000", *args]
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--window-size={width},1400",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=60000",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -74,16 +95,37 @@ def ui(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ui")
     cache = build_training_cache(tmp_path / "cache")
     env = {**os.environ, "LINGMAO_CACHE": str(cache), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "lingmao.run", *SWEEP], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lingmao.run", *SWEEP],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     links = re.findall(r"then open (http://127\.0\.0\.1:5000/\S+)", proc.stdout)
     assert links, proc.stdout[-3000:]
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                               f"sqlite:///{tmp_path / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)  # its workers share the group: stopped together
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )  # its workers share the group: stopped together
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", server, 120)
         yield links[-1].replace("127.0.0.1:5000", f"127.0.0.1:{port}"), f"sqlite:///{tmp_path / 'mlflow.db'}"

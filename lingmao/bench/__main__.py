@@ -9,23 +9,31 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from lingmao.config.rules import ConfigError
-from lingmao.data import CorpusError
 from lingmao.bench.options import OptionError, parse_args, usage
+from lingmao.config.rules import ConfigError
+from lingmao.data.corpus import CorpusError
 
 USER_ERRORS = (OptionError, ConfigError, CorpusError, HydraException, OmegaConfBaseException)
 EXPERIMENT = "lingmao-bench"
 
 
 def open_tracker(cfg, plan, suite: str | None, opts):
+    from lingmao.tracking.store import resolve_uri
+    from lingmao.tracking.tracker import Tracker, git_state, launch_host
     from lingmao.train.engine import cfg_dict
-    from lingmao.tracking.tracker import Tracker, git_state, launch_host, resolve_uri
 
     launch = Path.cwd()
     name = f"{suite + '-suite' if suite else 'bench'}-{plan.preset}-{cfg.model.name}"
     tracker = Tracker(resolve_uri(cfg.tracking.uri, launch), EXPERIMENT, name, enabled=cfg.tracking.enabled)
-    tracker.set_tags({"hardware": plan.preset, "model": cfg.model.name, "suite": suite or "",
-                      "host": launch_host(), **git_state(launch)})
+    tracker.set_tags(
+        {
+            "hardware": plan.preset,
+            "model": cfg.model.name,
+            "suite": suite or "",
+            "host": launch_host(),
+            **git_state(launch),
+        }
+    )
     tracker.log_params({"config": cfg_dict(cfg), "plan": plan.as_dict(), "bench": asdict(opts)})
     return tracker
 
@@ -34,17 +42,32 @@ def benchmark_mode(cfg, plan, opts, tracker) -> None:
     from lingmao.bench.measure import benchmark, train_tokens
 
     windows = (opts.warmup + 2 * opts.steps + 2) * plan.effective_batch
-    tokens, vocab, stride, source = train_tokens(cfg, opts.synthetic, opts.vocab, windows,
-                                                 progress=cfg.trainer.progress)
+    tokens, vocab, stride, source = train_tokens(
+        cfg, opts.synthetic, opts.vocab, windows, progress=cfg.trainer.progress
+    )
     peak = plan.peak_tflops_per_device if plan.device != "cpu" else None
     peaks = {f"the {plan.preset} preset's peak": peak} if peak else {}
-    print(f"lingmao bench: hardware={plan.preset} model={cfg.model.name} | {plan.device} {plan.precision}"
-          f"{' compiled' if plan.compile else ' eager'} | micro-batch {plan.micro_batch} x accumulation "
-          f"{plan.accumulation}, context {cfg.model.context_length} | {source}")
-    result = benchmark(cfg, plan, tokens, vocab, stride, steps=opts.steps, warmup=opts.warmup, tracker=tracker,
-                       peaks=peaks, label=f"{plan.preset}-{cfg.model.name}")
-    print(f"{result.params / 1e6:.2f}M params | {opts.steps} timed steps in {result.seconds:.1f} s "
-          f"after {opts.warmup} warm-up steps")
+    print(
+        f"lingmao bench: hardware={plan.preset} model={cfg.model.name} | {plan.device} {plan.precision}"
+        f"{' compiled' if plan.compile else ' eager'} | micro-batch {plan.micro_batch} x accumulation "
+        f"{plan.accumulation}, context {cfg.model.context_length} | {source}"
+    )
+    result = benchmark(
+        cfg,
+        plan,
+        tokens,
+        vocab,
+        stride,
+        steps=opts.steps,
+        warmup=opts.warmup,
+        tracker=tracker,
+        peaks=peaks,
+        label=f"{plan.preset}-{cfg.model.name}",
+    )
+    print(
+        f"{result.params / 1e6:.2f}M params | {opts.steps} timed steps in {result.seconds:.1f} s "
+        f"after {opts.warmup} warm-up steps"
+    )
     print("\n".join(result.lines()))
     tracker.log_metrics(result.metrics("bench/"), opts.warmup + opts.steps)
     tracker.log_dict(asdict(result), "bench.json")
@@ -65,22 +88,24 @@ def suite_parts(name: str, plan, opts) -> dict:
     from lingmao.bench.cpu import CPU_PARTS
 
     if plan.device != "cpu":
-        raise OptionError(f"suite=cpu measures the CPU, but hardware={plan.preset} runs on {plan.device}: "
-                          f"add hardware=cpu")
+        raise OptionError(
+            f"suite=cpu measures the CPU, but hardware={plan.preset} runs on {plan.device}: add hardware=cpu"
+        )
     if opts.parts == "all":
         return dict(CPU_PARTS)
     names = [p.strip() for p in opts.parts.split(",") if p.strip()]
     if not names or any(n not in CPU_PARTS for n in names):
-        raise OptionError(f"bench.parts={opts.parts!r}: choose 'all' or some of {', '.join(CPU_PARTS)}, "
-                          f"comma-separated")
+        raise OptionError(
+            f"bench.parts={opts.parts!r}: choose 'all' or some of {', '.join(CPU_PARTS)}, comma-separated"
+        )
     return {n: CPU_PARTS[n] for n in names}
 
 
 def run(args: list[str]) -> None:
-    from lingmao.train.backend import apply_runtime
+    from lingmao.bench.compose import Composer
     from lingmao.plan.machine import detect
     from lingmao.plan.make import runnable_plan
-    from lingmao.bench.compose import Composer
+    from lingmao.train.backend import apply_runtime
 
     suite, opts, overrides = parse_args(args)
     if suite == "gpu":

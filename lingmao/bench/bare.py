@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lingmao.train.optim import set_lr
-from lingmao.train.backend import autocast
 from lingmao.bench.loop import Steps
+from lingmao.train.backend import autocast
+from lingmao.train.optim import set_lr
 
 
 class BareLoop(Steps):

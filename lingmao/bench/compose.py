@@ -30,8 +30,11 @@ class Composer:
 
     def with_groups(self, groups: dict[str, str], values: dict | None = None) -> list[str]:
         """The user's overrides, then these group choices and values."""
-        return [*self.overrides, *(f"{g}={v}" for g, v in groups.items()),
-                *(override(k, v) for k, v in (values or {}).items())]
+        return [
+            *self.overrides,
+            *(f"{g}={v}" for g, v in groups.items()),
+            *(override(k, v) for k, v in (values or {}).items()),
+        ]
 
     def compose(self, groups: dict[str, str] | None = None, values: dict | None = None):
         from hydra import compose, initialize_config_dir

@@ -25,7 +25,6 @@ from lingmao.bench.overhead import engine_overhead
 from lingmao.bench.stats import compare, interleave
 from lingmao.bench.suite import Suite, silent_tracker
 
-
 # --- 2. data pipeline ---
 
 
@@ -41,12 +40,19 @@ def data_pipeline(s: Suite) -> dict:
     r = benchmark(cfg, plan, tokens, vocab, stride, steps=3, warmup=1, tracker=silent_tracker(), matmul=False)
     step = sum(r.split.values())
     ok = r.data_share < 0.02
-    print(f"data wait {r.split['data'] * 1e3:.2f} ms of a {step * 1e3:,.0f} ms step = {r.data_share:.3%} "
-          f"(goal < 2%: {'met' if ok else 'MISSED'}) | {plan.num_workers} workers, micro-batch "
-          f"{plan.micro_batch}, context 128, {plan.precision} | {source}")
-    return {"summary": f"data wait {r.data_share:.3%} of step time (goal < 2%: {'met' if ok else 'MISSED'})",
-            "data_wait_share": r.data_share, "data_wait_seconds": r.split["data"], "step_seconds": step,
-            "goal_met": ok, "num_workers": plan.num_workers}
+    print(
+        f"data wait {r.split['data'] * 1e3:.2f} ms of a {step * 1e3:,.0f} ms step = {r.data_share:.3%} "
+        f"(goal < 2%: {'met' if ok else 'MISSED'}) | {plan.num_workers} workers, micro-batch "
+        f"{plan.micro_batch}, context 128, {plan.precision} | {source}"
+    )
+    return {
+        "summary": f"data wait {r.data_share:.3%} of step time (goal < 2%: {'met' if ok else 'MISSED'})",
+        "data_wait_share": r.data_share,
+        "data_wait_seconds": r.split["data"],
+        "step_seconds": step,
+        "goal_met": ok,
+        "num_workers": plan.num_workers,
+    }
 
 
 # --- 3. start-up ---
@@ -58,10 +64,9 @@ def startup(s: Suite) -> dict:
     every library both launchers import (so the page cache holds them), and
     the scratch MLflow store in the output folder exists."""
     import lingmao
-
-    from lingmao.data import load_corpus
-    from lingmao.tracking.tracker import ensure_store
     from lingmao.bench.startup import BARE_PHASES, RUN_PHASES, bare_spec, launch, median_phases
+    from lingmao.data import load_corpus
+    from lingmao.tracking.store import ensure_store
 
     cfg, plan = s.variant("tiny")
     data = load_corpus(cfg.data)
@@ -73,8 +78,12 @@ def startup(s: Suite) -> dict:
 
     def run_args() -> list[str]:
         runs["n"] += 1
-        return [*s.composer.with_groups({"model": "tiny"}), "trainer.max_steps=1",
-                f"tracking.uri=sqlite:///{work / 'mlflow.db'}", f"hydra.run.dir={work / 'runs' / str(runs['n'])}"]
+        return [
+            *s.composer.with_groups({"model": "tiny"}),
+            "trainer.max_steps=1",
+            f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+            f"hydra.run.dir={work / 'runs' / str(runs['n'])}",
+        ]
 
     spec = bare_spec(cfg, plan, data)
     marks = {"run": [], "bare": []}
@@ -88,9 +97,11 @@ def startup(s: Suite) -> dict:
     paired = interleave(lambda: timed("run"), lambda: timed("bare"), s.opts.startup_pairs)
     verdict = compare(paired)
     run_s, bare_s = median(paired.a), median(paired.b)
-    print(f"process start -> first optimizer step (median of {len(paired.a)}): lingmao.run {run_s:.2f} s, "
-          f"bare script {bare_s:.2f} s | model=tiny, micro-batch {plan.micro_batch} x {plan.accumulation}, "
-          f"{plan.precision}")
+    print(
+        f"process start -> first optimizer step (median of {len(paired.a)}): lingmao.run {run_s:.2f} s, "
+        f"bare script {bare_s:.2f} s | model=tiny, micro-batch {plan.micro_batch} x {plan.accumulation}, "
+        f"{plan.precision}"
+    )
     print(verdict.describe("lingmao.run/bare start-up"))
     run_phases, bare_phases = median_phases(marks["run"], RUN_PHASES), median_phases(marks["bare"], BARE_PHASES)
     for name, spans in (("lingmao.run", run_phases), ("bare script", bare_phases)):
@@ -99,12 +110,19 @@ def startup(s: Suite) -> dict:
             print(f"    {seconds:7.3f} s  {label}")
     ok = run_s <= 5.0 and verdict.conclusive and verdict.ratio.median <= 1.25
     ratio = f"{verdict.ratio.median:.2f}x bare" if verdict.conclusive else "ratio inconclusive"
-    return {"summary": f"start-up {run_s:.2f} s, {ratio} (goal <= 5 s and <= 1.25x: {'met' if ok else 'MISSED'})",
-            "run_seconds": run_s, "bare_seconds": bare_s, "ratio": verdict.ratio.median,
-            "ratio_low": verdict.ratio.low, "ratio_high": verdict.ratio.high, "control": verdict.control.median,
-            "conclusive": verdict.conclusive, "goal_met": ok,
-            "run_phases": {key.replace(":", "_"): seconds for key, _, seconds in run_phases},
-            "bare_phases": {key: seconds for key, _, seconds in bare_phases}}
+    return {
+        "summary": f"start-up {run_s:.2f} s, {ratio} (goal <= 5 s and <= 1.25x: {'met' if ok else 'MISSED'})",
+        "run_seconds": run_s,
+        "bare_seconds": bare_s,
+        "ratio": verdict.ratio.median,
+        "ratio_low": verdict.ratio.low,
+        "ratio_high": verdict.ratio.high,
+        "control": verdict.control.median,
+        "conclusive": verdict.conclusive,
+        "goal_met": ok,
+        "run_phases": {key.replace(":", "_"): seconds for key, _, seconds in run_phases},
+        "bare_phases": {key: seconds for key, _, seconds in bare_phases},
+    }
 
 
 # --- 5. scaling ---
@@ -124,25 +142,40 @@ def scaling(s: Suite) -> dict:
     for model in SCALING_MODELS:
         for ctx in SCALING_CONTEXTS:
             batch = max(1, SCALING_TOKENS // ctx)
-            cfg, plan = s.variant(model, **{"model.context_length": ctx, "hardware.batch": batch,
-                                            "hardware.accumulation": 1})
+            cfg, plan = s.variant(
+                model, **{"model.context_length": ctx, "hardware.batch": batch, "hardware.accumulation": 1}
+            )
             tokens, vocab, stride, _ = train_tokens(cfg, True, s.opts.vocab, 8 * batch)
-            r = benchmark(cfg, plan, tokens, vocab, stride, steps=2, warmup=1, tracker=silent_tracker(),
-                          matmul=False)
-            rows.append({"model": model, "params": r.params, "context_length": ctx, "micro_batch": batch,
-                         "precision": plan.precision, "tokens_per_sec": r.tokens_per_sec,
-                         "step_seconds": sum(r.split.values()), "peak_memory_gb": r.peak_memory_bytes / 2**30,
-                         "training_memory_gb": (r.peak_memory_bytes - r.base_memory_bytes) / 2**30,
-                         "memory": r.memory_kind})
-            print(f"  {model:<7} {r.params / 1e6:7.1f}M  ctx {ctx:4d}  batch {batch:2d}  "
-                  f"{r.tokens_per_sec:9,.0f} tokens/s  {rows[-1]['peak_memory_gb']:6.2f} GiB {r.memory_kind} "
-                  f"({rows[-1]['training_memory_gb']:.2f} GiB of it for this model)")
+            r = benchmark(cfg, plan, tokens, vocab, stride, steps=2, warmup=1, tracker=silent_tracker(), matmul=False)
+            rows.append(
+                {
+                    "model": model,
+                    "params": r.params,
+                    "context_length": ctx,
+                    "micro_batch": batch,
+                    "precision": plan.precision,
+                    "tokens_per_sec": r.tokens_per_sec,
+                    "step_seconds": sum(r.split.values()),
+                    "peak_memory_gb": r.peak_memory_bytes / 2**30,
+                    "training_memory_gb": (r.peak_memory_bytes - r.base_memory_bytes) / 2**30,
+                    "memory": r.memory_kind,
+                }
+            )
+            print(
+                f"  {model:<7} {r.params / 1e6:7.1f}M  ctx {ctx:4d}  batch {batch:2d}  "
+                f"{r.tokens_per_sec:9,.0f} tokens/s  {rows[-1]['peak_memory_gb']:6.2f} GiB {r.memory_kind} "
+                f"({rows[-1]['training_memory_gb']:.2f} GiB of it for this model)"
+            )
     (s.out / "scaling.json").write_text(json.dumps(rows, indent=2))
     png = plot_scaling(rows, s.out / "scaling.png")
     s.tracker.log_artifact(png)
     s.tracker.log_artifact(s.out / "scaling.json")
-    table = {f"{r['model']}_ctx{r['context_length']}":
-             {k: r[k] for k in ("params", "tokens_per_sec", "peak_memory_gb", "training_memory_gb")} for r in rows}
+    table = {
+        f"{r['model']}_ctx{r['context_length']}": {
+            k: r[k] for k in ("params", "tokens_per_sec", "peak_memory_gb", "training_memory_gb")
+        }
+        for r in rows
+    }
     return {"summary": f"{len(rows)} rows: table above, {png}", "table": table}
 
 
@@ -164,7 +197,9 @@ def plot_scaling(rows: list[dict], path: Path) -> Path:
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.suptitle(f"lingmao training on CPU ({rows[0]['precision']}), micro-batch {SCALING_TOKENS} / context (at least 1)")
+    fig.suptitle(
+        f"lingmao training on CPU ({rows[0]['precision']}), micro-batch {SCALING_TOKENS} / context (at least 1)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
@@ -179,9 +214,9 @@ def cpu_precision(s: Suite) -> dict:
     accumulation 1 so that a step stays well under a block. Its largest matmul,
     the output head (tokens x d_model x vocabulary), is where bf16 would pay.
     Both train through the engine's step."""
-    from lingmao.data.windows import TokenWindows
     from lingmao.bench.loop import Steps
     from lingmao.bench.measure import train_tokens
+    from lingmao.data.windows import TokenWindows
 
     shape = {"hardware.accumulation": 1}
     cfg32, plan32 = s.variant("tiny", **shape, **{"hardware.precision": "fp32", "hardware.compile": False})
@@ -195,22 +230,33 @@ def cpu_precision(s: Suite) -> dict:
     compile_s = time.perf_counter() - start
     bf16.run_for(s.opts.block_seconds)
     fp32.run_for(s.opts.block_seconds)
-    paired = interleave(lambda: bf16.run_for(s.opts.block_seconds), lambda: fp32.run_for(s.opts.block_seconds),
-                        s.opts.pairs)
+    paired = interleave(
+        lambda: bf16.run_for(s.opts.block_seconds), lambda: fp32.run_for(s.opts.block_seconds), s.opts.pairs
+    )
     verdict = compare(paired)
     native = s.machine.native_bf16_cpu
     print(verdict.describe("bf16+compile / fp32 eager tokens/s"))
-    print(f"median tokens/s: bf16+compile {median(paired.a):,.0f}, fp32 eager {median(paired.b):,.0f} | model=tiny, "
-          f"micro-batch {plan32.micro_batch}, context {cfg32.model.context_length} | "
-          f"first compiled step {compile_s:.1f} s (with a cold inductor cache that is mostly C++ compilation; "
-          f"later runs reuse the kernels) | native bf16 (AMX/AVX512-BF16): {'yes' if native else 'no'}")
+    print(
+        f"median tokens/s: bf16+compile {median(paired.a):,.0f}, fp32 eager {median(paired.b):,.0f} | model=tiny, "
+        f"micro-batch {plan32.micro_batch}, context {cfg32.model.context_length} | "
+        f"first compiled step {compile_s:.1f} s (with a cold inductor cache that is mostly C++ compilation; "
+        f"later runs reuse the kernels) | native bf16 (AMX/AVX512-BF16): {'yes' if native else 'no'}"
+    )
     ok = verdict.conclusive and verdict.ratio.median >= 2.0
     goal = f"goal >= 2x: {'met' if ok else 'MISSED'}" if native else "no native bf16 here: the 2x goal does not apply"
     ratio = f"{verdict.ratio.median:.2f}x" if verdict.conclusive else "inconclusive"
-    return {"summary": f"bf16+compile / fp32 eager {ratio} ({goal})", "ratio": verdict.ratio.median,
-            "ratio_low": verdict.ratio.low, "ratio_high": verdict.ratio.high, "control": verdict.control.median,
-            "conclusive": verdict.conclusive, "compile_seconds": compile_s, "native_bf16": native,
-            "bf16_tokens_per_sec": median(paired.a), "fp32_tokens_per_sec": median(paired.b)}
+    return {
+        "summary": f"bf16+compile / fp32 eager {ratio} ({goal})",
+        "ratio": verdict.ratio.median,
+        "ratio_low": verdict.ratio.low,
+        "ratio_high": verdict.ratio.high,
+        "control": verdict.control.median,
+        "conclusive": verdict.conclusive,
+        "compile_seconds": compile_s,
+        "native_bf16": native,
+        "bf16_tokens_per_sec": median(paired.a),
+        "fp32_tokens_per_sec": median(paired.b),
+    }
 
 
 # --- 8. chunked loss ---
@@ -224,37 +270,54 @@ def chunked_loss(s: Suite) -> dict:
     estimate's logits memory for both."""
     from dataclasses import replace
 
-    from lingmao.plan.batch import model_shape
-    from lingmao.data.windows import TokenWindows
-    from lingmao.plan.estimate import estimate_memory
     from lingmao.bench.loop import Steps
     from lingmao.bench.measure import train_tokens
+    from lingmao.data.windows import TokenWindows
+    from lingmao.plan.batch import model_shape
+    from lingmao.plan.estimate import estimate_memory
 
-    cfg, plan = s.variant("small", **{"hardware.accumulation": 1, "hardware.precision": "fp32",
-                                      "hardware.compile": False})
+    cfg, plan = s.variant(
+        "small", **{"hardware.accumulation": 1, "hardware.precision": "fp32", "hardware.compile": False}
+    )
     whole = replace(plan, loss_chunk=0)
     tokens, vocab, stride, _ = train_tokens(cfg, True, s.opts.vocab, 4096)
     windows = TokenWindows(tokens, cfg.model.context_length, stride)
     chunked, full = (Steps(cfg, p, windows, vocab, total_steps=cfg.trainer.max_steps) for p in (plan, whole))
     chunked.run_for(s.opts.block_seconds)
     full.run_for(s.opts.block_seconds)
-    paired = interleave(lambda: chunked.run_for(s.opts.block_seconds), lambda: full.run_for(s.opts.block_seconds),
-                        s.opts.pairs)
+    paired = interleave(
+        lambda: chunked.run_for(s.opts.block_seconds), lambda: full.run_for(s.opts.block_seconds), s.opts.pairs
+    )
     verdict = compare(paired)
     shape = model_shape(cfg.model, vocab=vocab, precision="fp32", device="cpu", ddp=False)
-    gb = {k: estimate_memory(micro_batch=plan.micro_batch, **{**shape, "loss_chunk": c}).logits / 2**30
-          for k, c in (("chunked", plan.loss_chunk), ("full", 0))}
+    gb = {
+        k: estimate_memory(micro_batch=plan.micro_batch, **{**shape, "loss_chunk": c}).logits / 2**30
+        for k, c in (("chunked", plan.loss_chunk), ("full", 0))
+    }
     print(verdict.describe("chunked / whole-batch loss tokens/s"))
-    print(f"logits memory (estimate): chunked {gb['chunked']:.2f} GB, whole batch {gb['full']:.2f} GB | "
-          f"model=small, micro-batch {plan.micro_batch}, context {cfg.model.context_length}, chunk {plan.loss_chunk}")
+    print(
+        f"logits memory (estimate): chunked {gb['chunked']:.2f} GB, whole batch {gb['full']:.2f} GB | "
+        f"model=small, micro-batch {plan.micro_batch}, context {cfg.model.context_length}, chunk {plan.loss_chunk}"
+    )
     ratio = f"{verdict.ratio.median:.3f}x" if verdict.conclusive else "inconclusive"
     logits = f"logits {gb['chunked']:.2f} vs {gb['full']:.2f} GB"
-    return {"summary": f"chunked / whole-batch loss tokens/s {ratio}; {logits}",
-            "ratio": verdict.ratio.median, "ratio_low": verdict.ratio.low, "ratio_high": verdict.ratio.high,
-            "control": verdict.control.median, "conclusive": verdict.conclusive,
-            "logits_gb_chunked": gb["chunked"], "logits_gb_full": gb["full"]}
+    return {
+        "summary": f"chunked / whole-batch loss tokens/s {ratio}; {logits}",
+        "ratio": verdict.ratio.median,
+        "ratio_low": verdict.ratio.low,
+        "ratio_high": verdict.ratio.high,
+        "control": verdict.control.median,
+        "conclusive": verdict.conclusive,
+        "logits_gb_chunked": gb["chunked"],
+        "logits_gb_full": gb["full"],
+    }
 
 
-CPU_PARTS = {"engine": ("1. engine overhead", engine_overhead), "data": ("2. data pipeline", data_pipeline),
-             "startup": ("3. start-up", startup), "scaling": ("5. scaling", scaling),
-             "precision": ("7. CPU precision", cpu_precision), "loss": ("8. chunked loss", chunked_loss)}
+CPU_PARTS = {
+    "engine": ("1. engine overhead", engine_overhead),
+    "data": ("2. data pipeline", data_pipeline),
+    "startup": ("3. start-up", startup),
+    "scaling": ("5. scaling", scaling),
+    "precision": ("7. CPU precision", cpu_precision),
+    "loss": ("8. chunked loss", chunked_loss),
+}

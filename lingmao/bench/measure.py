@@ -24,13 +24,17 @@ import numpy as np
 import psutil
 import torch
 
+from lingmao.bench.loop import Clock, Steps
 from lingmao.data.windows import TokenWindows
 from lingmao.train.backend import DTYPES, matmul_tflops, peak_memory_bytes
-from lingmao.bench.loop import Clock, Steps
 
 PHASES = ("data", "forward_backward", "optimizer", "logging")
-PHASE_NAMES = {"data": "data wait", "forward_backward": "forward+backward", "optimizer": "optimizer",
-               "logging": "logging"}
+PHASE_NAMES = {
+    "data": "data wait",
+    "forward_backward": "forward+backward",
+    "optimizer": "optimizer",
+    "logging": "logging",
+}
 
 
 # --- peak memory ---
@@ -140,24 +144,33 @@ class Result:
 
     def lines(self) -> list[str]:
         step = sum(self.split.values())
-        parts = " + ".join(f"{PHASE_NAMES[p]} {self.split[p] * 1e3:.1f} ms ({self.split[p] / step:.1%})"
-                           for p in PHASES)
-        out = [f"  samples/sec   {self.samples_per_sec:,.2f}",
-               f"  tokens/sec    {self.tokens_per_sec:,.0f}"]
+        parts = " + ".join(
+            f"{PHASE_NAMES[p]} {self.split[p] * 1e3:.1f} ms ({self.split[p] / step:.1%})" for p in PHASES
+        )
+        out = [f"  samples/sec   {self.samples_per_sec:,.2f}", f"  tokens/sec    {self.tokens_per_sec:,.0f}"]
         for i, (name, peak) in enumerate(self.peaks.items()):
-            out.append(f"  {'MFU' if i == 0 else '':<12}  {self.mfu(name):.1%} of {name} ({peak:,.3g} TFLOPS); "
-                       f"{self.achieved_tflops:,.3g} TFLOPS achieved at {self.flops_per_token / 1e6:,.1f} MFLOP/token")
-        out += [f"  step time     {step * 1e3:,.1f} ms = {parts}",
-                f"  peak memory   {self.peak_memory_bytes / 2**30:.2f} GiB ({self.memory_kind}), "
-                f"{(self.peak_memory_bytes - self.base_memory_bytes) / 2**30:.2f} GiB above what the process held "
-                f"before building the model"]
+            out.append(
+                f"  {'MFU' if i == 0 else '':<12}  {self.mfu(name):.1%} of {name} ({peak:,.3g} TFLOPS); "
+                f"{self.achieved_tflops:,.3g} TFLOPS achieved at {self.flops_per_token / 1e6:,.1f} MFLOP/token"
+            )
+        out += [
+            f"  step time     {step * 1e3:,.1f} ms = {parts}",
+            f"  peak memory   {self.peak_memory_bytes / 2**30:.2f} GiB ({self.memory_kind}), "
+            f"{(self.peak_memory_bytes - self.base_memory_bytes) / 2**30:.2f} GiB above what the process held "
+            f"before building the model",
+        ]
         return out
 
     def metrics(self, prefix: str) -> dict[str, float]:
-        m = {f"{prefix}samples_per_sec": self.samples_per_sec, f"{prefix}tokens_per_sec": self.tokens_per_sec,
-             f"{prefix}achieved_tflops": self.achieved_tflops, f"{prefix}peak_memory_gb": self.peak_memory_bytes / 2**30,
-             f"{prefix}training_memory_gb": (self.peak_memory_bytes - self.base_memory_bytes) / 2**30,
-             f"{prefix}step_seconds": sum(self.split.values()), f"{prefix}data_wait_share": self.data_share}
+        m = {
+            f"{prefix}samples_per_sec": self.samples_per_sec,
+            f"{prefix}tokens_per_sec": self.tokens_per_sec,
+            f"{prefix}achieved_tflops": self.achieved_tflops,
+            f"{prefix}peak_memory_gb": self.peak_memory_bytes / 2**30,
+            f"{prefix}training_memory_gb": (self.peak_memory_bytes - self.base_memory_bytes) / 2**30,
+            f"{prefix}step_seconds": sum(self.split.values()),
+            f"{prefix}data_wait_share": self.data_share,
+        }
         m.update({f"{prefix}split/{p}_seconds": self.split[p] for p in PHASES})
         for i, name in enumerate(self.peaks):
             m[f"{prefix}mfu" if i == 0 else f"{prefix}mfu_{_slug(name)}"] = self.mfu(name)
@@ -185,9 +198,21 @@ def flash_attention():
     return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
 
 
-def benchmark(cfg, plan, tokens: np.ndarray, vocab_size: int, stride: int, *, steps: int, warmup: int, tracker,
-              label: str = "", peaks: dict[str, float] | None = None, matmul: bool = True,
-              flash: bool = False) -> Result:
+def benchmark(
+    cfg,
+    plan,
+    tokens: np.ndarray,
+    vocab_size: int,
+    stride: int,
+    *,
+    steps: int,
+    warmup: int,
+    tracker,
+    label: str = "",
+    peaks: dict[str, float] | None = None,
+    matmul: bool = True,
+    flash: bool = False,
+) -> Result:
     """Warm up, then time `steps` optimizer steps of the composed run with the
     engine's step. On CUDA, throughput comes from steps with no synchronisation
     inside, and the split from as many again (up to 10) that synchronise at
@@ -218,10 +243,21 @@ def benchmark(cfg, plan, tokens: np.ndarray, vocab_size: int, stride: int, *, st
     if matmul:
         dtype = DTYPES[plan.precision] or torch.float32
         all_peaks[f"{plan.precision} matmul measured here"] = matmul_tflops(device, dtype)
-    return Result(label=label, device=plan.device, precision=plan.precision, compile=plan.compile,
-                  params=loop.raw.num_params(), micro_batch=plan.micro_batch, accumulation=plan.accumulation,
-                  context_length=cfg.model.context_length, steps=steps, seconds=seconds,
-                  flops_per_token=loop.raw.flops_per_token(),
-                  split={p: clock.phases[p] / split_steps for p in PHASES},
-                  peak_memory_bytes=peak_bytes, memory_kind=memory_kind(device, fresh), base_memory_bytes=base_bytes,
-                  peaks=all_peaks)
+    return Result(
+        label=label,
+        device=plan.device,
+        precision=plan.precision,
+        compile=plan.compile,
+        params=loop.raw.num_params(),
+        micro_batch=plan.micro_batch,
+        accumulation=plan.accumulation,
+        context_length=cfg.model.context_length,
+        steps=steps,
+        seconds=seconds,
+        flops_per_token=loop.raw.flops_per_token(),
+        split={p: clock.phases[p] / split_steps for p in PHASES},
+        peak_memory_bytes=peak_bytes,
+        memory_kind=memory_kind(device, fresh),
+        base_memory_bytes=base_bytes,
+        peaks=all_peaks,
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -25,30 +24,46 @@ class SuiteName(Enum):
 class BenchOptions:
     steps: int = field(default=20, metadata={"help": "timed optimizer steps (benchmark mode, GPU suite)"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (allocator, compile, caches)"})
-    synthetic: bool = field(default=False, metadata={"help": "benchmark mode: random tokens, no corpus "
-                                                      "(the suites choose per part)"})
+    synthetic: bool = field(
+        default=False, metadata={"help": "benchmark mode: random tokens, no corpus (the suites choose per part)"}
+    )
     vocab: int = field(default=13563, metadata={"help": "synthetic vocabulary (the default corpus' size)"})
     pairs: int = field(default=30, metadata={"help": "A/B block pairs per paired comparison"})
     block_seconds: float = field(default=1.0, metadata={"help": "minimum length of one timed block"})
     startup_pairs: int = field(default=4, metadata={"help": "launch pairs for the start-up comparison"})
-    parts: str = field(default="all", metadata={"help": "suite=cpu parts, comma-separated: "
-                                                "engine,data,startup,scaling,precision,loss"})
-    out: Optional[str] = field(default=None, metadata={"help": "suite output folder; unset: "
-                                                       "outputs/bench/DATE/TIME"})
-    engine_model: str = field(default="tiny", metadata={"help": "suite=cpu engine overhead: the model preset "
-                                                        "(tiny: the shortest steps, where overhead shows most)"})
+    parts: str = field(
+        default="all", metadata={"help": "suite=cpu parts, comma-separated: engine,data,startup,scaling,precision,loss"}
+    )
+    out: str | None = field(default=None, metadata={"help": "suite output folder; unset: outputs/bench/DATE/TIME"})
+    engine_model: str = field(
+        default="tiny",
+        metadata={
+            "help": "suite=cpu engine overhead: the model preset (tiny: the shortest steps, where overhead shows most)"
+        },
+    )
     # suite=speedrun
-    contenders: str = field(default="all", metadata={"help": "suite=speedrun contenders, comma-separated: "
-                                                      "baseline,muon,rotary,qk_norm,relu2,vocab64,"
-                                                      "zero_init_proj,combined (the baseline always runs)"})
-    max_steps: int = field(default=200, metadata={"help": "suite=speedrun: step budget per contender (the "
-                                                  "schedule's length, the same for all)"})
-    eval_every: int = field(default=20, metadata={"help": "suite=speedrun: steps between val-loss evals "
-                                                  "(off the training clock)"})
-    eval_windows: int = field(default=64, metadata={"help": "suite=speedrun: val windows per eval, the first "
-                                                    "non-overlapping ones of the val split"})
-    target: float = field(default=0.0, metadata={"help": "suite=speedrun: val loss to reach; 0: the "
-                                                 "baseline's final val loss"})
+    contenders: str = field(
+        default="all",
+        metadata={
+            "help": "suite=speedrun contenders, comma-separated: "
+            "baseline,muon,rotary,qk_norm,relu2,vocab64,"
+            "zero_init_proj,combined (the baseline always runs)"
+        },
+    )
+    max_steps: int = field(
+        default=200,
+        metadata={"help": "suite=speedrun: step budget per contender (the schedule's length, the same for all)"},
+    )
+    eval_every: int = field(
+        default=20, metadata={"help": "suite=speedrun: steps between val-loss evals (off the training clock)"}
+    )
+    eval_windows: int = field(
+        default=64,
+        metadata={"help": "suite=speedrun: val windows per eval, the first non-overlapping ones of the val split"},
+    )
+    target: float = field(
+        default=0.0, metadata={"help": "suite=speedrun: val loss to reach; 0: the baseline's final val loss"}
+    )
 
 
 # Counts and times must be positive; these may also be 0 (no warm-up; the baseline's target).
@@ -57,7 +72,7 @@ MAY_BE_ZERO = {"warmup", "target"}
 
 @dataclass
 class BenchArgs:
-    suite: Optional[SuiteName] = None
+    suite: SuiteName | None = None
     bench: BenchOptions = field(default_factory=BenchOptions)
 
 
@@ -71,8 +86,10 @@ def parse_args(args: list[str]) -> tuple[str | None, BenchOptions, list[str]]:
     try:
         parsed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchArgs), OmegaConf.from_dotlist(ours)))
     except ConfigKeyError as e:
-        raise OptionError(f"{e.full_key} is not a benchmark key; valid keys: "
-                          f"{', '.join('bench.' + f.name for f in fields(BenchOptions))}") from None
+        raise OptionError(
+            f"{e.full_key} is not a benchmark key; valid keys: "
+            f"{', '.join('bench.' + f.name for f in fields(BenchOptions))}"
+        ) from None
     except OmegaConfBaseException as e:
         raise OptionError(f"{e.full_key}: {str(e.msg).splitlines()[0]}") from None
     opts = parsed.bench
@@ -90,8 +107,9 @@ def usage() -> str:
     def shown(v):
         return str(v).lower() if isinstance(v, bool) else repr(v)
 
-    keys = "\n".join(f"  bench.{f.name:<{width}}  {f.metadata['help']} (default {shown(f.default)})"
-                     for f in fields(BenchOptions))
+    keys = "\n".join(
+        f"  bench.{f.name:<{width}}  {f.metadata['help']} (default {shown(f.default)})" for f in fields(BenchOptions)
+    )
     return f"""usage: python -m lingmao.bench [suite=cpu|gpu|speedrun] [bench.KEY=VALUE ...] [lingmao overrides ...]
 
 Without suite=: benchmark mode. A short warm-up, then timed steps of the composed

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from statistics import median
 
-from lingmao.tracking.tracker import Tracker
 from lingmao.bench.stats import block_order, compare, pair_up
 from lingmao.bench.suite import Suite
+from lingmao.tracking.tracker import Tracker
 
 
 class EndOfSteps(Exception):
@@ -52,17 +52,29 @@ def train_steps(cfg, plan, tracker: RecordingTracker, run_dir: Path, log: Path) 
     from lingmao.train import engine
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f), \
-            contextlib.suppress(EndOfSteps):
+    with (
+        open(log, "a") as f,
+        contextlib.redirect_stdout(f),
+        contextlib.redirect_stderr(f),
+        contextlib.suppress(EndOfSteps),
+    ):
         engine.train(cfg, plan, tracker, run_dir)
 
 
 def engine_settings(steps: int, log_every: int, progress: bool) -> dict:
     """An engine run of `steps` steps with no eval or checkpoint before the
     end (where RecordingTracker stops it)."""
-    return {"trainer.max_steps": steps, "trainer.max_epochs": None, "trainer.max_time": None,
-            "trainer.log_every": log_every, "trainer.eval_every": steps, "trainer.progress": progress,
-            "checkpoint.every_steps": None, "checkpoint.every_minutes": None, "resume": "never"}
+    return {
+        "trainer.max_steps": steps,
+        "trainer.max_epochs": None,
+        "trainer.max_time": None,
+        "trainer.log_every": log_every,
+        "trainer.eval_every": steps,
+        "trainer.progress": progress,
+        "checkpoint.every_steps": None,
+        "checkpoint.every_minutes": None,
+        "resume": "never",
+    }
 
 
 # --- the part ---
@@ -76,9 +88,9 @@ def engine_variant(s: Suite, **values):
 
 
 def bare_loop(s: Suite, cfg, plan, total_steps: int):
-    from lingmao.data.windows import TokenWindows
     from lingmao.bench.bare import BareLoop
     from lingmao.bench.measure import train_tokens
+    from lingmao.data.windows import TokenWindows
 
     tokens, vocab, stride, _ = train_tokens(cfg, False, s.opts.vocab, 0)
     return BareLoop(cfg, plan, TokenWindows(tokens, cfg.model.context_length, stride), vocab, total_steps)
@@ -127,8 +139,12 @@ def engine_blocks(s: Suite, bare, work: Path) -> tuple[str, list[float], list[fl
 
     steps = log_every * (order.count("a") + 1)
     cfg, plan = engine_variant(s, **engine_settings(steps, log_every, progress=True))
-    tracker = RecordingTracker(f"sqlite:///{work / 'engine_run.db'}", "lingmao-bench-engine", "engine-blocks",
-                               on_train_log=between_engine_blocks)
+    tracker = RecordingTracker(
+        f"sqlite:///{work / 'engine_run.db'}",
+        "lingmao-bench-engine",
+        "engine-blocks",
+        on_train_log=between_engine_blocks,
+    )
     train_steps(cfg, plan, tracker, work / "run", work / "engine.log")
     tracker.end()
     shutil.rmtree(work / "run")
@@ -146,22 +162,38 @@ def engine_overhead(s: Suite) -> dict:
     diff = max(abs(a - b) for a, b in zip(eng, bare_losses))
     equal = len(eng) == len(bare_losses) == LOSS_STEPS and diff <= 1e-6 * max(abs(x) for x in eng)
     cfg, plan = engine_variant(s)
-    print(f"losses, {LOSS_STEPS} steps, seed {cfg.seed}: {'equal' if equal else 'DIFFERENT'} "
-          f"(max |engine - bare| = {diff:.2e}; engine {eng[0]:.4f} -> {eng[-1]:.4f})")
+    print(
+        f"losses, {LOSS_STEPS} steps, seed {cfg.seed}: {'equal' if equal else 'DIFFERENT'} "
+        f"(max |engine - bare| = {diff:.2e}; engine {eng[0]:.4f} -> {eng[-1]:.4f})"
+    )
 
     order, values, spans, log_every = engine_blocks(s, bare_loop(s, cfg, plan, cfg.trainer.max_steps), work)
     paired = pair_up(order, values)
     verdict = compare(paired)
     print(verdict.describe("engine/bare tokens/s"))
-    print(f"median tokens/s: engine {median(paired.a):,.0f}, bare {median(paired.b):,.0f} | model={cfg.model.name}, "
-          f"micro-batch {plan.micro_batch}, context {cfg.model.context_length}, {plan.precision}; {log_every} steps "
-          f"per engine block (trainer.log_every), shortest block {min(spans):.2f} s")
+    print(
+        f"median tokens/s: engine {median(paired.a):,.0f}, bare {median(paired.b):,.0f} | model={cfg.model.name}, "
+        f"micro-batch {plan.micro_batch}, context {cfg.model.context_length}, {plan.precision}; {log_every} steps "
+        f"per engine block (trainer.log_every), shortest block {min(spans):.2f} s"
+    )
     ratio = f"{verdict.ratio}" if verdict.conclusive else "inconclusive (the control moved)"
-    summary = (f"engine/bare tokens/s {ratio}; losses {'equal' if equal else 'DIFFERENT'} "
-               f"for {LOSS_STEPS} steps")
-    return {"summary": summary, "losses_equal": equal, "loss_max_abs_diff": diff, "loss_first": eng[0],
-            "loss_last": eng[-1], "ratio": verdict.ratio.median, "ratio_low": verdict.ratio.low,
-            "ratio_high": verdict.ratio.high, "control": verdict.control.median, "control_low": verdict.control.low,
-            "control_high": verdict.control.high, "conclusive": verdict.conclusive,
-            "engine_tokens_per_sec": median(paired.a), "bare_tokens_per_sec": median(paired.b),
-            "shortest_block_seconds": min(spans), "log_every": log_every, "pairs": len(paired.ratios)}
+    summary = f"engine/bare tokens/s {ratio}; losses {'equal' if equal else 'DIFFERENT'} for {LOSS_STEPS} steps"
+    return {
+        "summary": summary,
+        "losses_equal": equal,
+        "loss_max_abs_diff": diff,
+        "loss_first": eng[0],
+        "loss_last": eng[-1],
+        "ratio": verdict.ratio.median,
+        "ratio_low": verdict.ratio.low,
+        "ratio_high": verdict.ratio.high,
+        "control": verdict.control.median,
+        "control_low": verdict.control.low,
+        "control_high": verdict.control.high,
+        "conclusive": verdict.conclusive,
+        "engine_tokens_per_sec": median(paired.a),
+        "bare_tokens_per_sec": median(paired.b),
+        "shortest_block_seconds": min(spans),
+        "log_every": log_every,
+        "pairs": len(paired.ratios),
+    }

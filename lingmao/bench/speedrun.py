@@ -46,8 +46,11 @@ SWITCHES = {
 CONTENDERS = {
     "baseline": ({}, {}, "the command line as given"),
     **SWITCHES,
-    "combined": ({k: v for g, _, _ in SWITCHES.values() for k, v in g.items()},
-                 {k: v for _, vs, _ in SWITCHES.values() for k, v in vs.items()}, "every switch above"),
+    "combined": (
+        {k: v for g, _, _ in SWITCHES.values() for k, v in g.items()},
+        {k: v for _, vs, _ in SWITCHES.values() for k, v in vs.items()},
+        "every switch above",
+    ),
 }
 
 
@@ -59,9 +62,11 @@ def chosen(spec: str) -> list[str]:
     names = {n.strip() for n in spec.split(",") if n.strip()}
     bad = sorted(names - set(CONTENDERS))
     if not names or bad:
-        raise OptionError(f"bench.contenders={spec!r}: {'unknown ' + ', '.join(bad) if bad else 'empty'}; "
-                          f"choose 'all' or some of {', '.join(CONTENDERS)}, comma-separated "
-                          f"(the baseline always runs)")
+        raise OptionError(
+            f"bench.contenders={spec!r}: {'unknown ' + ', '.join(bad) if bad else 'empty'}; "
+            f"choose 'all' or some of {', '.join(CONTENDERS)}, comma-separated "
+            f"(the baseline always runs)"
+        )
     return ["baseline"] + [n for n in CONTENDERS if n in names and n != "baseline"]
 
 
@@ -104,8 +109,9 @@ def fixed_val_batches(val_tokens, context_length: int, micro_batch: int, wanted:
     return [windows[list(range(i, min(i + micro_batch, n)))] for i in range(0, n, micro_batch)], n
 
 
-def race(c: Contender, loop, val_batches, n_windows: int, max_steps: int, eval_every: int, target: float | None,
-         tracker) -> Contender:
+def race(
+    c: Contender, loop, val_batches, n_windows: int, max_steps: int, eval_every: int, target: float | None, tracker
+) -> Contender:
     """Train `loop` to max_steps (or the target), timing each step and
     evaluating every `eval_every` steps off the clock."""
     from lingmao.train.distributed import Dist
@@ -117,8 +123,9 @@ def race(c: Contender, loop, val_batches, n_windows: int, max_steps: int, eval_e
         val = evaluate(loop.raw, val_batches, loop.plan, loop.device, len(val_batches), Dist(), n_windows)
         c.eval_seconds += time.perf_counter() - start
         c.evals.append(Eval(loop.steps, c.train_seconds, val))
-        tracker.log_metrics({f"speedrun/{c.name}/val_loss": val, f"speedrun/{c.name}/train_seconds": c.train_seconds},
-                            loop.steps)
+        tracker.log_metrics(
+            {f"speedrun/{c.name}/val_loss": val, f"speedrun/{c.name}/train_seconds": c.train_seconds}, loop.steps
+        )
         print(f"  step {loop.steps:5d}  {c.train_seconds:9.2f} s  val loss {val:.4f}", flush=True)
         return target is not None and val <= target
 
@@ -143,9 +150,9 @@ def race(c: Contender, loop, val_batches, n_windows: int, max_steps: int, eval_e
 
 
 def speedrun(s) -> dict:
+    from lingmao.bench.loop import Steps
     from lingmao.data import load_corpus
     from lingmao.data.windows import TokenWindows, default_stride
-    from lingmao.bench.loop import Steps
 
     o = s.opts
     names = chosen(o.contenders)
@@ -155,9 +162,11 @@ def speedrun(s) -> dict:
     ctx = base_cfg.model.context_length
     train = TokenWindows(data.tokens("train"), ctx, default_stride(base_cfg.data.stride, ctx))
     val_batches, n_val = fixed_val_batches(data.tokens("val"), ctx, s.plan.micro_batch, o.eval_windows)
-    print(f"corpus ready in {time.perf_counter() - t:.1f} s | {len(train):,} train windows | val loss over the "
-          f"first {n_val} non-overlapping val windows (bench.eval_windows={o.eval_windows}) | "
-          f"{o.max_steps} steps, eval every {o.eval_every}")
+    print(
+        f"corpus ready in {time.perf_counter() - t:.1f} s | {len(train):,} train windows | val loss over the "
+        f"first {n_val} non-overlapping val windows (bench.eval_windows={o.eval_windows}) | "
+        f"{o.max_steps} steps, eval every {o.eval_every}"
+    )
     if n_val < o.eval_windows:
         print(f"note: the val split has only {n_val} windows of context {ctx}")
 
@@ -168,16 +177,20 @@ def speedrun(s) -> dict:
         groups, values, setting = CONTENDERS[name]
         cfg, plan = s.variant(groups=groups, **values)
         if name != "baseline" and OmegaConf.to_container(cfg, resolve=True) == baseline_config:
-            print(f"note: {name} is the baseline's very config (the command line already sets {setting}): "
-                  f"its seconds ratio shows run-to-run noise")
+            print(
+                f"note: {name} is the baseline's very config (the command line already sets {setting}): "
+                f"its seconds ratio shows run-to-run noise"
+            )
         loop = Steps(cfg, plan, train, data.vocab_size, total_steps=o.max_steps)
         c = Contender(name, setting, loop.raw.num_params())
         print(f"{name} ({setting}): {c.params / 1e6:.2f}M params, optim={cfg.optim.name}", flush=True)
         runs.append(race(c, loop, val_batches, n_val, o.max_steps, o.eval_every, target, s.tracker))
         if name == "baseline" and target is None:
             if c.stopped == "diverged":
-                raise OptionError(f"the baseline diverged at step {len(c.step_seconds)}: "
-                                  f"its final val loss is no target; lower optim.lr or give bench.target")
+                raise OptionError(
+                    f"the baseline diverged at step {len(c.step_seconds)}: "
+                    f"its final val loss is no target; lower optim.lr or give bench.target"
+                )
             target = c.evals[-1].val_loss
             print(f"target: the baseline's final val loss, {target:.4f}")
         del loop
@@ -186,21 +199,39 @@ def speedrun(s) -> dict:
     rows = summarise(runs, target)
     print()
     print("\n".join(table(rows, target, bool(o.target))))
-    print("steps to target are deterministic given the seed; seconds are this machine's, at this load "
-          "(contenders run one after another, so a busy neighbour shifts their ratios)")
+    print(
+        "steps to target are deterministic given the seed; seconds are this machine's, at this load "
+        "(contenders run one after another, so a busy neighbour shifts their ratios)"
+    )
     png = plot_speedrun(runs, target, s.out / "speedrun.png")
     s.tracker.log_artifact(png)
     command = reproduce_command(s.composer.overrides, o, names)
     print(f"plot: {png}\nreproduce: {command}")
-    reached = {r["name"]: (f"{r['ratio_seconds']:.2f}x" if r["ratio_seconds"] is not None else
-                           "reached" if r["reached"] else "not reached") for r in rows if r["name"] != "baseline"}
-    summary = (f"target val loss {target:.4f} ({'bench.target' if o.target else 'baseline final'}); "
-               + ("seconds vs baseline: " + ", ".join(f"{k} {v}" for k, v in reached.items()) if reached
-                  else "the baseline alone"))
-    return {"summary": summary, "target": target,
-            "target_source": "bench.target" if o.target else "baseline final val loss",
-            "max_steps": o.max_steps, "eval_every": o.eval_every, "eval_windows": n_val, "command": command,
-            "plot": str(png), "contenders": {r["name"]: r for r in rows}}
+    reached = {
+        r["name"]: (
+            f"{r['ratio_seconds']:.2f}x"
+            if r["ratio_seconds"] is not None
+            else "reached"
+            if r["reached"]
+            else "not reached"
+        )
+        for r in rows
+        if r["name"] != "baseline"
+    }
+    summary = f"target val loss {target:.4f} ({'bench.target' if o.target else 'baseline final'}); " + (
+        "seconds vs baseline: " + ", ".join(f"{k} {v}" for k, v in reached.items()) if reached else "the baseline alone"
+    )
+    return {
+        "summary": summary,
+        "target": target,
+        "target_source": "bench.target" if o.target else "baseline final val loss",
+        "max_steps": o.max_steps,
+        "eval_every": o.eval_every,
+        "eval_windows": n_val,
+        "command": command,
+        "plot": str(png),
+        "contenders": {r["name"]: r for r in rows},
+    }
 
 
 def summarise(runs: list[Contender], target: float) -> list[dict]:
@@ -209,14 +240,26 @@ def summarise(runs: list[Contender], target: float) -> list[dict]:
     for c in runs:
         hit = next((e for e in c.evals if e.val_loss <= target), None)  # the first at or below
         best = c.best
-        rows.append({"name": c.name, "setting": c.setting, "params": c.params, "reached": hit is not None,
-                     "steps_to_target": hit.step if hit else None, "seconds_to_target": hit.seconds if hit else None,
-                     "best_val_loss": best.val_loss, "best_step": best.step,
-                     "last_val_loss": c.evals[-1].val_loss, "last_step": c.evals[-1].step,
-                     "steps": len(c.step_seconds), "train_seconds": c.train_seconds,
-                     "median_step_seconds": median(c.step_seconds) if c.step_seconds else None,
-                     "eval_seconds": c.eval_seconds, "stopped": c.stopped,
-                     "history": [[e.step, e.seconds, e.val_loss] for e in c.evals]})
+        rows.append(
+            {
+                "name": c.name,
+                "setting": c.setting,
+                "params": c.params,
+                "reached": hit is not None,
+                "steps_to_target": hit.step if hit else None,
+                "seconds_to_target": hit.seconds if hit else None,
+                "best_val_loss": best.val_loss,
+                "best_step": best.step,
+                "last_val_loss": c.evals[-1].val_loss,
+                "last_step": c.evals[-1].step,
+                "steps": len(c.step_seconds),
+                "train_seconds": c.train_seconds,
+                "median_step_seconds": median(c.step_seconds) if c.step_seconds else None,
+                "eval_seconds": c.eval_seconds,
+                "stopped": c.stopped,
+                "history": [[e.step, e.seconds, e.val_loss] for e in c.evals],
+            }
+        )
     base = rows[0]
     for r in rows:
         for key, of in (("ratio_seconds", "seconds_to_target"), ("ratio_steps", "steps_to_target")):
@@ -226,25 +269,46 @@ def summarise(runs: list[Contender], target: float) -> list[dict]:
 
 
 def table(rows: list[dict], target: float, given: bool) -> list[str]:
-    head = ["contender", "params", "steps to target", "seconds to target", "x baseline (s)", "x baseline (steps)",
-            "best val @ step", "s/step (median)", "eval share"]
+    head = [
+        "contender",
+        "params",
+        "steps to target",
+        "seconds to target",
+        "x baseline (s)",
+        "x baseline (steps)",
+        "best val @ step",
+        "s/step (median)",
+        "eval share",
+    ]
 
     def cells(r: dict) -> list[str]:
         if r["reached"]:
             to = [str(r["steps_to_target"]), f"{r['seconds_to_target']:.2f}"]
         else:
-            to = [f"not reached (best {r['best_val_loss']:.4f} at step {r['best_step']})"
-                  + (", diverged" if r["stopped"] == "diverged" else ""), "-"]
+            to = [
+                f"not reached (best {r['best_val_loss']:.4f} at step {r['best_step']})"
+                + (", diverged" if r["stopped"] == "diverged" else ""),
+                "-",
+            ]
         ratios = [f"{r[k]:.3f}" if r[k] is not None else "-" for k in ("ratio_seconds", "ratio_steps")]
         step_s = f"{r['median_step_seconds']:.3f}" if r["median_step_seconds"] is not None else "-"
         share = f"{r['eval_seconds'] / r['train_seconds']:.1%}" if r["train_seconds"] else "-"
-        return [r["name"], f"{r['params'] / 1e6:.2f}M", *to, *ratios,
-                f"{r['best_val_loss']:.4f} @ {r['best_step']}", step_s, share]
+        return [
+            r["name"],
+            f"{r['params'] / 1e6:.2f}M",
+            *to,
+            *ratios,
+            f"{r['best_val_loss']:.4f} @ {r['best_step']}",
+            step_s,
+            share,
+        ]
 
     grid = [head] + [cells(r) for r in rows]
     widths = [max(len(row[i]) for row in grid) for i in range(len(head))]
-    lines = [f"target val loss {target:.4f} ({'bench.target' if given else 'the baseline final val loss'}); "
-             f"x baseline < 1: sooner than the baseline; eval share: eval time / train time"]
+    lines = [
+        f"target val loss {target:.4f} ({'bench.target' if given else 'the baseline final val loss'}); "
+        f"x baseline < 1: sooner than the baseline; eval share: eval time / train time"
+    ]
     for i, row in enumerate(grid):
         lines.append("  ".join(c.ljust(w) if j < 1 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
@@ -274,9 +338,12 @@ def plot_speedrun(runs: list[Contender], target: float, path: Path) -> Path:
 
 
 def reproduce_command(overrides: list[str], o, names: list[str]) -> str:
-    keys = [f"bench.max_steps={o.max_steps}", f"bench.eval_every={o.eval_every}",
-            f"bench.eval_windows={o.eval_windows}",
-            f"bench.contenders={'all' if names == list(CONTENDERS) else ','.join(names)}"]
+    keys = [
+        f"bench.max_steps={o.max_steps}",
+        f"bench.eval_every={o.eval_every}",
+        f"bench.eval_windows={o.eval_windows}",
+        f"bench.contenders={'all' if names == list(CONTENDERS) else ','.join(names)}",
+    ]
     if o.target:
         keys.append(f"bench.target={o.target}")
     return shlex.join(["python", "-m", "lingmao.bench", "suite=speedrun", *keys, *overrides])

@@ -99,16 +99,19 @@ def _probe_run(marks: dict, path: str, overrides: list[str]) -> None:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     import lingmao.data
-    import lingmao.train.engine
     import lingmao.run
-    import lingmao.train.step
     import lingmao.tracking.tracker
+    import lingmao.train.engine
+    import lingmao.train.step
 
     marks["imports"] = time.time()
-    for owner, name, label in ((lingmao.tracking.tracker.Tracker, "__init__", "tracking"),
-                               (lingmao.train.engine, "load_corpus", "data"), (lingmao.train.step, "GPT", "model"),
-                               (lingmao.train.step, "make_optimizer", "optimizer"),
-                               (lingmao.data.Prepared, "duplicate_windows", "scan")):
+    for owner, name, label in (
+        (lingmao.tracking.tracker.Tracker, "__init__", "tracking"),
+        (lingmao.train.engine, "load_corpus", "data"),
+        (lingmao.train.step, "GPT", "model"),
+        (lingmao.train.step, "make_optimizer", "optimizer"),
+        (lingmao.data.Prepared, "duplicate_windows", "scan"),
+    ):
         if hasattr(owner, name):
             _mark_call(owner, name, marks, label)
 
@@ -169,10 +172,16 @@ def bare_spec(cfg, plan, data) -> dict:
 
     from lingmao.model.gpt import GPTConfig
 
-    return {"tokens": str(data.dir / "train.bin"), "dtype": data.dtype, "seed": cfg.seed,
-            "context_length": cfg.model.context_length, "micro_batch": plan.micro_batch,
-            "accumulation": plan.accumulation, "precision": plan.precision,
-            "model": asdict(GPTConfig.from_model_config(cfg.model, data.vocab_size))}
+    return {
+        "tokens": str(data.dir / "train.bin"),
+        "dtype": data.dtype,
+        "seed": cfg.seed,
+        "context_length": cfg.model.context_length,
+        "micro_batch": plan.micro_batch,
+        "accumulation": plan.accumulation,
+        "precision": plan.precision,
+        "model": asdict(GPTConfig.from_model_config(cfg.model, data.vocab_size)),
+    }
 
 
 def launch(mode: str, payload, cwd, env: dict, scratch) -> dict[str, float]:
@@ -183,11 +192,18 @@ def launch(mode: str, payload, cwd, env: dict, scratch) -> dict[str, float]:
     path = Path(scratch) / f"marks-{mode}.json"
     path.unlink(missing_ok=True)
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "lingmao.bench.startup", mode, str(path), json.dumps(payload)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lingmao.bench.startup", mode, str(path), json.dumps(payload)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0 or not path.exists():
-        raise RuntimeError(f"start-up probe '{mode}' failed (exit {proc.returncode}):\n"
-                           f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"start-up probe '{mode}' failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+        )
     return {"launch": start, **json.loads(path.read_text())}
 
 

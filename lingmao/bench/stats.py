@@ -17,9 +17,9 @@ with the machine.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import median
-from typing import Callable, Sequence
 
 from scipy.stats import binom, quantile_test
 
@@ -61,7 +61,7 @@ class Paired:
 
     a: list[float]
     b: list[float]
-    ratios: list[float]   # a / b of adjacent blocks
+    ratios: list[float]  # a / b of adjacent blocks
     control: list[float]  # earlier / later block of the same contender within a round
 
 
@@ -78,7 +78,7 @@ def pair_up(order: str, values: Sequence[float]) -> Paired:
         raise ValueError(f"{len(values)} block values for {len(order)} blocks")
     a, b, ratios, control = [], [], [], []
     for r in range(0, len(order), 4):
-        v = values[r:r + 4]
+        v = values[r : r + 4]
         ra, rb = (v[0::2], v[1::2]) if order[r] == "a" else (v[1::2], v[0::2])
         a += ra
         b += rb
@@ -107,10 +107,14 @@ class Comparison:
     def describe(self, label: str) -> str:
         ci = f"{self.ratio.confidence:.0%} CI"
         if not self.conclusive:
-            return (f"{label}: inconclusive (same-vs-same control {self.control} misses 1.0: the machine "
-                    f"changed more than this comparison can resolve; run it again on a quieter machine)")
-        return (f"{label} = {self.ratio.median:.3f} ({ci} {self.ratio.low:.3f}-{self.ratio.high:.3f}, "
-                f"{self.ratio.n} pairs; same-vs-same control {self.control})")
+            return (
+                f"{label}: inconclusive (same-vs-same control {self.control} misses 1.0: the machine "
+                f"changed more than this comparison can resolve; run it again on a quieter machine)"
+            )
+        return (
+            f"{label} = {self.ratio.median:.3f} ({ci} {self.ratio.low:.3f}-{self.ratio.high:.3f}, "
+            f"{self.ratio.n} pairs; same-vs-same control {self.control})"
+        )
 
 
 def compare(paired: Paired, confidence: float = 0.95) -> Comparison:

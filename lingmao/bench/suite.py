@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from lingmao.plan.make import runnable_plan
-from lingmao.tracking.tracker import Tracker
 from lingmao.bench.compose import Composer
 from lingmao.bench.options import BenchOptions
+from lingmao.plan.make import runnable_plan
+from lingmao.tracking.tracker import Tracker
 
 CPU_BUDGET_SECONDS = 300
 
@@ -63,8 +63,10 @@ def run_suite(s: Suite, parts: dict) -> None:
 
         t = time.perf_counter()
         load_corpus(s.cfg.data, progress=s.cfg.trainer.progress)
-        print(f"corpus ready in {time.perf_counter() - t:.1f} s (prepared on the first run only, then cached; "
-              f"not counted below)")
+        print(
+            f"corpus ready in {time.perf_counter() - t:.1f} s (prepared on the first run only, then cached; "
+            f"not counted below)"
+        )
     start = time.perf_counter()
     for key, (title, fn) in parts.items():
         print(f"\n== {title} ==")
@@ -79,8 +81,10 @@ def run_suite(s: Suite, parts: dict) -> None:
     (s.out / "results.json").write_text(json.dumps(s.results, indent=2, default=str))
     s.tracker.log_metrics({"total_seconds": total}, 0)
     s.tracker.log_artifact(s.out / "results.json")
-    print(f"\nsummary: suite={s.name}, {total:.0f} s"
-          + (f" (goal < {CPU_BUDGET_SECONDS} s on 2 cores)" if s.name == "cpu" else ""))
+    print(
+        f"\nsummary: suite={s.name}, {total:.0f} s"
+        + (f" (goal < {CPU_BUDGET_SECONDS} s on 2 cores)" if s.name == "cpu" else "")
+    )
     for key, (title, _) in parts.items():
         print(f"  {title}: {s.results[key]['summary']}")
     print(f"results: {s.out / 'results.json'}")

@@ -7,6 +7,7 @@ to append the key with `+key=`, which lingmao refuses (config.validate).
 
 from __future__ import annotations
 
+import types
 import typing
 from dataclasses import fields, is_dataclass
 from types import CodeType, TracebackType
@@ -23,8 +24,11 @@ def _first_line(e: BaseException | None) -> str:
 def groups() -> dict[str, list[str]]:
     """Each config group's presets: conf/<group>/*.yaml, and experiments/."""
     out = {"experiment": sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))}
-    for folder in sorted(p for p in CONF_DIR.rglob("*") if p.is_dir() and p.name != "hydra"
-                         and "hydra" not in p.relative_to(CONF_DIR).parts):
+    for folder in sorted(
+        p
+        for p in CONF_DIR.rglob("*")
+        if p.is_dir() and p.name != "hydra" and "hydra" not in p.relative_to(CONF_DIR).parts
+    ):
         names = sorted(p.stem for p in folder.glob("*.yaml"))
         if names:
             out[folder.relative_to(CONF_DIR).as_posix()] = names
@@ -46,7 +50,7 @@ def _type_words(full_key: str) -> str:
     if is_dataclass(hint):
         return f"; {full_key} is a section: set its keys ({', '.join(f.name for f in fields(hint))})"
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if args and typing.get_origin(hint) is typing.Union else hint
+    base = args[0] if args and typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
     words = {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(base)
     if typing.get_origin(base) is list:
         words = f"a list, e.g. {full_key}=[a,b]"
@@ -75,10 +79,12 @@ def _raised_in(tb: TracebackType | None, code: CodeType) -> bool:
 
 
 # Sweepers and launchers that come as Hydra plugins, and what installs each.
-PLUGINS = {"hydra/sweeper/optuna": "'lingmao[optuna]' (hydra-optuna-sweeper)",
-           "hydra/launcher/joblib": "hydra-joblib-launcher",
-           "hydra/launcher/submitit_slurm": "hydra-submitit-launcher",
-           "hydra/launcher/submitit_local": "hydra-submitit-launcher"}
+PLUGINS = {
+    "hydra/sweeper/optuna": "'lingmao[optuna]' (hydra-optuna-sweeper)",
+    "hydra/launcher/joblib": "hydra-joblib-launcher",
+    "hydra/launcher/submitit_slurm": "hydra-submitit-launcher",
+    "hydra/launcher/submitit_local": "hydra-submitit-launcher",
+}
 
 
 def explain(e: BaseException, argv: list[str], task: CodeType) -> str | None:

@@ -113,8 +113,10 @@ def usage(schema: type, command: str, summary: str, examples: list[str]) -> str:
     dwidth = min(24, max(len(d) for _, d, _ in rows))
     keys = "\n".join(f"  {name:<{width}}  {d:<{dwidth}}  {text}" for name, d, text in rows)
     shown = "\n".join(f"  {e}" for e in examples)
-    return (f"usage: lingmao {command} [key=value ...]\n\n{summary}\n\n"
-            f"keys (default, then what it does):\n{keys}\n\nexamples:\n{shown}\n")
+    return (
+        f"usage: lingmao {command} [key=value ...]\n\n{summary}\n\n"
+        f"keys (default, then what it does):\n{keys}\n\nexamples:\n{shown}\n"
+    )
 
 
 def asked_for_help(argv: list[str], schema: type, command: str, summary: str, examples: list[str]) -> bool:

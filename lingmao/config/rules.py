@@ -15,12 +15,14 @@ import difflib
 import math
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from lingmao.config.schema import CheckpointConfig, DataConfig, HardwareConfig, ModelConfig, MoEConfig, NightConfig, OptimConfig, RunConfig, SampleConfig, TrackingConfig, TrainerConfig
+from lingmao.config.schema import (
+    RunConfig,
+)
 
 _PKG = Path(__file__).resolve().parent.parent  # the lingmao package
 
@@ -43,6 +45,7 @@ class ConfigError(ValueError):
 
 
 # -- the schema's keys -----------------------------------------------------------
+
 
 def schema_keys(schema: type = RunConfig, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
     """(dotted key, type, dataclass field) of every leaf key of `schema`."""
@@ -76,17 +79,17 @@ def fill_absent(node: Mapping, prefix: str = "") -> dict:
     had before they existed. `prefix` is the section's dotted key, e.g. "model"."""
     if is_dataclass(node):
         node = asdict(node)
-    out = {k: (fill_absent(v, f"{prefix}.{k}".lstrip(".")) if isinstance(v, Mapping) else v)
-           for k, v in node.items()}
+    out = {k: (fill_absent(v, f"{prefix}.{k}".lstrip(".")) if isinstance(v, Mapping) else v) for k, v in node.items()}
     dot = f"{prefix}." if prefix else ""
     for key, (_, f) in _LEAVES.items():
-        rest = key[len(dot):]
+        rest = key[len(dot) :]
         if key.startswith(dot) and "." not in rest and "absent" in f.metadata and rest not in out:
             out[rest] = f.metadata["absent"]
     return out
 
 
 # -- rules: what each key may be -------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -100,8 +103,12 @@ def interval(text: str) -> Rule:
     lo, hi = float(lo), float(hi)
 
     def ok(v, _):
-        return (isinstance(v, (int, float)) and not isinstance(v, bool)
-                and (lo <= v if lo_b == "[" else lo < v) and (v <= hi if hi_b == "]" else v < hi))
+        return (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and (lo <= v if lo_b == "[" else lo < v)
+            and (v <= hi if hi_b == "]" else v < hi)
+        )
 
     if math.isinf(hi):
         words = f"must be {'>=' if lo_b == '[' else '>'} {lo:g}"
@@ -127,12 +134,14 @@ LABEL = matches(r"[\w.-]+", "a name of letters, digits, '_', '.' or '-'")
 
 def each(rule: Rule, count: int | None = None, min_count: int = 0) -> Rule:
     """A list whose every item passes `rule` (for a dict: every value)."""
+
     def ok(v, cfg):
         if isinstance(v, (str, int, float)):
             return False
         items = list(v.values()) if isinstance(v, Mapping) else list(v)
-        return (count is None or len(items) == count) and len(items) >= min_count and all(
-            rule.ok(x, cfg) for x in items)
+        return (
+            (count is None or len(items) == count) and len(items) >= min_count and all(rule.ok(x, cfg) for x in items)
+        )
 
     size = f"{count} values" if count else "at least one value" if min_count else "values"
     return Rule(ok, lambda cfg: f"must be {size}, each {rule.valid(cfg).removeprefix('must be ')}")
@@ -155,8 +164,10 @@ def _names(folder: Path) -> tuple[str, ...]:
 # databricks-uc / uc:, and SQLAlchemy's postgresql, mysql, sqlite, mssql, each
 # with an optional +driver. Plugins add schemes through entry points.
 _DB_SCHEMES = ("postgresql", "mysql", "sqlite", "mssql")
-URI_HELP = ("a folder path, file:///path, sqlite:///path.db, http(s)://host[:port], databricks[://profile], "
-            "databricks-uc, uc:URL, or postgresql|mysql|mssql[+driver]://...")
+URI_HELP = (
+    "a folder path, file:///path, sqlite:///path.db, http(s)://host[:port], databricks[://profile], "
+    "databricks-uc, uc:URL, or postgresql|mysql|mssql[+driver]://..."
+)
 
 
 def tracking_uri_ok(uri: Any, _=None) -> bool:
@@ -165,7 +176,7 @@ def tracking_uri_ok(uri: Any, _=None) -> bool:
     m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
     if uri in ("databricks", "databricks-uc") or not m or len(m.group(1)) == 1:  # a path (C:\ on Windows)
         return True
-    scheme, rest = m.group(1).lower(), uri[m.end():]
+    scheme, rest = m.group(1).lower(), uri[m.end() :]
     if scheme.split("+")[0] in _DB_SCHEMES:
         return scheme.count("+") <= 1 and rest.startswith("//") and (scheme != "sqlite" or len(rest) > 3)
     if scheme in ("http", "https"):
@@ -229,21 +240,25 @@ RULES: dict[str, Rule] = {
     "hardware.ddp_backend": one_of("nccl", "gloo"),
     "model.name": LABEL,
     "model.n_heads": POSITIVE,
-    "model.d_model": Rule(lambda v, c: isinstance(v, int) and v > 0 and v % max(_heads(c)[1], 1) == 0,
-                          lambda c: f"must be > 0 and divisible by model.n_heads={_heads(c)[1]}"),
+    "model.d_model": Rule(
+        lambda v, c: isinstance(v, int) and v > 0 and v % max(_heads(c)[1], 1) == 0,
+        lambda c: f"must be > 0 and divisible by model.n_heads={_heads(c)[1]}",
+    ),
     "model.n_layers": POSITIVE,
     "model.context_length": POSITIVE,
     "model.dropout": FRACTION,
     "model.mlp_ratio": POSITIVE,
     "model.moe.experts": NON_NEGATIVE,  # 0: a dense MLP
-    "model.moe.top_k": Rule(lambda v, c: isinstance(v, int) and v >= 1 and (_experts(c) <= 0 or v <= _experts(c)),
-                            lambda c: f"must be in 1..model.moe.experts ({_experts(c)})" if _experts(c) > 0
-                            else "must be >= 1"),
+    "model.moe.top_k": Rule(
+        lambda v, c: isinstance(v, int) and v >= 1 and (_experts(c) <= 0 or v <= _experts(c)),
+        lambda c: f"must be in 1..model.moe.experts ({_experts(c)})" if _experts(c) > 0 else "must be >= 1",
+    ),
     "model.moe.capacity_factor": POSITIVE,
     "model.moe.aux_loss_weight": NON_NEGATIVE,
-    "model.rotary": Rule(lambda v, c: not v or not _heads(c)[1] or _heads(c)[0] // _heads(c)[1] % 2 == 0,
-                         lambda c: "needs an even head size; model.d_model/model.n_heads = "
-                                   f"{_heads(c)[0] // max(_heads(c)[1], 1)}"),
+    "model.rotary": Rule(
+        lambda v, c: not v or not _heads(c)[1] or _heads(c)[0] // _heads(c)[1] % 2 == 0,
+        lambda c: f"needs an even head size; model.d_model/model.n_heads = {_heads(c)[0] // max(_heads(c)[1], 1)}",
+    ),
     "model.mlp": one_of("gelu", "relu2"),  # model.ACTIVATIONS
     "model.vocab_multiple": POSITIVE,  # 1: no padding
     "optim.name": one_of("adamw", "muon"),
@@ -272,8 +287,10 @@ RULES: dict[str, Rule] = {
     "data.genre_caps": each(NON_NEGATIVE),
     "data.val_fraction": interval("(0, 1)"),
     "data.split_seed": interval("[0, 4294967295]"),
-    "data.stride": Rule(lambda v, c: isinstance(v, int) and 0 < v <= _context(c),
-                        lambda c: f"must be in 1..model.context_length ({_context(c)})"),
+    "data.stride": Rule(
+        lambda v, c: isinstance(v, int) and 0 < v <= _context(c),
+        lambda c: f"must be in 1..model.context_length ({_context(c)})",
+    ),
     "data.cache_dir": TEXT,
     "data.on_bad_record": one_of("error", "skip"),
     "trainer.max_steps": POSITIVE,
@@ -307,12 +324,18 @@ RULES: dict[str, Rule] = {
 
 # Conditions on several keys at once: (what is wrong, when).
 NEEDS: list[tuple[str, Callable[[Any], bool]]] = [
-    ("data=jsonl needs data.paths, e.g. 'data.paths=[corpus.jsonl]'",
-     lambda c: _get(c, "data.source") == "jsonl" and not _get(c, "data.paths")),
-    ("data=hf needs data.hf_name (a dataset name or a local path)",
-     lambda c: _get(c, "data.source") == "hf" and not _get(c, "data.hf_name")),
-    ("set one of trainer.max_steps, trainer.max_epochs, trainer.max_time",
-     lambda c: all(_get(c, f"trainer.{k}") is None for k in ("max_steps", "max_epochs", "max_time"))),
+    (
+        "data=jsonl needs data.paths, e.g. 'data.paths=[corpus.jsonl]'",
+        lambda c: _get(c, "data.source") == "jsonl" and not _get(c, "data.paths"),
+    ),
+    (
+        "data=hf needs data.hf_name (a dataset name or a local path)",
+        lambda c: _get(c, "data.source") == "hf" and not _get(c, "data.hf_name"),
+    ),
+    (
+        "set one of trainer.max_steps, trainer.max_epochs, trainer.max_time",
+        lambda c: all(_get(c, f"trainer.{k}") is None for k in ("max_steps", "max_epochs", "max_time")),
+    ),
 ]
 
 
@@ -400,8 +423,10 @@ def _no_default_lr(cfg: Any) -> str:
     o, name = cfg.optim, cfg.model.name
     if not OmegaConf.is_config(o) or not OmegaConf.is_interpolation(o, "lr") or name in o.lr_by_size:
         return ""
-    return (f"optim.lr: model.name={name} has no default LR in optim.lr_by_size "
-            f"({', '.join(o.lr_by_size)}); set optim.lr=... or optim.lr_by_size.{name}=...")
+    return (
+        f"optim.lr: model.name={name} has no default LR in optim.lr_by_size "
+        f"({', '.join(o.lr_by_size)}); set optim.lr=... or optim.lr_by_size.{name}=..."
+    )
 
 
 def check_model(model: Mapping) -> None:

@@ -12,7 +12,7 @@ key are in config.RULES.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 
 def added_later(default: Any, before: Any) -> Any:
@@ -27,27 +27,27 @@ class HardwareConfig:
     # Optional everywhere so `auto` can leave a key to the detected preset; the
     # plan checks that every key has a value once the preset is resolved.
     name: str = "auto"
-    device: Optional[str] = None
-    devices: Optional[int] = None
-    memory_gb: Optional[float] = None  # 0: the machine's RAM as detected
-    peak_tflops: Optional[float] = None  # 0: estimated from the cores
-    compute_capability: Optional[float] = None
-    precision: Optional[str] = None
-    effective_batch: Optional[int] = None  # the preset's target: samples per optimizer step, all devices
-    batch: Optional[Any] = None  # preferred (largest) micro-batch per device: int, or "auto" (the preset's)
-    accumulation: Optional[int] = None
-    activation_checkpointing: Optional[bool] = None  # false: only when nothing fits without it
-    num_workers: Optional[int] = None
-    pin_memory: Optional[bool] = None
-    persistent_workers: Optional[bool] = None
-    prefetch_factor: Optional[int] = None
-    compile: Optional[Any] = None  # true | false | auto (CUDA: on; CPU: measured, lingmao/calibrate.py)
-    compile_mode: Optional[str] = None
-    tf32: Optional[bool] = None
-    cudnn_benchmark: Optional[bool] = None
-    alloc_conf: Optional[str] = None  # PYTORCH_CUDA_ALLOC_CONF, e.g. max_split_size_mb:128
-    threads: Optional[int] = None  # 0: one per core
-    ddp_backend: Optional[str] = None
+    device: str | None = None
+    devices: int | None = None
+    memory_gb: float | None = None  # 0: the machine's RAM as detected
+    peak_tflops: float | None = None  # 0: estimated from the cores
+    compute_capability: float | None = None
+    precision: str | None = None
+    effective_batch: int | None = None  # the preset's target: samples per optimizer step, all devices
+    batch: Any | None = None  # preferred (largest) micro-batch per device: int, or "auto" (the preset's)
+    accumulation: int | None = None
+    activation_checkpointing: bool | None = None  # false: only when nothing fits without it
+    num_workers: int | None = None
+    pin_memory: bool | None = None
+    persistent_workers: bool | None = None
+    prefetch_factor: int | None = None
+    compile: Any | None = None  # true | false | auto (CUDA: on; CPU: measured, lingmao/calibrate.py)
+    compile_mode: str | None = None
+    tf32: bool | None = None
+    cudnn_benchmark: bool | None = None
+    alloc_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF, e.g. max_split_size_mb:128
+    threads: int | None = None  # 0: one per core
+    ddp_backend: str | None = None
     fallback: bool = False  # run on what exists when the preset's device is absent
 
 
@@ -108,16 +108,16 @@ class OptimConfig:
     # The peak LR at base_batch (scaled to the effective batch by lr_scaling):
     # by default the model size's entry in lr_by_size.
     lr: float = "${.lr_by_size.${model.name}}"  # type: ignore[assignment]  # an interpolation until resolved
-    lr_by_size: Dict[str, float] = field(default_factory=lambda: dict(LR_BY_SIZE))
+    lr_by_size: dict[str, float] = field(default_factory=lambda: dict(LR_BY_SIZE))
     base_batch: int = 32
     lr_scaling: str = "none"
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.05
     warmup: float = 0.1  # < 1: a fraction of max_steps; >= 1: a step count
     min_lr_ratio: float = 0.1  # the cosine schedule's floor, as a fraction of the peak
     grad_clip: float = 1.0  # the gradient's largest global L2 norm
-    fused: Optional[bool] = None  # None: fused kernels where the device has them
+    fused: bool | None = None  # None: fused kernels where the device has them
     # optim=muon only: Muon for the blocks' matrices, at its own LR (not batch-scaled);
     # 0.02 was the best of 0.01/0.02/0.05 on tiny and of 0.01/0.02 on small here
     muon_lr: float = 0.02
@@ -128,38 +128,39 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     source: str = "poetry"
-    paths: List[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
     text_field: str = "text"
     hf_name: str = ""
     hf_split: str = "train"
-    hf_config: Optional[str] = None
+    hf_config: str | None = None
     script: str = "simplified"
-    genre_caps: Dict[str, int] = field(default_factory=dict)
+    genre_caps: dict[str, int] = field(default_factory=dict)
     val_fraction: float = 0.02
     split_seed: int = 1337  # which documents are val: fixed, so a sweep over `seed` keeps one val set
-    stride: Optional[int] = None
-    cache_dir: Optional[str] = None
+    stride: int | None = None
+    cache_dir: str | None = None
     on_bad_record: str = "error"
-    prepared_dir: Optional[str] = None  # data=prepared: a folder prepare() wrote, loaded as it is
+    prepared_dir: str | None = None  # data=prepared: a folder prepare() wrote, loaded as it is
 
 
 @dataclass
 class SampleConfig:
     """Decoding of the generation test at every eval."""
+
     temperature: float = 0.8  # 0: greedy
     top_k: int = 50  # 0: off
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off; 1.2 breaks most loops
-    prompts: List[str] = field(default_factory=lambda: ["床前明月光", "明月几时有", "子曰"])
+    prompts: list[str] = field(default_factory=lambda: ["床前明月光", "明月几时有", "子曰"])
     per_prompt: int = 4  # continuations of each prompt; the samples' metrics average them all
     greedy_baseline: bool = False  # also decode greedily, no penalty: val/samples/greedy_rep4 ...
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: Optional[int] = 1000
-    max_epochs: Optional[int] = None
-    max_time: Optional[float] = None
+    max_steps: int | None = 1000
+    max_epochs: int | None = None
+    max_time: float | None = None
     eval_every: int = 100
     eval_batches: int = 20
     log_every: int = 10
@@ -168,7 +169,7 @@ class TrainerConfig:
     progress: bool = True
     on_nan: str = "stop"  # stop | skip | rollback, for a non-finite loss or gradient (fp16: the GradScaler's)
     nan_lr_factor: float = 0.5  # on_nan=rollback multiplies the LR by this
-    early_stop_patience: Optional[int] = None  # scheduled evals without a val/loss improvement; None: off
+    early_stop_patience: int | None = None  # scheduled evals without a val/loss improvement; None: off
     overfit_batches: int = 0  # > 0: train on the first N batches over and over (debug=overfit)
     profile_steps: int = 0  # > 0: torch.profiler over that many steps after two warm-up ones (debug=profile)
 
@@ -176,20 +177,20 @@ class TrainerConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = "checkpoints"
-    every_steps: Optional[int] = None
-    every_minutes: Optional[float] = 30.0
+    every_steps: int | None = None
+    every_minutes: float | None = 30.0
     keep_last: int = 2
 
 
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: Optional[str] = None
+    uri: str | None = None
     experiment_name: str = "lingmao"
-    run_name: Optional[str] = None
+    run_name: str | None = None
     system_metrics: bool = True  # CPU/RAM/disk/network (and GPU with nvidia-ml-py) every 10 s
     timeout: float = 30.0  # seconds any wait on the store may last; then the spool takes the records
-    tags: Dict[str, str] = field(default_factory=dict)  # your own run tags: '+tracking.tags={team: poetry}'
+    tags: dict[str, str] = field(default_factory=dict)  # your own run tags: '+tracking.tags={team: poetry}'
     log_model: bool = True  # the best checkpoint's weights (no optimizer state) as an MLflow artifact
 
 
@@ -204,7 +205,7 @@ class RunConfig:
     seed: int = 1337
     plan: bool = False
     resume: str = "auto"
-    experiment: Optional[str] = None
+    experiment: str | None = None
     night_mode: bool = False
     night: NightConfig = field(default_factory=NightConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)

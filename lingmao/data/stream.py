@@ -11,8 +11,12 @@ from lingmao.data.windows import TokenWindows, make_loader
 
 def loader_args(plan) -> dict:
     """The DataLoader settings of a run's plan."""
-    return dict(num_workers=plan.num_workers, pin_memory=plan.pin_memory,
-                persistent_workers=plan.persistent_workers, prefetch_factor=plan.prefetch_factor)
+    return dict(
+        num_workers=plan.num_workers,
+        pin_memory=plan.pin_memory,
+        persistent_workers=plan.persistent_workers,
+        prefetch_factor=plan.prefetch_factor,
+    )
 
 
 class BatchStream:
@@ -20,8 +24,17 @@ class BatchStream:
     from a position a checkpoint stored: (epoch, windows of it already seen,
     all ranks together)."""
 
-    def __init__(self, windows: TokenWindows, micro_batch: int, seed: int, rank: int, world_size: int,
-                 loader_args: dict, epoch: int = 0, seen: int = 0):
+    def __init__(
+        self,
+        windows: TokenWindows,
+        micro_batch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        loader_args: dict,
+        epoch: int = 0,
+        seen: int = 0,
+    ):
         self.windows, self.micro_batch, self.seed, self.loader_args = windows, micro_batch, seed, loader_args
         self.rank, self.world_size = rank, world_size
         self.per_batch = micro_batch * world_size
@@ -34,8 +47,16 @@ class BatchStream:
     def __next__(self):
         while True:
             if self._batches is None:
-                loader = make_loader(self.windows, self.micro_batch, shuffle=True, seed=self.seed, epoch=self.epoch,
-                                     rank=self.rank, world_size=self.world_size, **self.loader_args)
+                loader = make_loader(
+                    self.windows,
+                    self.micro_batch,
+                    shuffle=True,
+                    seed=self.seed,
+                    epoch=self.epoch,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    **self.loader_args,
+                )
                 # A new DataLoader iterator draws a seed from torch's global RNG, the one
                 # dropout uses; a resumed run makes one where the unbroken run did not.
                 with torch.random.fork_rng(devices=[]):

@@ -13,7 +13,7 @@ import numpy as np
 
 
 def ngrams(text: str, n: int) -> list[str]:
-    return [text[i:i + n] for i in range(len(text) - n + 1)]
+    return [text[i : i + n] for i in range(len(text) - n + 1)]
 
 
 def distinct_n(text: str, n: int) -> float:
@@ -79,8 +79,15 @@ class DuplicateWindows:
         return asdict(self)
 
 
-def duplicate_windows(tokens: np.ndarray, window: int, shingle: int = 32, threshold: float = 0.5,
-                      keep_one_in: int = 8, seed: int = 0, chunk_tokens: int = 1 << 22) -> DuplicateWindows:
+def duplicate_windows(
+    tokens: np.ndarray,
+    window: int,
+    shingle: int = 32,
+    threshold: float = 0.5,
+    keep_one_in: int = 8,
+    seed: int = 0,
+    chunk_tokens: int = 1 << 22,
+) -> DuplicateWindows:
     """Exact and near-duplicate windows of a token array, in a few vectorized passes.
 
     The corpus is cut into non-overlapping windows of `window` tokens (what the
@@ -98,12 +105,12 @@ def duplicate_windows(tokens: np.ndarray, window: int, shingle: int = 32, thresh
     if n_windows == 0:
         return DuplicateWindows(0, 0, 0, 0, 0)
     rng = np.random.default_rng(seed)
-    table = rng.integers(0, 2**63, int(np.max(tokens[:n_windows * window])) + 1, dtype=np.uint64)
+    table = rng.integers(0, 2**63, int(np.max(tokens[: n_windows * window])) + 1, dtype=np.uint64)
     k = rng.integers(1, 2**63, dtype=np.uint64) | np.uint64(1)
     per_chunk = max(1, chunk_tokens // window)
     window_hashes, kept_hashes, kept_owner = [], [], []
     for w0 in range(0, n_windows, per_chunk):
-        t = np.asarray(tokens[w0 * window:min(n_windows, w0 + per_chunk) * window], dtype=np.int64)
+        t = np.asarray(tokens[w0 * window : min(n_windows, w0 + per_chunk) * window], dtype=np.int64)
         w_hash, s_hash = _hashes(table[t], window, shingle, k)
         s_start = np.arange(len(s_hash))
         # inside one window (not crossing its end), and kept by content
@@ -121,8 +128,13 @@ def duplicate_windows(tokens: np.ndarray, window: int, shingle: int = 32, thresh
     kept = np.bincount(owner, minlength=n_windows)
     seen = np.bincount(owner, weights=repeated, minlength=n_windows)
     near = (kept > 0) & (seen >= threshold * kept) & ~exact
-    return DuplicateWindows(windows=n_windows, exact=int(exact.sum()), near=int(near.sum()),
-                            shingles=len(h), repeated_shingles=int(repeated.sum()))
+    return DuplicateWindows(
+        windows=n_windows,
+        exact=int(exact.sum()),
+        near=int(near.sum()),
+        shingles=len(h),
+        repeated_shingles=int(repeated.sum()),
+    )
 
 
 def _hashes(r: np.ndarray, window: int, shingle: int, k: np.uint64) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +148,7 @@ def _hashes(r: np.ndarray, window: int, shingle: int, k: np.uint64) -> tuple[np.
     c2 = np.concatenate([zero, np.cumsum(r * np.arange(len(r), dtype=np.uint64), dtype=np.uint64)])
 
     def spans(c: np.ndarray, length: int, step: int) -> np.ndarray:
-        return c[length::step] - c[:len(c) - length:step]  # sum over [i, i+length) for i = 0, step, ...
+        return c[length::step] - c[: len(c) - length : step]  # sum over [i, i+length) for i = 0, step, ...
 
     def span_hash(length: int, step: int) -> np.ndarray:
         s1 = spans(c1, length, step)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,8 +32,10 @@ class TokenWindows(Dataset):
         if n < context_length + 1:
             what = {"train": "the training split", "val": "the validation split"}.get(split, "the corpus")
             fix = "raise data.val_fraction, add data" if split == "val" else "add data"
-            raise CorpusError(f"{what} has {n} tokens; context length {context_length} needs at least "
-                              f"{context_length + 1}: {fix}, or lower model.context_length")
+            raise CorpusError(
+                f"{what} has {n} tokens; context length {context_length} needs at least "
+                f"{context_length + 1}: {fix}, or lower model.context_length"
+            )
         self.tokens = tokens
         self.context_length = context_length
         self.stride = stride

@@ -19,9 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lingmao.model.sampling import next_token
-
 from lingmao.config.rules import check_model, fill_absent, value_when_absent
+from lingmao.model.sampling import next_token
 
 
 def _key(name: str) -> str:
@@ -43,6 +42,7 @@ class GPTConfig:
     the plain GPT-2-style model (learned positions); model=small, the run a
     bare `python -m lingmao.run` trains, is from_model_config(ModelConfig(), V).
     The values are checked by config.RULES, as the CLI's are."""
+
     vocab_size: int
     d_model: int = _unset("d_model")
     n_heads: int = _unset("n_heads")
@@ -131,7 +131,7 @@ class Attention(nn.Module):
             # the fused RMSNorm kernel; rotate then computes in float32 anyway.
             q, k = self.q_norm(q.float()), self.k_norm(k.float())
         if self.rotary:
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         return q.to(v.dtype), k.to(v.dtype), v
 
@@ -139,16 +139,17 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.heads(x, 0 if kv is None else kv[2])
         if kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
         else:
             # Generation: write this step's keys/values after the `pos` cached
             # ones; query i sits at position pos + i and sees keys 0..pos + i.
             # With rotary the cached keys are already rotated to their positions.
             k_cache, v_cache, pos = kv
-            k_cache[:, :, pos:pos + T], v_cache[:, :, pos:pos + T] = k, v
+            k_cache[:, :, pos : pos + T], v_cache[:, :, pos : pos + T] = k, v
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-            y = F.scaled_dot_product_attention(q, k_cache[:, :, :pos + T], v_cache[:, :, :pos + T], attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k_cache[:, :, : pos + T], v_cache[:, :, : pos + T], attn_mask=mask)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -301,8 +302,13 @@ class GPT(nn.Module):
         """The 2-D weights inside the blocks' attention and MLPs (every
         expert's too): what Muon optimises. Not the embeddings, the tied head,
         norms, biases or the MoE router."""
-        return [lin.weight for m in self.blocks.modules() if isinstance(m, (Attention, MLP))
-                for lin in m.children() if isinstance(lin, nn.Linear)]
+        return [
+            lin.weight
+            for m in self.blocks.modules()
+            if isinstance(m, (Attention, MLP))
+            for lin in m.children()
+            if isinstance(lin, nn.Linear)
+        ]
 
     def active_params(self) -> int:
         """Parameters one token uses: of each MoE layer's experts, only top_k."""
@@ -330,20 +336,24 @@ class GPT(nn.Module):
         layers = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
         if not layers:
             return {}
-        return {"aux_loss": torch.stack([m.aux_loss for m in layers]).mean(),
-                "dropped": torch.stack([m.dropped for m in layers]).sum(),
-                "drop_rate": torch.stack([m.drop_rate for m in layers]).mean(),
-                "load": torch.stack([m.load for m in layers]).mean(0)}
+        return {
+            "aux_loss": torch.stack([m.aux_loss for m in layers]).mean(),
+            "dropped": torch.stack([m.dropped for m in layers]).sum(),
+            "drop_rate": torch.stack([m.drop_rate for m in layers]).mean(),
+            "load": torch.stack([m.load for m in layers]).mean(0),
+        }
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
-                loss_chunk: int = 0) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None, loss_chunk: int = 0
+    ) -> torch.Tensor:
         """Logits (B, T, vocab), or with `targets` the sum of the tokens'
         cross-entropy, `loss_chunk` tokens of logits at a time (0: all at once)."""
         T = idx.shape[1]
         start = cache.pos if cache is not None else 0
         if start + T > self.config.context_length:
-            raise ValueError(f"sequence of {start + T} tokens exceeds "
-                             f"model.context_length={self.config.context_length}")
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds model.context_length={self.config.context_length}"
+            )
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
@@ -359,18 +369,29 @@ class GPT(nn.Module):
             cache.pos += T
         x = self.ln_f(x)
         if targets is not None:
-            return token_loss_sum(x.flatten(0, 1), self.head.weight, targets.flatten(), self.config.vocab_size,
-                                  loss_chunk)
+            return token_loss_sum(
+                x.flatten(0, 1), self.head.weight, targets.flatten(), self.config.vocab_size, loss_chunk
+            )
         logits = self.head(x)
         # Only real tokens: the padded rows never enter the softmax, so they
         # cannot be sampled, win an argmax, or take probability from the loss.
         c = self.config
-        return logits[..., :c.vocab_size] if c.padded_vocab > c.vocab_size else logits
+        return logits[..., : c.vocab_size] if c.padded_vocab > c.vocab_size else logits
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = 50, generator: torch.Generator | None = None, *, top_p: float = 1.0,
-                 repetition_penalty: float = 1.0, use_cache: bool = True, eos_id: int | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = 50,
+        generator: torch.Generator | None = None,
+        *,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        use_cache: bool = True,
+        eos_id: int | None = None,
+    ) -> torch.Tensor:
         """Extend each row of idx (B, T) by up to max_new_tokens sampled
         tokens; temperature <= 0 is greedy. With `eos_id`, stop early once
         every row has produced it. Beyond context_length the window slides:
@@ -404,8 +425,9 @@ def _loss_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, voca
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def token_loss_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                   chunk: int) -> torch.Tensor:
+def token_loss_sum(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk: int
+) -> torch.Tensor:
     """Summed cross-entropy of the head's logits for hidden states h (N, C).
     With `chunk`, `chunk` tokens at a time, each chunk's logits recomputed in
     backward instead of kept: the fp32 logits of a whole batch (N x 13.5k
@@ -413,5 +435,7 @@ def token_loss_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     batch 16) never exist at once, for one more head matmul per token."""
     if not chunk or chunk >= len(targets):
         return _loss_sum(h, weight, targets, vocab_size)
-    return sum(checkpoint(_loss_sum, h[i:i + chunk], weight, targets[i:i + chunk], vocab_size, use_reentrant=False)
-               for i in range(0, len(targets), chunk))
+    return sum(
+        checkpoint(_loss_sum, h[i : i + chunk], weight, targets[i : i + chunk], vocab_size, use_reentrant=False)
+        for i in range(0, len(targets), chunk)
+    )

@@ -7,8 +7,15 @@ import torch
 import torch.nn.functional as F
 
 
-def next_token(logits: torch.Tensor, seen: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
-               repetition_penalty: float, generator: torch.Generator | None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    repetition_penalty: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """One token per row (B, 1), in the order Hugging Face applies them:
     repetition penalty, then greedy or temperature, top-k, top-p."""
     logits = logits.float()

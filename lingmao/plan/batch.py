@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-from lingmao.config.rules import CONF_DIR, ModelConfig
-from lingmao.plan.estimate import GiB, MARGIN, estimate_memory, fit_micro_batch
+from lingmao.config.rules import CONF_DIR
+from lingmao.config.schema import ModelConfig
+from lingmao.plan.estimate import MARGIN, GiB, estimate_memory, fit_micro_batch
 
 # Within this share of the target when the device count does not divide it.
 INEXACT_TOLERANCE = 0.10
@@ -25,8 +26,8 @@ class Fit:
     effective: int
     checkpointing: bool
     fits: bool
-    note: str = ""     # how the split was chosen, for the plan's notes
-    reason: str = ""   # the same, short, for Plan.batch_reason
+    note: str = ""  # how the split was chosen, for the plan's notes
+    reason: str = ""  # the same, short, for Plan.batch_reason
     refusal: str = ""  # why it does not fit and what would
 
 
@@ -39,10 +40,24 @@ LOSS_CHUNK = 1024
 
 def model_shape(mc, *, vocab: int, precision: str, device: str, ddp: bool) -> dict:
     """estimate_memory's keyword arguments for the model node `mc`."""
-    return dict(d_model=mc.d_model, n_heads=mc.n_heads, n_layers=mc.n_layers, context_length=mc.context_length,
-                vocab_size=vocab, mlp_ratio=mc.mlp_ratio, precision=precision, dropout=mc.dropout,
-                device=device, rotary=bool(mc.rotary), qk_norm=bool(mc.qk_norm), moe_experts=mc.moe.experts,
-                moe_top_k=mc.moe.top_k, vocab_multiple=mc.vocab_multiple, ddp=ddp, loss_chunk=LOSS_CHUNK)
+    return dict(
+        d_model=mc.d_model,
+        n_heads=mc.n_heads,
+        n_layers=mc.n_layers,
+        context_length=mc.context_length,
+        vocab_size=vocab,
+        mlp_ratio=mc.mlp_ratio,
+        precision=precision,
+        dropout=mc.dropout,
+        device=device,
+        rotary=bool(mc.rotary),
+        qk_norm=bool(mc.qk_norm),
+        moe_experts=mc.moe.experts,
+        moe_top_k=mc.moe.top_k,
+        vocab_multiple=mc.vocab_multiple,
+        ddp=ddp,
+        loss_chunk=LOSS_CHUNK,
+    )
 
 
 def _fits(shape: dict, budget: int, micro: int, ckpt: bool) -> bool:
@@ -65,13 +80,14 @@ def split(target: int, world: int, best: int) -> tuple[int, int]:
     return closest
 
 
-def fit_batch(shape: dict, budget: int, target: int, world: int, preferred: int, forced_ckpt: bool,
-              exact_micro: bool = False) -> Fit:
+def fit_batch(
+    shape: dict, budget: int, target: int, world: int, preferred: int, forced_ckpt: bool, exact_micro: bool = False
+) -> Fit:
     """The split of `target` samples over `world` devices: the largest
     micro-batch up to `preferred` that fits in `budget` bytes, without
     activation checkpointing unless that is what makes it fit (or it is
     forced). `exact_micro`: the micro-batch is `preferred` as given."""
-    for ckpt in ((True,) if forced_ckpt else (False, True)):
+    for ckpt in (True,) if forced_ckpt else (False, True):
         if exact_micro:
             if _fits(shape, budget, preferred, ckpt):
                 return Fit(preferred, target // (preferred * world), target, ckpt, True)
@@ -82,10 +98,12 @@ def fit_batch(shape: dict, budget: int, target: int, world: int, preferred: int,
         micro, accum = split(target, world, best)
         effective = micro * accum * world
         gb = estimate_memory(micro_batch=micro, activation_checkpointing=ckpt, **shape).gb()
-        why = (f"the largest up to the preferred {preferred} that fits (~{gb:.1f} GB)"
-               + (f" and divides the per-device batch {target // world}" if effective == target else ""))
-        note = (f"micro-batch {micro} x accumulation {accum} x {world} device(s) = {effective}: {why}"
-                + ("" if effective == target else f"; not the target {target}, which {world} processes do not divide"))
+        why = f"the largest up to the preferred {preferred} that fits (~{gb:.1f} GB)" + (
+            f" and divides the per-device batch {target // world}" if effective == target else ""
+        )
+        note = f"micro-batch {micro} x accumulation {accum} x {world} device(s) = {effective}: {why}" + (
+            "" if effective == target else f"; not the target {target}, which {world} processes do not divide"
+        )
         return Fit(micro, accum, effective, ckpt, True, note=note, reason=f"micro-batch {micro}: {why}")
     micro = preferred if exact_micro else 1
     return Fit(micro, max(1, target // (micro * world)), target, False, False)
@@ -121,8 +139,11 @@ def alternatives(shape: dict, budget: int) -> list[str]:
     for _, name, other in sorted(smaller, key=lambda s: s[0], reverse=True):
         if _fits(other, budget, 1, True):
             best = fit_micro_batch(budget, headroom=1.0, max_batch=64, **other)
-            out.append(f"model={name}" + f" (context {other['context_length']}, " + (
-                f"micro-batch up to {best} without checkpointing)" if best else "with activation checkpointing)"))
+            out.append(
+                f"model={name}"
+                + f" (context {other['context_length']}, "
+                + (f"micro-batch up to {best} without checkpointing)" if best else "with activation checkpointing)")
+            )
             break
     return out
 
@@ -130,25 +151,31 @@ def alternatives(shape: dict, budget: int) -> list[str]:
 def refusal(shape: dict, budget: int, memory_gb: float) -> str:
     gb = estimate_memory(micro_batch=1, activation_checkpointing=True, **shape).gb()
     alts = alternatives(shape, budget)
-    return (f"even micro-batch 1 with activation checkpointing needs ~{gb:.1f} GB (±{MARGIN:.0%}) of "
-            f"{memory_gb:.0f} GB; " + ("would fit: " + ", or ".join(alts) if alts else
-                                       "nothing smaller fits: use a device with more memory"))
+    return (
+        f"even micro-batch 1 with activation checkpointing needs ~{gb:.1f} GB (±{MARGIN:.0%}) of "
+        f"{memory_gb:.0f} GB; "
+        + ("would fit: " + ", or ".join(alts) if alts else "nothing smaller fits: use a device with more memory")
+    )
 
 
 def suggest_split(shape: dict, budget: int, micro: int, accum: int, world: int, memory_gb: float) -> str:
     """For a fixed micro-batch that does not fit: a smaller one with the same effective batch."""
     plain = estimate_memory(micro_batch=micro, **shape).gb()
     ckpt = estimate_memory(micro_batch=micro, activation_checkpointing=True, **shape).gb()
-    head = (f"micro-batch {micro} needs ~{plain:.1f} GB (±{MARGIN:.0%}) of {memory_gb:.0f} GB "
-            f"(~{ckpt:.1f} GB with activation checkpointing)")
+    head = (
+        f"micro-batch {micro} needs ~{plain:.1f} GB (±{MARGIN:.0%}) of {memory_gb:.0f} GB "
+        f"(~{ckpt:.1f} GB with activation checkpointing)"
+    )
     per = micro * accum
     for ckpt_on in (False, True):
         best = fit_micro_batch(budget, headroom=1.0, max_batch=micro, activation_checkpointing=ckpt_on, **shape)
         if best:
             m = max(d for d in range(1, best + 1) if per % d == 0)
             extra = " hardware.activation_checkpointing=true" if ckpt_on else ""
-            return (f"{head}: use hardware.batch={m} hardware.accumulation={per // m}{extra} "
-                    f"({m} x {per // m} x {world} = {per * world}, the same effective batch), or hardware.batch=auto")
+            return (
+                f"{head}: use hardware.batch={m} hardware.accumulation={per // m}{extra} "
+                f"({m} x {per // m} x {world} = {per * world}, the same effective batch), or hardware.batch=auto"
+            )
     return f"{head}; {refusal(shape, budget, memory_gb)}"
 
 

@@ -43,8 +43,12 @@ def shape_of(model: dict, vocab_size: int, threads: int) -> dict:
     """What the timing depends on: the model section (dropout too: its masks
     cost time), vocabulary, timed micro-batch and threads."""
     micro = max(1, TOKENS // int(model["context_length"]))
-    return {"model": {k: v for k, v in model.items() if k != "name"}, "vocab_size": vocab_size,
-            "micro_batch": micro, "threads": threads}
+    return {
+        "model": {k: v for k, v in model.items() if k != "name"},
+        "vocab_size": vocab_size,
+        "micro_batch": micro,
+        "threads": threads,
+    }
 
 
 def cache_key(shape: dict) -> str:
@@ -119,8 +123,7 @@ def decide(seconds: dict[str, float], allowed: list[tuple[str, bool]]) -> dict:
     best = min(timed, key=lambda pc: seconds[name(*pc)])
     if seconds[name(*best)] > base * (1 - MARGIN):
         best = ("fp32", False) if ("fp32", False) in allowed else best
-    return {"precision": best[0], "compile": best[1], "seconds": seconds,
-            "speedup": base / seconds[name(*best)]}
+    return {"precision": best[0], "compile": best[1], "seconds": seconds, "speedup": base / seconds[name(*best)]}
 
 
 def allowed(precision: str, compile) -> list[tuple[str, bool]]:
@@ -128,8 +131,9 @@ def allowed(precision: str, compile) -> list[tuple[str, bool]]:
     return [(p, c) for p, c in CANDIDATES if precision in ("auto", p) and compile in ("auto", c)]
 
 
-def choose(shape: dict, precision: str, compile, cache_dir: Path, run_seconds: float | None,
-           measure_fn=measure) -> dict:
+def choose(
+    shape: dict, precision: str, compile, cache_dir: Path, run_seconds: float | None, measure_fn=measure
+) -> dict:
     """Precision and compile for this CPU and `shape` (shape_of): `precision`
     is "auto" or fixed, `compile` "auto" or a bool; `run_seconds` the run's
     expected length (None: unbounded); `measure_fn` None: read the cache only
@@ -144,31 +148,43 @@ def choose(shape: dict, precision: str, compile, cache_dir: Path, run_seconds: f
         short = run_seconds is not None and run_seconds < MIN_RUN_SECONDS
         if short or measure_fn is None:
             fallback = ("fp32", False) if ("fp32", False) in cand else cand[0]
-            return {"precision": fallback[0], "compile": fallback[1], "seconds": None, "speedup": None,
-                    "how": "too short" if short else "not yet measured"}
+            return {
+                "precision": fallback[0],
+                "compile": fallback[1],
+                "seconds": None,
+                "speedup": None,
+                "how": "too short" if short else "not yet measured",
+            }
         # every wanted candidate is timed again together: a ratio holds only within one measurement
         known = measure_fn(shape, wanted)
         _write(path, {**_read(path), key: known})
         how = "measured"
-    return {**decide(known, cand), "how": how, "cache": str(path),
-            "tokens": shape["micro_batch"] * shape["model"]["context_length"]}
+    return {
+        **decide(known, cand),
+        "how": how,
+        "cache": str(path),
+        "tokens": shape["micro_batch"] * shape["model"]["context_length"],
+    }
 
 
 def chooser(cache_dir: Path, measure_now: bool = True):
     """make_plan's cpu_choice: choose() with this cache; `measure_now` False only reads it."""
     fn = measure if measure_now else None
-    return lambda shape, precision, compile, run_seconds: choose(shape, precision, compile, cache_dir,
-                                                                 run_seconds, fn)
+    return lambda shape, precision, compile, run_seconds: choose(shape, precision, compile, cache_dir, run_seconds, fn)
 
 
 def describe(choice: dict) -> str:
     """One line for the plan: what was measured and what won."""
     if choice["how"] == "too short":
-        return (f"not measured: the run is too short to pay for a calibration (runs of {MIN_RUN_SECONDS // 60}+ "
-                f"min time each candidate on this CPU once, then reuse the answer)")
+        return (
+            f"not measured: the run is too short to pay for a calibration (runs of {MIN_RUN_SECONDS // 60}+ "
+            f"min time each candidate on this CPU once, then reuse the answer)"
+        )
     if choice["how"] == "not yet measured":
-        return ("not measured yet: the run times fp32/bf16, eager/compiled on this CPU first (tens of "
-                "seconds, once) and takes the fastest")
+        return (
+            "not measured yet: the run times fp32/bf16, eager/compiled on this CPU first (tens of "
+            "seconds, once) and takes the fastest"
+        )
     base = choice["seconds"]["fp32"]
     times = ", ".join(f"{k} {base / v:.2f}x" for k, v in sorted(choice["seconds"].items()))
     return f"{choice['how']} on this CPU, speed vs fp32 eager: {times} (a win needs > {MARGIN:.0%})"

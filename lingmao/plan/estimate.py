@@ -54,13 +54,13 @@ CPU_HEAP_GRADIENT_SETS = 1
 class MemoryEstimate:
     """Peak bytes per device during a training step."""
 
-    params: int       # fp32 master weights (autocast keeps no 16-bit copy), every MoE expert
-    grads: int        # fp32 gradients, live through gradient accumulation
-    optimizer: int    # AdamW exp_avg and exp_avg_sq, fp32
+    params: int  # fp32 master weights (autocast keeps no 16-bit copy), every MoE expert
+    grads: int  # fp32 gradients, live through gradient accumulation
+    optimizer: int  # AdamW exp_avg and exp_avg_sq, fp32
     ddp_buckets: int  # DDP's gradient buckets: one more fp32 copy of the gradients (0 on one process)
     activations: int  # tensors saved for backward, all layers
-    logits: int       # head output, its fp32 cross-entropy copies and their gradients
-    workspace: int    # autocast weight casts, CUDA context or CPU runtime, allocator and heap overheads
+    logits: int  # head output, its fp32 cross-entropy copies and their gradients
+    workspace: int  # autocast weight casts, CUDA context or CPU runtime, allocator and heap overheads
     total: int
 
     def gb(self) -> float:
@@ -71,9 +71,19 @@ class MemoryEstimate:
         return "\n".join(f"{f.name:<12} {getattr(self, f.name) / GiB:8.3f} GiB" for f in fields(self))
 
 
-def count_params(d_model: int, n_heads: int, n_layers: int, context_length: int, vocab_size: int,
-                 mlp_ratio: int = 4, *, rotary: bool = False, qk_norm: bool = False, moe_experts: int = 0,
-                 vocab_multiple: int = 1) -> int:
+def count_params(
+    d_model: int,
+    n_heads: int,
+    n_layers: int,
+    context_length: int,
+    vocab_size: int,
+    mlp_ratio: int = 4,
+    *,
+    rotary: bool = False,
+    qk_norm: bool = False,
+    moe_experts: int = 0,
+    vocab_multiple: int = 1,
+) -> int:
     """Exactly GPT(...).num_params(): the tied head is counted once, every expert counted.
 
     Per block: two LayerNorms (4d), qkv (3d^2 + 3d), attention proj (d^2 + d),
@@ -96,8 +106,7 @@ def flops_per_token(d_model: int, n_layers: int, context_length: int, n_params_n
     return 6 * n_params_no_pos + 12 * n_layers * context_length * d_model
 
 
-def estimate_step_time(*, flops_per_token: float, tokens_per_step: int, peak_tflops: float,
-                       mfu: float = 0.4) -> float:
+def estimate_step_time(*, flops_per_token: float, tokens_per_step: int, peak_tflops: float, mfu: float = 0.4) -> float:
     """Seconds per optimizer step at model FLOPs utilisation `mfu`.
 
     0.4 is optimistic-typical for a single GPU with bf16 autocast, flash
@@ -159,20 +168,32 @@ def _mlp_bytes(*, d: int, r: int, a: int, experts: int, top_k: int, dropout: flo
     return top_k * per_choice + routing
 
 
-def _layer_activation_bytes(*, d: int, h: int, T: int, r: int, a: int, dropout: float, device: str,
-                            rotary: bool = False, qk_norm: bool = False, experts: int = 0, top_k: int = 2) -> int:
+def _layer_activation_bytes(
+    *,
+    d: int,
+    h: int,
+    T: int,
+    r: int,
+    a: int,
+    dropout: float,
+    device: str,
+    rotary: bool = False,
+    qk_norm: bool = False,
+    experts: int = 0,
+    top_k: int = 2,
+) -> int:
     """Bytes saved for backward per token in one block (Korthikanti et al. 2022,
     "Reducing Activation Recomputation in Large Transformer Models", sec. 4.1,
     re-derived for this block and autocast: LayerNorm runs in fp32, matmuls in `a` bytes)."""
-    saved = 2 * 4 * d      # ln1 and ln2 inputs: the fp32 residual stream
-    saved += 2 * 2 * 4     # their mean and rstd
-    saved += 2 * a * d     # ln1 and ln2 outputs (their 16-bit casts under autocast), saved by qkv and fc
-    saved += a * d         # attention output O, which is also attn.proj's input (a view, not a copy)
+    saved = 2 * 4 * d  # ln1 and ln2 inputs: the fp32 residual stream
+    saved += 2 * 2 * 4  # their mean and rstd
+    saved += 2 * a * d  # ln1 and ln2 outputs (their 16-bit casts under autocast), saved by qkv and fc
+    saved += a * d  # attention output O, which is also attn.proj's input (a view, not a copy)
     saved += _mlp_bytes(d=d, r=r, a=a, experts=experts, top_k=top_k, dropout=dropout, device=device)
     fused = _attention_is_fused(device, dropout)
     if fused:
-        saved += 3 * a * d   # q, k, v (views of the qkv output)
-        saved += 4 * h       # fp32 logsumexp per head
+        saved += 3 * a * d  # q, k, v (views of the qkv output)
+        saved += 4 * h  # fp32 logsumexp per head
     else:
         # Math path (upcast to fp32 on CPU): scaled q and k and v copies, then per
         # head a T x T softmax, and with dropout its noise and the dropped matrix.
@@ -216,11 +237,27 @@ def _logits_bytes(*, a: int, tokens: int, vocab: int) -> int:
     return (a + 12) * tokens * vocab
 
 
-def estimate_memory(*, d_model: int, n_heads: int, n_layers: int, context_length: int, vocab_size: int,
-                    micro_batch: int, precision: str, mlp_ratio: int = 4, activation_checkpointing: bool = False,
-                    dropout: float = 0.0, device: str = "cuda", rotary: bool = False, qk_norm: bool = False,
-                    moe_experts: int = 0, moe_top_k: int = 2, vocab_multiple: int = 1,
-                    ddp: bool = False, loss_chunk: int = 0) -> MemoryEstimate:
+def estimate_memory(
+    *,
+    d_model: int,
+    n_heads: int,
+    n_layers: int,
+    context_length: int,
+    vocab_size: int,
+    micro_batch: int,
+    precision: str,
+    mlp_ratio: int = 4,
+    activation_checkpointing: bool = False,
+    dropout: float = 0.0,
+    device: str = "cuda",
+    rotary: bool = False,
+    qk_norm: bool = False,
+    moe_experts: int = 0,
+    moe_top_k: int = 2,
+    vocab_multiple: int = 1,
+    ddp: bool = False,
+    loss_chunk: int = 0,
+) -> MemoryEstimate:
     """Peak training memory per device for one micro-batch of full-length sequences.
 
     Totals add all terms: gradients exist during every micro-batch's forward
@@ -237,16 +274,39 @@ def estimate_memory(*, d_model: int, n_heads: int, n_layers: int, context_length
     if micro_batch < 0:
         raise ValueError(f"micro_batch={micro_batch} must be >= 0")
     a = ELEMENT_BYTES[precision]
-    n = count_params(d_model, n_heads, n_layers, context_length, vocab_size, mlp_ratio, rotary=rotary,
-                     qk_norm=qk_norm, moe_experts=moe_experts, vocab_multiple=vocab_multiple)
+    n = count_params(
+        d_model,
+        n_heads,
+        n_layers,
+        context_length,
+        vocab_size,
+        mlp_ratio,
+        rotary=rotary,
+        qk_norm=qk_norm,
+        moe_experts=moe_experts,
+        vocab_multiple=vocab_multiple,
+    )
     tokens = micro_batch * context_length
     padded = -(-vocab_size // vocab_multiple) * vocab_multiple
 
     params, grads, optimizer = 4 * n, 4 * n, 8 * n  # fp32 weights, fp32 grads, AdamW m and v
     buckets = 4 * n if ddp else 0
-    activations = _activation_bytes(d=d_model, h=n_heads, L=n_layers, T=context_length, r=mlp_ratio, a=a,
-                                    tokens=tokens, dropout=dropout, device=device, rotary=rotary, qk_norm=qk_norm,
-                                    experts=moe_experts, top_k=moe_top_k, checkpointing=activation_checkpointing)
+    activations = _activation_bytes(
+        d=d_model,
+        h=n_heads,
+        L=n_layers,
+        T=context_length,
+        r=mlp_ratio,
+        a=a,
+        tokens=tokens,
+        dropout=dropout,
+        device=device,
+        rotary=rotary,
+        qk_norm=qk_norm,
+        experts=moe_experts,
+        top_k=moe_top_k,
+        checkpointing=activation_checkpointing,
+    )
     logits = _logits_bytes(a=a, tokens=min(tokens, loss_chunk) if loss_chunk else tokens, vocab=padded)
 
     # Autocast casts each weight per op and autograd keeps the 16-bit copy until
@@ -261,8 +321,16 @@ def estimate_memory(*, d_model: int, n_heads: int, n_layers: int, context_length
     workspace = casts + fixed + int(frag * (activations + logits))
 
     total = params + grads + optimizer + buckets + activations + logits + workspace
-    return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, ddp_buckets=buckets,
-                          activations=activations, logits=logits, workspace=workspace, total=total)
+    return MemoryEstimate(
+        params=params,
+        grads=grads,
+        optimizer=optimizer,
+        ddp_buckets=buckets,
+        activations=activations,
+        logits=logits,
+        workspace=workspace,
+        total=total,
+    )
 
 
 def fit_micro_batch(memory_bytes: int, *, headroom: float = 0.9, max_batch: int = 1024, **model_kw) -> int:

@@ -82,7 +82,7 @@ def _nvml_gpus() -> tuple[Gpu, ...] | None:
         if parts is not None and not all(p.lstrip("-").isdigit() for p in parts):
             return None
         indices = []
-        for i in (range(count) if parts is None else map(int, parts)):
+        for i in range(count) if parts is None else map(int, parts):
             if not 0 <= i < count:
                 break  # CUDA ignores the list from the first invalid entry on
             indices.append(i)
@@ -91,8 +91,13 @@ def _nvml_gpus() -> tuple[Gpu, ...] | None:
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(h)
             major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-            gpus.append(Gpu(name.decode() if isinstance(name, bytes) else name,
-                            pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30, float(f"{major}.{minor}")))
+            gpus.append(
+                Gpu(
+                    name.decode() if isinstance(name, bytes) else name,
+                    pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30,
+                    float(f"{major}.{minor}"),
+                )
+            )
         return tuple(gpus)
     except Exception:
         return None

@@ -19,13 +19,14 @@ from dataclasses import asdict, dataclass, field
 
 from omegaconf import OmegaConf
 
-from lingmao.plan.batch import Fit, budget_bytes, fit_batch, model_shape, refusal, suggest_split
-from lingmao.plan.calibration import describe, name as candidate_name, shape_of
 from lingmao.config.rules import CONF_DIR, ConfigError
-from lingmao.plan.estimate import GiB, MARGIN, count_params, estimate_memory, estimate_step_time, flops_per_token
+from lingmao.plan.batch import Fit, budget_bytes, fit_batch, model_shape, refusal, suggest_split
+from lingmao.plan.calibration import describe, shape_of
+from lingmao.plan.calibration import name as candidate_name
+from lingmao.plan.estimate import MARGIN, GiB, count_params, estimate_memory, estimate_step_time, flops_per_token
 from lingmao.plan.machine import Machine
-from lingmao.train.optim import scaled_lr
 from lingmao.plan.peaks import peak_for
+from lingmao.train.optim import scaled_lr
 
 # Vocabulary the estimates assume: the default corpus' (chinese-poetry 2.0.1,
 # simplified, measured). The plan never reads the data, so it cannot know yours.
@@ -113,7 +114,7 @@ def load_preset(name: str) -> dict:
     return dict(_preset(name))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _preset(name: str) -> dict:
     path = CONF_DIR / "hardware" / f"{name}.yaml"
     if not path.exists():
@@ -190,8 +191,9 @@ def lr_source(cfg) -> str:
 
 def run_seconds(cfg, step_s: float | None) -> float | None:
     """The run's expected length: trainer.max_time, or the estimated steps' time if shorter."""
-    bounds = [x for x in (cfg.trainer.max_time, step_s and cfg.trainer.max_steps and step_s * cfg.trainer.max_steps)
-              if x]
+    bounds = [
+        x for x in (cfg.trainer.max_time, step_s and cfg.trainer.max_steps and step_s * cfg.trainer.max_steps) if x
+    ]
     return min(bounds) if bounds else None
 
 
@@ -202,9 +204,18 @@ def measured_step_seconds(choice: dict, tokens_per_step: int) -> float:
 
 
 def shape_params(shape: dict) -> int:
-    return count_params(shape["d_model"], shape["n_heads"], shape["n_layers"], shape["context_length"],
-                        shape["vocab_size"], shape["mlp_ratio"], rotary=shape["rotary"], qk_norm=shape["qk_norm"],
-                        moe_experts=shape["moe_experts"], vocab_multiple=shape["vocab_multiple"])
+    return count_params(
+        shape["d_model"],
+        shape["n_heads"],
+        shape["n_layers"],
+        shape["context_length"],
+        shape["vocab_size"],
+        shape["mlp_ratio"],
+        rotary=shape["rotary"],
+        qk_norm=shape["qk_norm"],
+        moe_experts=shape["moe_experts"],
+        vocab_multiple=shape["vocab_multiple"],
+    )
 
 
 def device_peak(hw: dict, m: Machine, precision: str, tf32: bool) -> tuple[float | None, str]:
@@ -230,8 +241,10 @@ def _targets(hw: dict) -> tuple[dict, int, str | None, bool]:
     target = int(hw["effective_batch"])
     warn = None
     if target != int(preset["effective_batch"]):
-        warn = (f"hardware.effective_batch={target} is not the {hw['name']} preset's {preset['effective_batch']}: "
-                f"runs are comparable step by step only at the same effective batch")
+        warn = (
+            f"hardware.effective_batch={target} is not the {hw['name']} preset's {preset['effective_batch']}: "
+            f"runs are comparable step by step only at the same effective batch"
+        )
     fixed = hw["batch"] != "auto" and (hw["batch"], hw["accumulation"]) != (preset["batch"], preset["accumulation"])
     return preset, target, warn, fixed
 
@@ -248,15 +261,19 @@ def plan_batch(hw: dict, shape: dict, memory_gb: float, world: int, notes: list,
         fit = fit_batch(shape, budget, micro * accum * world, world, micro, forced_ckpt, exact_micro=True)
         fit.reason = f"micro-batch {micro} x accumulation {accum} set by hardware.batch/hardware.accumulation"
         if micro * accum * world != target:
-            warnings.append(f"hardware.batch={micro} x hardware.accumulation={accum} x {world} device(s) = "
-                            f"{micro * accum * world}, not the {hw['name']} preset's effective batch {target}: "
-                            f"runs are comparable step by step only at the same effective batch")
+            warnings.append(
+                f"hardware.batch={micro} x hardware.accumulation={accum} x {world} device(s) = "
+                f"{micro * accum * world}, not the {hw['name']} preset's effective batch {target}: "
+                f"runs are comparable step by step only at the same effective batch"
+            )
         if not fit.fits:
             fit.refusal = suggest_split(shape, budget, micro, accum, world, memory_gb)
         return fit
     if hw["batch"] == "auto" and hw["accumulation"] != preset["accumulation"]:
-        warnings.append(f"hardware.accumulation={hw['accumulation']} is ignored with hardware.batch=auto: the plan "
-                        f"derives it from hardware.effective_batch={target}; set that to change the batch")
+        warnings.append(
+            f"hardware.accumulation={hw['accumulation']} is ignored with hardware.batch=auto: the plan "
+            f"derives it from hardware.effective_batch={target}; set that to change the batch"
+        )
     preferred = preset["batch"] if hw["batch"] == "auto" else hw["batch"]
     fit = fit_batch(shape, budget, target, world, int(preferred), forced_ckpt)
     if not fit.fits:
@@ -274,8 +291,12 @@ def step_seconds(mc, n_params: int, fit: Fit, peak: float | None) -> float | Non
         return None
     no_pos = n_params - (0 if mc.rotary else mc.context_length * mc.d_model)
     per_token = flops_per_token(mc.d_model, mc.n_layers, mc.context_length, no_pos)
-    s = estimate_step_time(flops_per_token=per_token, tokens_per_step=fit.micro * fit.accum * mc.context_length,
-                           peak_tflops=peak, mfu=ASSUMED_MFU)
+    s = estimate_step_time(
+        flops_per_token=per_token,
+        tokens_per_step=fit.micro * fit.accum * mc.context_length,
+        peak_tflops=peak,
+        mfu=ASSUMED_MFU,
+    )
     return s * 4 / 3 if fit.checkpointing else s  # checkpointing runs each block's forward twice: ~1 more of 3 passes
 
 
@@ -324,33 +345,62 @@ def make_plan(cfg, m: Machine, world_size: int | None = None, cpu_choice=None) -
         shape["precision"] = precision
         est = estimate_memory(micro_batch=max(fit.micro, 1), activation_checkpointing=fit.checkpointing, **shape)
     return Plan(
-        preset=hw["name"], model=mc.name, preset_reason=preset_reason, device=device, device_name=gpu.name if gpu else "",
-        devices=int(hw["devices"]), world_size=world, ddp_backend=hw["ddp_backend"],
-        precision=precision, precision_reason=precision_reason, grad_scaler=precision == "fp16", tf32=tf32,
+        preset=hw["name"],
+        model=mc.name,
+        preset_reason=preset_reason,
+        device=device,
+        device_name=gpu.name if gpu else "",
+        devices=int(hw["devices"]),
+        world_size=world,
+        ddp_backend=hw["ddp_backend"],
+        precision=precision,
+        precision_reason=precision_reason,
+        grad_scaler=precision == "fp16",
+        tf32=tf32,
         cudnn_benchmark=bool(hw["cudnn_benchmark"]) and device == "cuda",
         alloc_conf=hw["alloc_conf"] if device == "cuda" else "",
-        compile=compile_, compile_mode=hw["compile_mode"], threads=threads,
-        num_workers=hw["num_workers"], pin_memory=bool(hw["pin_memory"]) and device == "cuda",
+        compile=compile_,
+        compile_mode=hw["compile_mode"],
+        threads=threads,
+        num_workers=hw["num_workers"],
+        pin_memory=bool(hw["pin_memory"]) and device == "cuda",
         persistent_workers=bool(hw["persistent_workers"]) and hw["num_workers"] > 0,
         prefetch_factor=hw["prefetch_factor"] if hw["num_workers"] > 0 else None,
-        micro_batch=fit.micro, accumulation=fit.accum, effective_batch=fit.effective,
-        target_effective_batch=int(hw["effective_batch"]), batch_reason=fit.reason,
+        micro_batch=fit.micro,
+        accumulation=fit.accum,
+        effective_batch=fit.effective,
+        target_effective_batch=int(hw["effective_batch"]),
+        batch_reason=fit.reason,
         activation_checkpointing=fit.checkpointing,
-        context_length=mc.context_length, lr_scaling=o.lr_scaling, base_lr=o.lr, base_batch=o.base_batch,
-        lr=scaled_lr(o.lr, o.base_batch, fit.effective, o.lr_scaling), lr_source=lr_source(cfg),
+        context_length=mc.context_length,
+        lr_scaling=o.lr_scaling,
+        base_lr=o.lr,
+        base_batch=o.base_batch,
+        lr=scaled_lr(o.lr, o.base_batch, fit.effective, o.lr_scaling),
+        lr_source=lr_source(cfg),
         muon_lr=o.muon_lr if o.name == "muon" else None,
         # One kernel over all tensors; on this 2-core CPU AdamW's step for the
         # small model took 43 ms fused vs 166 ms in the default per-tensor loop.
         fused_optimizer=o.fused if o.fused is not None else device in ("cuda", "cpu"),
-        params=n, memory_gb=round(memory_gb, 1), estimate_gb=round(est.gb(), 2),
+        params=n,
+        memory_gb=round(memory_gb, 1),
+        estimate_gb=round(est.gb(), 2),
         estimate_parts_gb={k: round(v / GiB, 3) for k, v in asdict(est).items() if k != "total"},
-        estimate_checkpointed_gb=round(ckpt_gb, 2) if show_ckpt else None, estimate_margin=MARGIN,
-        headroom_gb=round(memory_gb - est.gb(), 2), fits=fit.fits, refusal=fit.refusal,
-        vocab_assumed=DEFAULT_VOCAB, peak_tflops_per_device=peak, peak_source=peak_source,
-        assumed_mfu=assumed_mfu, est_step_seconds=round(step_s, 4) if step_s else None,
+        estimate_checkpointed_gb=round(ckpt_gb, 2) if show_ckpt else None,
+        estimate_margin=MARGIN,
+        headroom_gb=round(memory_gb - est.gb(), 2),
+        fits=fit.fits,
+        refusal=fit.refusal,
+        vocab_assumed=DEFAULT_VOCAB,
+        peak_tflops_per_device=peak,
+        peak_source=peak_source,
+        assumed_mfu=assumed_mfu,
+        est_step_seconds=round(step_s, 4) if step_s else None,
         est_run_seconds=round(step_s * max_steps, 1) if step_s and max_steps else None,
         est_tokens_per_sec=round(fit.effective * mc.context_length / step_s) if step_s else None,
-        notes=notes, warnings=warnings, loss_chunk=shape["loss_chunk"],
+        notes=notes,
+        warnings=warnings,
+        loss_chunk=shape["loss_chunk"],
     )
 
 
@@ -365,13 +415,16 @@ def runnable_plan(cfg, m: Machine, world_size: int | None = None, cpu_choice=Non
     if have >= plan.devices:
         return plan
     closest = closest_preset(m)[0]
-    msg = (f"hardware={plan.preset} needs {plan.devices} {plan.device} device(s) but this machine has "
-           f"{len(m.gpus)} CUDA GPU(s){' and MPS' if m.mps else ''}; use hardware=auto, hardware={closest}, "
-           f"or hardware.fallback=true to run on what exists")
+    msg = (
+        f"hardware={plan.preset} needs {plan.devices} {plan.device} device(s) but this machine has "
+        f"{len(m.gpus)} CUDA GPU(s){' and MPS' if m.mps else ''}; use hardware=auto, hardware={closest}, "
+        f"or hardware.fallback=true to run on what exists"
+    )
     if not cfg.hardware.fallback:
         raise ConfigError(msg)
-    fallback_cfg = OmegaConf.merge(cfg, {"hardware": {**{k: None for k in cfg.hardware if k not in ("name", "fallback")},
-                                                      "name": "auto"}})
+    fallback_cfg = OmegaConf.merge(
+        cfg, {"hardware": {**{k: None for k in cfg.hardware if k not in ("name", "fallback")}, "name": "auto"}}
+    )
     plan = make_plan(fallback_cfg, m, world_size, cpu_choice)
     plan.warnings.append("fallback: " + msg)
     return plan

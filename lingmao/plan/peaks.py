@@ -21,7 +21,7 @@ class Peak:
     bf16: float | None  # bf16 tensor cores, fp32 accumulate
     fp16: float | None  # fp16 tensor cores, fp32 accumulate
     tf32: float | None  # fp32 matmuls on TF32 tensor cores
-    fp32: float         # plain fp32 (CUDA cores)
+    fp32: float  # plain fp32 (CUDA cores)
 
     def for_precision(self, precision: str, tf32: bool = False) -> float | None:
         """Peak of the matmuls a run at `precision` does; fp32 with TF32 on uses the TF32 units."""

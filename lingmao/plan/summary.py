@@ -48,14 +48,28 @@ def _rows(p: Plan) -> list[tuple[str, str]]:
     where = f"{p.world_size} x {p.device}" + (f" ({p.device_name})" if p.device_name else "")
     if p.world_size > 1:
         where += f", DDP over {p.ddp_backend}"
-    split = (f"micro-batch {p.micro_batch} x accumulation {p.accumulation} x {p.world_size} device(s) = "
-             f"{p.effective_batch}" + (" (hardware.effective_batch)" if p.effective_batch == p.target_effective_batch
-                                        else f" (hardware.effective_batch is {p.target_effective_batch})"))
+    split = (
+        f"micro-batch {p.micro_batch} x accumulation {p.accumulation} x {p.world_size} device(s) = "
+        f"{p.effective_batch}"
+        + (
+            " (hardware.effective_batch)"
+            if p.effective_batch == p.target_effective_batch
+            else f" (hardware.effective_batch is {p.target_effective_batch})"
+        )
+    )
     how = f"{p.precision}{' + compile' if p.compile and p.device == 'cpu' else ''}: {p.precision_reason}"
-    rows = [("preset", p.preset_reason), ("devices", where), ("precision", how),
-            ("batch", split), ("lr", lr_rule(p)),
-            ("model", f"{p.params / 1e6:.1f}M parameters, context {p.context_length}"
-                      + (", activation checkpointing" if p.activation_checkpointing else ""))]
+    rows = [
+        ("preset", p.preset_reason),
+        ("devices", where),
+        ("precision", how),
+        ("batch", split),
+        ("lr", lr_rule(p)),
+        (
+            "model",
+            f"{p.params / 1e6:.1f}M parameters, context {p.context_length}"
+            + (", activation checkpointing" if p.activation_checkpointing else ""),
+        ),
+    ]
     parts = ", ".join(f"{k} {v:.2f}" for k, v in p.estimate_parts_gb.items() if v)
     rows.append(("memory", f"{p.estimate_gb:.2f} GB: {parts}"))
     if p.estimate_checkpointed_gb is not None and not p.activation_checkpointing:
@@ -66,17 +80,23 @@ def _rows(p: Plan) -> list[tuple[str, str]]:
         peak = p.peak_source
     rows.append(("peak", peak))
     if p.est_step_seconds:
-        t = f"~{duration(p.est_step_seconds)} per step " + (f"at an assumed {p.assumed_mfu:.0%} MFU" if p.assumed_mfu
-                                                             else "as calibrated")
+        t = f"~{duration(p.est_step_seconds)} per step " + (
+            f"at an assumed {p.assumed_mfu:.0%} MFU" if p.assumed_mfu else "as calibrated"
+        )
         if p.est_run_seconds:
             t += f"; the run ~{duration(p.est_run_seconds)}"
         rows.append(("time", t))
     if p.device == "cpu":
         rows.append(("threads", str(p.threads)))
     if p.device == "cuda":
-        rows.append(("cuda", f"compile {'on (' + p.compile_mode + ')' if p.compile else 'off'}, "
-                             f"tf32 {'on' if p.tf32 else 'off'}, fused AdamW {'on' if p.fused_optimizer else 'off'}"
-                             + (f", allocator {p.alloc_conf}" if p.alloc_conf else "")))
+        rows.append(
+            (
+                "cuda",
+                f"compile {'on (' + p.compile_mode + ')' if p.compile else 'off'}, "
+                f"tf32 {'on' if p.tf32 else 'off'}, fused AdamW {'on' if p.fused_optimizer else 'off'}"
+                + (f", allocator {p.alloc_conf}" if p.alloc_conf else ""),
+            )
+        )
     rows.append(("data loader", f"{p.num_workers} workers" + (", pinned memory" if p.pin_memory else "")))
     return rows
 
@@ -88,4 +108,3 @@ def render(p: Plan) -> str:
     lines += [f"  warning: {w}" for w in p.warnings]
     lines += [f"  note: {n}" for n in p.notes]
     return "\n".join(lines)
-

@@ -24,23 +24,35 @@ def samples_html(samples: list[tuple[str, list[dict]]]) -> str:
         shown = [s for s in rows if s.get("decoding", "sampled") == "sampled"][:SAMPLES_SHOWN]
         if not shown:
             continue
-        poems = "".join(f'<pre class="poem"><b>{e(s.get("prompt", ""))}</b>{e(s.get("text", ""))}</pre>'
-                        for s in shown)
+        poems = "".join(f'<pre class="poem"><b>{e(s.get("prompt", ""))}</b>{e(s.get("text", ""))}</pre>' for s in shown)
         parts.append(f"<h3>{e(label)} <small>(step {e(str(shown[0].get('step', '?')))})</small></h3>\n{poems}\n")
     if not parts:
         return ""
-    return ('<h2>Last samples</h2>\n<p class="note">The prompt in bold; the samples of each run\'s last '
-            "evaluation (artifact samples.jsonl).</p>\n" + "".join(parts))
+    return (
+        '<h2>Last samples</h2>\n<p class="note">The prompt in bold; the samples of each run\'s last '
+        "evaluation (artifact samples.jsonl).</p>\n" + "".join(parts)
+    )
 
 
-def write_page(path: Path, title: str, uri: str, n_runs: int, notes: list[str], table: str, plots: list[Path],
-               samples: list[tuple[str, list[dict]]], links: list[str]) -> None:
+def write_page(
+    path: Path,
+    title: str,
+    uri: str,
+    n_runs: int,
+    notes: list[str],
+    table: str,
+    plots: list[Path],
+    samples: list[tuple[str, list[dict]]],
+    links: list[str],
+) -> None:
     e = html.escape
-    images = "".join(f'<h2>{e(p.stem.replace("_", " "))}</h2>\n<img src="{e(p.name)}" alt="{e(p.stem)}">\n'
-                     for p in plots)
+    images = "".join(
+        f'<h2>{e(p.stem.replace("_", " "))}</h2>\n<img src="{e(p.name)}" alt="{e(p.stem)}">\n' for p in plots
+    )
     items = "".join(f'<li><a href="{e(url)}">{e(url)}</a></li>' for url in links)
     note_html = "".join(f'<p class="note">{e(n)}</p>\n' for n in notes)
-    path.write_text(f"""<!doctype html>
+    path.write_text(
+        f"""<!doctype html>
 <html lang="zh-Hans"><head><meta charset="utf-8"><title>{e(title)}</title><style>{_CSS}</style></head>
 <body>
 <h1>{e(title)}</h1>
@@ -55,4 +67,6 @@ in the corpus's validation split. Machine-readable: <a href="runs.csv">runs.csv<
 <p>then open (the train and val charts come first; Group by &rarr; tags hardware or model compares presets):</p>
 <ul>{items}</ul>
 </body></html>
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )

@@ -12,13 +12,32 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-PLOTS = ("train_loss_vs_step.png", "val_loss_vs_step.png", "val_loss_vs_time.png", "val_loss_by_genre.png",
-         "throughput_by_hardware.png", "repetition_vs_step.png")
+PLOTS = (
+    "train_loss_vs_step.png",
+    "val_loss_vs_step.png",
+    "val_loss_vs_time.png",
+    "val_loss_by_genre.png",
+    "throughput_by_hardware.png",
+    "repetition_vs_step.png",
+)
 
 # Families known to cover Chinese, tried before scanning every font's glyphs.
-_CJK_FAMILIES = ("Noto Sans CJK SC", "Noto Sans CJK", "Source Han Sans SC", "Source Han Sans", "WenQuanYi Zen Hei",
-                 "WenQuanYi Micro Hei", "Droid Sans Fallback", "AR PL UMing CN", "Microsoft YaHei", "SimHei",
-                 "PingFang SC", "Hiragino Sans GB", "Heiti SC", "Arial Unicode MS")
+_CJK_FAMILIES = (
+    "Noto Sans CJK SC",
+    "Noto Sans CJK",
+    "Source Han Sans SC",
+    "Source Han Sans",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "Droid Sans Fallback",
+    "AR PL UMing CN",
+    "Microsoft YaHei",
+    "SimHei",
+    "PingFang SC",
+    "Hiragino Sans GB",
+    "Heiti SC",
+    "Arial Unicode MS",
+)
 _PROBE = "诗词文赋曲"
 _SPREAD_P = 0.05  # below it, throughput differences are more than the runs' own noise
 
@@ -105,8 +124,10 @@ def throughput_note(series: dict[str, list[float]]) -> str:
         return "too few log intervals per run to tell throughput differences from noise"
     p = stats.kruskal(*usable.values()).pvalue
     if p >= _SPREAD_P:
-        return (f"throughput differences between these runs are within the runs' own interval-to-interval "
-                f"spread (Kruskal-Wallis p={p:.2g}): read them as noise")
+        return (
+            f"throughput differences between these runs are within the runs' own interval-to-interval "
+            f"spread (Kruskal-Wallis p={p:.2g}): read them as noise"
+        )
     return f"throughput differs between runs beyond their own spread (Kruskal-Wallis p={p:.2g})"
 
 
@@ -160,8 +181,16 @@ def _style(i: int) -> str:
     return ("-", "--", ":", "-.")[i // 10 % 4]
 
 
-def _line_plot(runs: list, key: str, path: Path, title: str, ylabel: str, empty: str,
-               x_time: bool = False, baseline: tuple[str, str] | None = None) -> None:
+def _line_plot(
+    runs: list,
+    key: str,
+    path: Path,
+    title: str,
+    ylabel: str,
+    empty: str,
+    x_time: bool = False,
+    baseline: tuple[str, str] | None = None,
+) -> None:
     """One line per run of `key`; `baseline` (key, legend suffix) adds that
     metric of the same run as a dotted line in the run's colour."""
     fig, ax = _figure(title, "seconds since run start" if x_time else "step", ylabel)
@@ -176,8 +205,16 @@ def _line_plot(runs: list, key: str, path: Path, title: str, ylabel: str, empty:
             if not pts:
                 continue
             xs = [(ms - r.start_ms) / 1000 if x_time else step for step, ms, _ in pts]
-            ax.plot(xs, [v for _, _, v in pts], marker=marker, markersize=3, linewidth=1.6, color=color,
-                    linestyle=style, label=label)
+            ax.plot(
+                xs,
+                [v for _, _, v in pts],
+                marker=marker,
+                markersize=3,
+                linewidth=1.6,
+                color=color,
+                linestyle=style,
+                label=label,
+            )
             drawn += 1
     if drawn:
         _legend(ax, drawn)
@@ -207,10 +244,15 @@ def _genre_plot(runs: list, genres: dict[str, str], path: Path) -> None:
 
 
 def _throughput_plot(runs: list, path: Path, note: str) -> None:
-    fig, ax = _figure("Training throughput by hardware (median after the first log interval; bars: quartiles)",
-                      "run", "samples / second")
-    bars = sorted((r for r in runs if r.row["samples_per_sec"] is not None),
-                  key=lambda r: (r.row["hardware"] or "", -r.row["samples_per_sec"]))
+    fig, ax = _figure(
+        "Training throughput by hardware (median after the first log interval; bars: quartiles)",
+        "run",
+        "samples / second",
+    )
+    bars = sorted(
+        (r for r in runs if r.row["samples_per_sec"] is not None),
+        key=lambda r: (r.row["hardware"] or "", -r.row["samples_per_sec"]),
+    )
     if not bars:
         _empty(ax, "no throughput metrics logged (samples_per_sec)")
         _save(fig, path)
@@ -228,10 +270,21 @@ def _throughput_plot(runs: list, path: Path, note: str) -> None:
 
             q1, _, q3 = statistics.quantiles(spread, n=4)
             ax.errorbar(i, value, yerr=[[max(0.0, value - q1)], [max(0.0, q3 - value)]], color="0.2", capsize=4)
-        ax.annotate(f"{value:,.1f}", (i, value), ha="center", va="bottom", fontsize="small", xytext=(6, 2),
-                    textcoords="offset points")
-    ax.set_xticks(range(len(bars)), [r.label for r in bars], rotation=30 if len(bars) > 3 else 0,
-                  ha="right" if len(bars) > 3 else "center")
+        ax.annotate(
+            f"{value:,.1f}",
+            (i, value),
+            ha="center",
+            va="bottom",
+            fontsize="small",
+            xytext=(6, 2),
+            textcoords="offset points",
+        )
+    ax.set_xticks(
+        range(len(bars)),
+        [r.label for r in bars],
+        rotation=30 if len(bars) > 3 else 0,
+        ha="right" if len(bars) > 3 else "center",
+    )
     ax.grid(True, axis="y", alpha=0.3)
     ax.grid(False, axis="x")
     ax.margins(y=0.12)  # room for the value labels above the tallest bar
@@ -246,21 +299,45 @@ def write_plots(runs: list, genres: dict[str, str], note: str, out: Path, font: 
     """Every plot in PLOTS, into `out`; `genres` maps ASCII metric names to the genres' own names."""
     paths = [out / name for name in PLOTS]
     with cjk_fonts(font):
-        _line_plot(runs, "train/loss", paths[0], "Training loss by step", "train loss (nats/token)",
-                   "no training loss logged (train/loss)")
-        _line_plot(runs, "val/loss", paths[1], "Validation loss by step", "val loss (nats/token)",
-                   "no validation loss logged (val/loss)")
-        _line_plot(runs, "val/loss", paths[2], "Validation loss by wall time", "val loss (nats/token)",
-                   "no validation loss logged (val/loss)", x_time=True)
+        _line_plot(
+            runs,
+            "train/loss",
+            paths[0],
+            "Training loss by step",
+            "train loss (nats/token)",
+            "no training loss logged (train/loss)",
+        )
+        _line_plot(
+            runs,
+            "val/loss",
+            paths[1],
+            "Validation loss by step",
+            "val loss (nats/token)",
+            "no validation loss logged (val/loss)",
+        )
+        _line_plot(
+            runs,
+            "val/loss",
+            paths[2],
+            "Validation loss by wall time",
+            "val loss (nats/token)",
+            "no validation loss logged (val/loss)",
+            x_time=True,
+        )
         _genre_plot(runs, genres, paths[3])
         _throughput_plot(runs, paths[4], note)
-        _line_plot(runs, "val/samples/rep4", paths[5], "Repetition in generated samples",
-                   "repeated 4-gram rate (val/samples/rep4)", "no repetition metrics logged (val/samples/rep4)",
-                   baseline=("val/samples/greedy_rep4", "(greedy, no penalty)"))
+        _line_plot(
+            runs,
+            "val/samples/rep4",
+            paths[5],
+            "Repetition in generated samples",
+            "repeated 4-gram rate (val/samples/rep4)",
+            "no repetition metrics logged (val/samples/rep4)",
+            baseline=("val/samples/greedy_rep4", "(greedy, no penalty)"),
+        )
     return paths
 
 
 def warn_no_font(font: Font) -> None:
     if font.family is None:
         print(f"warning: no CJK font for the plots; {font.source}", file=sys.stderr)
-

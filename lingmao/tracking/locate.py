@@ -24,8 +24,9 @@ def checkpoint_path(spec: str, which: str = "last", tracking_uri: str = "") -> P
     """The .pt file `spec` (a file, a run folder or an MLflow run id) means."""
     choice("which", which, WHICH)
     if not spec:
-        raise OptionError("checkpoint=PATH is required: a run folder (e.g. outputs/DATE/TIME), a .pt file "
-                          "or an MLflow run id")
+        raise OptionError(
+            "checkpoint=PATH is required: a run folder (e.g. outputs/DATE/TIME), a .pt file or an MLflow run id"
+        )
     path = Path(spec).expanduser()
     if path.is_file():
         return path
@@ -35,8 +36,10 @@ def checkpoint_path(spec: str, which: str = "last", tracking_uri: str = "") -> P
         return in_run_folder(run_folder(spec, tracking_uri), which)
     if path.suffix == ".pt":
         raise OptionError(f"checkpoint={spec}: no such file")
-    raise OptionError(f"checkpoint={spec}: no such file or folder, and not an MLflow run id (32 hex digits); "
-                      f"give a run folder (outputs/DATE/TIME), a .pt file or a run id")
+    raise OptionError(
+        f"checkpoint={spec}: no such file or folder, and not an MLflow run id (32 hex digits); "
+        f"give a run folder (outputs/DATE/TIME), a .pt file or a run id"
+    )
 
 
 def _checkpoint_dir(run: Path) -> Path:
@@ -73,11 +76,15 @@ def run_folder(run_id: str, tracking_uri: str = "") -> Path:
     elif "resumed_from" in tags:
         folder = Path(tags["resumed_from"]).parent
     else:
-        raise OptionError(f"checkpoint={run_id}: MLflow run {run_id} in {uri} records no run folder (tag "
-                          f"{RUN_DIR_TAG}); give its run folder or .pt file instead")
+        raise OptionError(
+            f"checkpoint={run_id}: MLflow run {run_id} in {uri} records no run folder (tag "
+            f"{RUN_DIR_TAG}); give its run folder or .pt file instead"
+        )
     if not folder.is_dir():
-        raise OptionError(f"checkpoint={run_id}: the run's folder {folder} does not exist on this machine; "
-                          f"give the run folder or .pt file where it is now")
+        raise OptionError(
+            f"checkpoint={run_id}: the run's folder {folder} does not exist on this machine; "
+            f"give the run folder or .pt file where it is now"
+        )
     return folder
 
 
@@ -98,8 +105,10 @@ def mlflow_run(run_id: str, tracking_uri: str = ""):
         raise OptionError(f"MLflow run {run_id}: {e}") from None
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise OptionError(f"no MLflow run {run_id} in {uri}; pass tracking_uri= (the store the run was "
-                              f"logged to, e.g. sqlite:///PATH/mlflow.db)") from None
+            raise OptionError(
+                f"no MLflow run {run_id} in {uri}; pass tracking_uri= (the store the run was "
+                f"logged to, e.g. sqlite:///PATH/mlflow.db)"
+            ) from None
         raise OptionError(f"MLflow store {uri}: {str(e.message).splitlines()[0]}") from None
     return run, uri
 

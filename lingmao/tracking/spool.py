@@ -15,11 +15,21 @@ import sys
 import time
 from pathlib import Path
 
-from lingmao.tracking.store import TrackingError, _retry_locked, ensure_store, experiment_id, quiet_mlflow, resolve_uri, unreachable, where
+from lingmao.tracking.store import (
+    TrackingError,
+    _retry_locked,
+    ensure_store,
+    experiment_id,
+    quiet_mlflow,
+    resolve_uri,
+    unreachable,
+    where,
+)
 
 SPOOL_NAME = "mlflow_spool.jsonl"
 _BATCH = 900  # metrics per log_batch: MLflow accepts up to 1000
 _PARAMS = 100  # params per log_batch: MLflow's limit
+
 
 def _params(client, run_id: str, params: dict[str, str], step) -> None:
     """MLflow params are immutable. A key the run already has with another
@@ -41,7 +51,7 @@ def _params(client, run_id: str, params: dict[str, str], step) -> None:
             out[key] = value
     items = [Param(k, v) for k, v in out.items()]
     for i in range(0, len(items), _PARAMS):
-        _retry_locked(client.log_batch, run_id, params=items[i:i + _PARAMS])
+        _retry_locked(client.log_batch, run_id, params=items[i : i + _PARAMS])
 
 
 def _dataset(client, run_id: str, rec: dict) -> None:
@@ -49,10 +59,16 @@ def _dataset(client, run_id: str, rec: dict) -> None:
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     d = rec["dataset"]
-    entity = Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"],
-                     source=json.dumps({"uri": d["source"]}), profile=json.dumps(d["profile"]))
-    _retry_locked(client.log_inputs, run_id,
-                  [DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])])
+    entity = Dataset(
+        name=d["name"],
+        digest=d["digest"],
+        source_type=d["source_type"],
+        source=json.dumps({"uri": d["source"]}),
+        profile=json.dumps(d["profile"]),
+    )
+    _retry_locked(
+        client.log_inputs, run_id, [DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])]
+    )
 
 
 def apply(client, run_id: str, rec: dict) -> None:
@@ -63,7 +79,7 @@ def apply(client, run_id: str, rec: dict) -> None:
     if op == "metrics":
         metrics = [Metric(k, v, t, s) for k, v, t, s in rec["metrics"]]
         for i in range(0, len(metrics), _BATCH):
-            _retry_locked(client.log_batch, run_id, metrics=metrics[i:i + _BATCH])
+            _retry_locked(client.log_batch, run_id, metrics=metrics[i : i + _BATCH])
     elif op == "params":
         _params(client, run_id, rec["params"], rec.get("step"))
     elif op == "tags":
@@ -114,8 +130,9 @@ class Spool:
 def read_spool(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
-        raise TrackingError(f"no spool at {path} (runs that could not reach their store leave {SPOOL_NAME} "
-                            f"in their run folder)")
+        raise TrackingError(
+            f"no spool at {path} (runs that could not reach their store leave {SPOOL_NAME} in their run folder)"
+        )
     lines = path.read_text(encoding="utf-8").splitlines()
     records = []
     for n, line in enumerate(lines, 1):
@@ -134,7 +151,7 @@ def _pending(records: list[dict]) -> list[dict]:
     """The records after the last 'imported' mark: a spool can be appended to
     again (a later run in the same folder) and imported again."""
     marks = [i for i, r in enumerate(records) if r["op"] == "imported"]
-    return records[marks[-1] + 1:] if marks else records
+    return records[marks[-1] + 1 :] if marks else records
 
 
 def import_spool(path: Path, uri: str | None = None) -> tuple[str, str]:
@@ -157,8 +174,10 @@ def import_spool(path: Path, uri: str | None = None) -> tuple[str, str]:
     uri = uri or pending[0]["uri"]
     why = unreachable(uri)
     if why is not None:
-        raise TrackingError(f"MLflow store {uri} is still not reachable ({why}); start it or pass "
-                            f"--tracking-uri (e.g. sqlite:///mlflow.db)")
+        raise TrackingError(
+            f"MLflow store {uri} is still not reachable ({why}); start it or pass "
+            f"--tracking-uri (e.g. sqlite:///mlflow.db)"
+        )
     ensure_store(uri)
     client = MlflowClient(uri)
     run_id = None
@@ -172,8 +191,9 @@ def import_spool(path: Path, uri: str | None = None) -> tuple[str, str]:
                     run_id = None  # a different store from the one the run started in
             if not run_id:
                 exp_id = experiment_id(client, rec["experiment"])
-                run_id = client.create_run(exp_id, run_name=rec["run_name"], start_time=rec["start_ms"],
-                                           tags=rec.get("tags")).info.run_id
+                run_id = client.create_run(
+                    exp_id, run_name=rec["run_name"], start_time=rec["start_ms"], tags=rec.get("tags")
+                ).info.run_id
             client.set_tag(run_id, "lingmao.spool", str(path))
             continue
         if rec["op"] == "artifact":
@@ -202,8 +222,10 @@ def sweep_report(uri: str, experiment: str, sweep: str, sweep_dir: Path) -> str:
     lines = []
     spools = pending_spools(sweep_dir)
     if spools:
-        lines.append(f"{len(spools)} job(s) could not reach {uri}; import their spools when it is back:\n  "
-                     f"python -m lingmao.tracking import {' '.join(str(p) for p in spools)} --tracking-uri {uri}")
+        lines.append(
+            f"{len(spools)} job(s) could not reach {uri}; import their spools when it is back:\n  "
+            f"python -m lingmao.tracking import {' '.join(str(p) for p in spools)} --tracking-uri {uri}"
+        )
     why = unreachable(uri)
     if why is not None:
         return "\n".join(lines or [f"MLflow store {uri} not reachable ({why})"])
@@ -220,21 +242,27 @@ def sweep_report(uri: str, experiment: str, sweep: str, sweep_dir: Path) -> str:
     for r in runs:
         status[r.info.status] = status.get(r.info.status, 0) + 1
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(status.items()))
-    lines.insert(0, f"mlflow: sweep {sweep}: {len(runs)} run(s) in {uri} ({counts or 'none'}); group them in "
-                    f"the UI by tag sweep.id, or filter {search}\n  {where(uri, exp.experiment_id, search)}")
+    lines.insert(
+        0,
+        f"mlflow: sweep {sweep}: {len(runs)} run(s) in {uri} ({counts or 'none'}); group them in "
+        f"the UI by tag sweep.id, or filter {search}\n  {where(uri, exp.experiment_id, search)}",
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lingmao.tracking",
-                                     description="lingmao's MLflow tracking: replay spools of runs that "
-                                                 "could not reach their store.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lingmao.tracking",
+        description="lingmao's MLflow tracking: replay spools of runs that could not reach their store.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help=f"replay spool(s) ({SPOOL_NAME}) into an MLflow store")
     imp.add_argument("spools", nargs="+", type=Path, metavar="SPOOL")
-    imp.add_argument("--tracking-uri", default=None,
-                     help="the store to import into (default: the one each run could not reach, "
-                          "as written in its spool)")
+    imp.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="the store to import into (default: the one each run could not reach, as written in its spool)",
+    )
     args = parser.parse_args(argv)
     uri = resolve_uri(args.tracking_uri, Path.cwd()) if args.tracking_uri else None
     failed = 0

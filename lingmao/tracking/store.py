@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import random
 import os
+import random
 import re
 import ssl
 import time
@@ -30,7 +30,7 @@ def resolve_uri(uri: str | None, launch_dir: Path) -> str:
     if not uri:
         return f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         if not path.is_absolute():
             return f"sqlite:///{(launch_dir / path).resolve()}"
     # A plain folder is MLflow's file store; anything with a scheme of two or
@@ -57,10 +57,12 @@ def open_store(uri: str):
     """An MlflowClient on an existing store. Opening a missing sqlite file
     would silently create an empty store and then report "no runs"; say
     where we looked instead."""
-    local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else (uri if "://" not in uri else None)
+    local = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else (uri if "://" not in uri else None)
     if local is not None and not Path(local).exists():
-        raise StoreError(f"no MLflow store at {local} (tracking URI {uri}); run from the directory you "
-                         f"trained in, or pass tracking_uri=sqlite:///PATH/mlflow.db or a mlruns folder")
+        raise StoreError(
+            f"no MLflow store at {local} (tracking URI {uri}); run from the directory you "
+            f"trained in, or pass tracking_uri=sqlite:///PATH/mlflow.db or a mlruns folder"
+        )
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(uri)
@@ -99,7 +101,7 @@ def _retry_locked(fn, *args, **kwargs):
         except Exception as e:
             if "database is locked" not in str(e) or attempt == _LOCKED_RETRIES:
                 raise
-            time.sleep(0.1 * 2 ** attempt * (1 + random.random()))
+            time.sleep(0.1 * 2**attempt * (1 + random.random()))
 
 
 def ensure_store(uri: str) -> None:
@@ -107,7 +109,7 @@ def ensure_store(uri: str) -> None:
     that each find no store race on its schema migration and break it."""
     if not uri.startswith("sqlite:///"):
         return
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(uri[len("sqlite:///") :])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -141,7 +143,7 @@ def artifact_root(uri: str, experiment: str) -> str | None:
     the first Hydra job's output folder, which every later run would write into."""
     if not uri.startswith("sqlite:///"):
         return None  # a server decides; a file store keeps them inside itself
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(uri[len("sqlite:///") :])
     return (db.parent / "mlartifacts" / re.sub(r"[^\w.-]+", "_", experiment)).as_uri()
 
 
@@ -152,17 +154,22 @@ def experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return _retry_locked(client.create_experiment, name,
-                                 artifact_location=artifact_root(client.tracking_uri, name),
-                                 tags={"mlflow.experimentKind": "custom_model_development"})
+            return _retry_locked(
+                client.create_experiment,
+                name,
+                artifact_location=artifact_root(client.tracking_uri, name),
+                tags={"mlflow.experimentKind": "custom_model_development"},
+            )
         except MlflowException:
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
-        raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it "
-                            f"(mlflow experiments restore --experiment-id {exp.experiment_id}) "
-                            f"or choose another with tracking.experiment_name=NAME")
+        raise TrackingError(
+            f"MLflow experiment {name!r} is deleted; restore it "
+            f"(mlflow experiments restore --experiment-id {exp.experiment_id}) "
+            f"or choose another with tracking.experiment_name=NAME"
+        )
     return exp.experiment_id
 
 

@@ -30,8 +30,9 @@ class SystemMetrics:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self.tracker = tracker
-        self.monitor = SystemMetricsMonitor(tracker._run_id or "spooled", sampling_interval=SYSTEM_INTERVAL,
-                                            tracking_uri=tracker.uri)
+        self.monitor = SystemMetricsMonitor(
+            tracker._run_id or "spooled", sampling_interval=SYSTEM_INTERVAL, tracking_uri=tracker.uri
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lingmao-system-metrics", daemon=True)
 

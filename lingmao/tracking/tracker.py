@@ -36,12 +36,45 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from lingmao.tracking.spool import SPOOL_NAME, Spool, apply, import_hint, import_spool, main, pending_spools, read_spool, sweep_report
+from lingmao.tracking.spool import (
+    SPOOL_NAME,
+    Spool,
+    apply,
+    import_hint,
+    import_spool,
+    main,
+    pending_spools,
+    read_spool,
+    sweep_report,
+)
+from lingmao.tracking.store import (
+    TrackingError,
+    _retry_locked,
+    ensure_store,
+    experiment_id,
+    quiet_mlflow,
+    resolve_uri,
+    ui_url,
+    unreachable,
+    where,
+)
 from lingmao.tracking.system import SystemMetrics
-from lingmao.tracking.store import TrackingError, _retry_locked, ensure_store, experiment_id, quiet_mlflow, resolve_uri, ui_url, unreachable, where
 
-__all__ = ["SPOOL_NAME", "Tracker", "TrackingError", "ensure_store", "import_spool", "main", "pending_spools",
-           "read_spool", "resolve_uri", "sweep_id", "sweep_report", "unreachable", "where"]
+__all__ = [
+    "SPOOL_NAME",
+    "Tracker",
+    "TrackingError",
+    "ensure_store",
+    "import_spool",
+    "main",
+    "pending_spools",
+    "read_spool",
+    "resolve_uri",
+    "sweep_id",
+    "sweep_report",
+    "unreachable",
+    "where",
+]
 
 _BATCH = 900  # buffered metrics that trigger a flush: one log_batch takes up to 1000
 FLUSH_SECONDS = 10.0  # or this long since the last flush: slow steps still show in the UI as they happen
@@ -91,8 +124,11 @@ def source_tags() -> dict[str, str]:
     client-made run lacks, and lingmao's version. Built without importing
     MLflow so that a spooled run carries them too. The commit is that of the
     lingmao code that ran, when it runs from a git checkout."""
-    tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": sys.argv[0] or "python",
-            "mlflow.source.type": "LOCAL"}
+    tags = {
+        "mlflow.user": getpass.getuser(),
+        "mlflow.source.name": sys.argv[0] or "python",
+        "mlflow.source.type": "LOCAL",
+    }
     commit = git_state(Path(__file__).resolve().parent).get("git.commit")
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -115,9 +151,17 @@ class Tracker:
     later record. A record in flight that the store did take after all is
     stored once on import: MLflow skips exact duplicates."""
 
-    def __init__(self, uri: str | None, experiment: str, run_name: str, enabled: bool = True,
-                 spool: Path | None = None, system_metrics: bool = False, run_id: str | None = None,
-                 timeout: float = 30.0):
+    def __init__(
+        self,
+        uri: str | None,
+        experiment: str,
+        run_name: str,
+        enabled: bool = True,
+        spool: Path | None = None,
+        system_metrics: bool = False,
+        run_id: str | None = None,
+        timeout: float = 30.0,
+    ):
         """`run_id`: a run to continue (a resumed checkpoint's), if the store has it.
 
         Returns at once. Importing MLflow and opening the store and the run
@@ -207,16 +251,22 @@ class Tracker:
         resumed run, a key whose value changed keeps its first value and the
         new one is logged as `resumed.<step>.<key>` (see tracking_spool._params)."""
         if self.enabled:
-            self._put({"op": "params", "step": step,
-                       "params": {k: str(v)[:6000] for k, v in flatten(params).items()}})
+            self._put({"op": "params", "step": step, "params": {k: str(v)[:6000] for k, v in flatten(params).items()}})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.enabled:
             self._put({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
-    def log_input_dataset(self, name: str, digest: str, source: str, n_records: int | None = None,
-                          context: str = "training", profile: dict | None = None,
-                          source_type: str | None = None) -> None:
+    def log_input_dataset(
+        self,
+        name: str,
+        digest: str,
+        source: str,
+        n_records: int | None = None,
+        context: str = "training",
+        profile: dict | None = None,
+        source_type: str | None = None,
+    ) -> None:
         """Record the corpus as the run's dataset input (the UI's Datasets
         column): `digest` identifies its content (MLflow keeps 36 characters),
         `source` where it came from (a path, an http(s):// URL, hf://NAME for
@@ -227,8 +277,19 @@ class Tracker:
             scheme = source.split("://")[0] if "://" in source else "local"
             source_type = {"https": "http", "hf": "hugging_face"}.get(scheme, scheme)
         prof = {**({"num_records": n_records} if n_records is not None else {}), **(profile or {})}
-        self._put({"op": "dataset", "dataset": {"name": name, "digest": digest[:36], "source": source,
-                                                "source_type": source_type, "context": context, "profile": prof}})
+        self._put(
+            {
+                "op": "dataset",
+                "dataset": {
+                    "name": name,
+                    "digest": digest[:36],
+                    "source": source,
+                    "source_type": source_type,
+                    "context": context,
+                    "profile": prof,
+                },
+            }
+        )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -285,9 +346,12 @@ class Tracker:
             self._closing = True
             self._cv.notify_all()
         if self.offline:
-            print(f"warning: MLflow store {self.uri} was not reachable ({self.offline}); {self._spool.count} "
-                  f"record(s) are in {self.spool}; import them when it is back: "
-                  f"{import_hint(self.spool, self.uri)}", file=sys.stderr)
+            print(
+                f"warning: MLflow store {self.uri} was not reachable ({self.offline}); {self._spool.count} "
+                f"record(s) are in {self.spool}; import them when it is back: "
+                f"{import_hint(self.spool, self.uri)}",
+                file=sys.stderr,
+            )
         for err in self.errors:
             print(f"error: tracking record lost: {err}", file=sys.stderr)
 
@@ -377,16 +441,19 @@ class Tracker:
         try:
             run = client.get_run(self._run_id)
         except MlflowException:  # the checkpoint's run lives in another store
-            print(f"note: MLflow run {self._run_id} of the resumed checkpoint is not in {self.uri}; "
-                  f"starting a new run", file=sys.stderr)
+            print(
+                f"note: MLflow run {self._run_id} of the resumed checkpoint is not in {self.uri}; starting a new run",
+                file=sys.stderr,
+            )
             return None
         _retry_locked(client.update_run, self._run_id, status="RUNNING")
         return self._run_id, run.info.experiment_id
 
     def _create(self, client) -> tuple[str, str]:
         exp = experiment_id(client, self.experiment)
-        run = _retry_locked(client.create_run, exp, run_name=self.run_name, start_time=self._start_ms,
-                            tags=source_tags())
+        run = _retry_locked(
+            client.create_run, exp, run_name=self.run_name, start_time=self._start_ms, tags=source_tags()
+        )
         return run.info.run_id, exp
 
     def _give_up(self, why: str) -> None:
@@ -405,12 +472,23 @@ class Tracker:
     def _go_offline(self, why: str) -> None:
         """Called holding the lock."""
         self.offline = why
-        self._spool.start({"uri": self.uri, "experiment": self.experiment, "run_name": self.run_name,
-                           "run_id": self._run_id, "start_ms": self._start_ms, "reason": why,
-                           "tags": None if self._run_id else source_tags()})
+        self._spool.start(
+            {
+                "uri": self.uri,
+                "experiment": self.experiment,
+                "run_name": self.run_name,
+                "run_id": self._run_id,
+                "start_ms": self._start_ms,
+                "reason": why,
+                "tags": None if self._run_id else source_tags(),
+            }
+        )
         where_to = f"run {self._run_id} continues in" if self._run_id else "records go to"
-        print(f"warning: MLflow store {self.uri} not reachable ({why}); training goes on, {where_to} "
-              f"the spool {self.spool}; import it later: {import_hint(self.spool, self.uri)}", file=sys.stderr)
+        print(
+            f"warning: MLflow store {self.uri} not reachable ({why}); training goes on, {where_to} "
+            f"the spool {self.spool}; import it later: {import_hint(self.spool, self.uri)}",
+            file=sys.stderr,
+        )
 
     def _to_spool(self, rec: dict) -> None:
         """Called holding the lock."""
@@ -418,4 +496,3 @@ class Tracker:
             self._spool.write(rec)
         except Exception as e:  # even the local disk failed: say so at the end
             self.errors.append(f"{rec['op']}: {type(e).__name__}: {e}")
-

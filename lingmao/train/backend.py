@@ -30,8 +30,11 @@ def apply_runtime(plan: Plan) -> None:
         # value the user exported wins over the preset's.
         if plan.alloc_conf and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
             if torch.cuda.is_initialized():
-                print(f"warning: CUDA started before the plan's allocator settings ({plan.alloc_conf}) could "
-                      f"apply; export PYTORCH_CUDA_ALLOC_CONF={plan.alloc_conf} to have them", file=sys.stderr)
+                print(
+                    f"warning: CUDA started before the plan's allocator settings ({plan.alloc_conf}) could "
+                    f"apply; export PYTORCH_CUDA_ALLOC_CONF={plan.alloc_conf} to have them",
+                    file=sys.stderr,
+                )
             else:
                 os.environ["PYTORCH_CUDA_ALLOC_CONF"] = plan.alloc_conf
         # The current TF32 API; the old allow_tf32 flags warn since torch 2.9.

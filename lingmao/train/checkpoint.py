@@ -131,9 +131,17 @@ def rng_state(device: torch.device) -> dict:
     """Every generator a training step may draw from (dropout draws from
     torch's), in weights_only-loadable form."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+    }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     elif device.type == "mps":
@@ -185,8 +193,9 @@ class Folder:
             raise CheckpointWriteError(
                 f"could not write checkpoint {path}: {e.strerror or e}. Nothing partial was left behind and {kept}; "
                 f"free space (or point checkpoint.dir elsewhere), then rerun in the same run directory "
-                f"(resume=auto continues from the newest checkpoint)") from e
-        for old in self.steps()[self.keep_last:]:
+                f"(resume=auto continues from the newest checkpoint)"
+            ) from e
+        for old in self.steps()[self.keep_last :]:
             old.unlink(missing_ok=True)
         return path
 
@@ -199,8 +208,18 @@ def export_weights(folder: Path) -> Path:
     folder = Path(folder)
     source = folder / "best.pt" if (folder / "best.pt").exists() else folder / "last.pt"
     state = load(source)
-    keep = ("format", "model", "config", "plan", "tokenizer_hash", "tokenizer", "mlflow_run_id", "val_loss",
-            "progress", "schedule")
+    keep = (
+        "format",
+        "model",
+        "config",
+        "plan",
+        "tokenizer_hash",
+        "tokenizer",
+        "mlflow_run_id",
+        "val_loss",
+        "progress",
+        "schedule",
+    )
     return save({k: state[k] for k in keep if k in state}, folder.parent / "model.pt")
 
 
@@ -220,8 +239,10 @@ def find_resume(resume: str, folder: Folder, quiet: bool = False) -> tuple[Path,
         return None
     path = Path(resume)
     if not path.is_file():
-        raise ResumeError(f"resume={resume}: no such file; valid values are auto, never, or a checkpoint file "
-                          f"(e.g. outputs/myrun/checkpoints/last.pt)")
+        raise ResumeError(
+            f"resume={resume}: no such file; valid values are auto, never, or a checkpoint file "
+            f"(e.g. outputs/myrun/checkpoints/last.pt)"
+        )
     return path, load(path, mmap=True)
 
 
@@ -230,8 +251,15 @@ def find_resume(resume: str, folder: Folder, quiet: bool = False) -> tuple[Path,
 # every data setting that changes the tokens, data.split_seed (the train/val
 # split) among them. Everything else (hardware, optimizer, trainer, stride)
 # may change here; resume=auto also wants the same job (checkpointer.py).
-_FREE_KEYS = {"model.name", "model.dropout", "model.moe.capacity_factor", "model.moe.aux_loss_weight",
-              "data.cache_dir", "data.stride", "data.on_bad_record"}
+_FREE_KEYS = {
+    "model.name",
+    "model.dropout",
+    "model.moe.capacity_factor",
+    "model.moe.aux_loss_weight",
+    "data.cache_dir",
+    "data.stride",
+    "data.on_bad_record",
+}
 
 
 def flat(node: dict, prefix: str = "") -> dict:
@@ -257,12 +285,18 @@ def check_compatible(state: dict, cfg: dict, tokenizer_hash: str, path: Path) ->
     stream, listing every difference."""
     # A key added since the checkpoint was written: the value it had before it existed.
     saved, now = _bound_settings(fill_absent(state["config"])), _bound_settings(cfg)
-    diffs = [f"  {k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}"
-             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    diffs = [
+        f"  {k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
     if state["tokenizer_hash"] != tokenizer_hash:
-        diffs.append(f"  tokenizer (sha256): checkpoint {state['tokenizer_hash'][:12]} "
-                     f"vs this corpus {tokenizer_hash[:12]}")
+        diffs.append(
+            f"  tokenizer (sha256): checkpoint {state['tokenizer_hash'][:12]} vs this corpus {tokenizer_hash[:12]}"
+        )
     if diffs:
         raise ResumeError(
-            f"cannot resume from {path}: it was trained with other settings:\n" + "\n".join(diffs) +
-            "\nResume with the checkpoint's settings, or start fresh with resume=never (or in a new run directory).")
+            f"cannot resume from {path}: it was trained with other settings:\n"
+            + "\n".join(diffs)
+            + "\nResume with the checkpoint's settings, or start fresh with resume=never (or in a new run directory)."
+        )

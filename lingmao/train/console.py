@@ -39,7 +39,7 @@ class RunLog:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / "run.log"
 
-    def __enter__(self) -> "RunLog":
+    def __enter__(self) -> RunLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.path, "a", encoding="utf-8")
         self._old = sys.stdout, sys.stderr

@@ -31,9 +31,10 @@ class Dist:
         return self.world_size > 1
 
     @staticmethod
-    def from_env() -> "Dist":
-        return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                    int(os.environ.get("WORLD_SIZE", 1)))
+    def from_env() -> Dist:
+        return Dist(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        )
 
 
 def start(plan: Plan, dist: Dist) -> torch.device:
@@ -45,8 +46,12 @@ def start(plan: Plan, dist: Dist) -> torch.device:
     else:
         device = torch.device(plan.device)
     if dist.ddp:
-        torch.distributed.init_process_group(plan.ddp_backend, rank=dist.rank, world_size=dist.world_size,
-                                             device_id=device if device.type == "cuda" else None)
+        torch.distributed.init_process_group(
+            plan.ddp_backend,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            device_id=device if device.type == "cuda" else None,
+        )
     return device
 
 
@@ -72,7 +77,8 @@ class Parallel:
             # broadcast_buffers=False: the only buffers are the rotary tables,
             # the same constants on every rank.
             self.ddp = torch.nn.parallel.DistributedDataParallel(
-                raw, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+                raw, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            )
             module = self.ddp
         self.module = torch.compile(module, mode=plan.compile_mode) if plan.compile else module
 

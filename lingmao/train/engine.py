@@ -23,25 +23,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lingmao.train import checkpoint
-from lingmao.train.recovery import Checkpointer, RunLock, job_differences
-from lingmao.train.console import interactive
-from lingmao.data import CorpusError, load_corpus
+from lingmao.data import load_corpus
+from lingmao.data.corpus import CorpusError
 from lingmao.data.prepare import Prepared
 from lingmao.data.stream import BatchStream, Replay, loader_args
 from lingmao.data.tokenizer import tokenizer_hash
 from lingmao.data.windows import TokenWindows, default_stride, make_loader
+from lingmao.plan.make import Plan
+from lingmao.train import checkpoint
+from lingmao.train.backend import apply_night, apply_runtime
+from lingmao.train.console import interactive
 from lingmao.train.distributed import Dist, Parallel, agree, finish, from_rank0, gather, rank_seed, start
-from lingmao.train.validation import Evaluator, ValData, corpus_verse_form
 from lingmao.train.metrics import Meter
 from lingmao.train.nan_policy import NanPolicy, NonFiniteError, nonfinite_report  # noqa: F401 (NonFiniteError: the CLI's)
 from lingmao.train.night import NightMode
 from lingmao.train.optim import Schedule
-from lingmao.plan.make import Plan
 from lingmao.train.profiling import StepProfiler
-from lingmao.train.backend import apply_night, apply_runtime
+from lingmao.train.recovery import Checkpointer, RunLock, job_differences
 from lingmao.train.signals import Stopper
 from lingmao.train.step import TrainStep, build
+from lingmao.train.validation import Evaluator, ValData, corpus_verse_form
 
 wall_clock = datetime.datetime.now  # night mode reads it
 
@@ -49,6 +50,7 @@ wall_clock = datetime.datetime.now  # night mode reads it
 @dataclass
 class Job:
     """A run that passed every check that can refuse it, before any tracking."""
+
     cfg: object
     plan: Plan
     dist: Dist
@@ -64,7 +66,7 @@ class Job:
     same_job: bool  # `found` is of this job: continue its MLflow run
     lock: RunLock | None  # rank 0's hold on the checkpoint folder
 
-    def __enter__(self) -> "Job":
+    def __enter__(self) -> Job:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -83,15 +85,20 @@ def prepare(cfg, plan: Plan, run_dir: Path, dist: Dist | None = None) -> Job:
     dist = dist or Dist.from_env()
     data = load_corpus(cfg.data, progress=dist.main and cfg.trainer.progress)
     if dist.main and data.meta.get("skipped_records"):
-        print(f"warning: the corpus skipped {data.meta['skipped_records']} empty or bad record(s) "
-              f"(data.on_bad_record={cfg.data.on_bad_record})", file=sys.stderr)
+        print(
+            f"warning: the corpus skipped {data.meta['skipped_records']} empty or bad record(s) "
+            f"(data.on_bad_record={cfg.data.on_bad_record})",
+            file=sys.stderr,
+        )
     ctx = cfg.model.context_length
     stride = default_stride(cfg.data.stride, ctx)
     train_windows = TokenWindows(data.tokens("train"), ctx, stride, "train")
     steps_per_epoch = len(train_windows) // (plan.micro_batch * dist.world_size * plan.accumulation)
     if steps_per_epoch < 1:
-        raise CorpusError(f"the training split has {len(train_windows)} windows, fewer than one effective batch "
-                          f"({plan.effective_batch}); lower hardware.batch / hardware.accumulation or add data")
+        raise CorpusError(
+            f"the training split has {len(train_windows)} windows, fewer than one effective batch "
+            f"({plan.effective_batch}); lower hardware.batch / hardware.accumulation or add data"
+        )
     t = cfg.trainer
     limits = [n for n in (t.max_steps, t.max_epochs and t.max_epochs * steps_per_epoch) if n]
     o = cfg.optim
@@ -104,8 +111,22 @@ def prepare(cfg, plan: Plan, run_dir: Path, dist: Dist | None = None) -> Job:
     except BaseException:
         lock and lock.release()
         raise
-    return Job(cfg, plan, dist, run_dir, data, train_windows, val_windows, stride, steps_per_epoch, schedule, folder,
-               found, same_job, lock)
+    return Job(
+        cfg,
+        plan,
+        dist,
+        run_dir,
+        data,
+        train_windows,
+        val_windows,
+        stride,
+        steps_per_epoch,
+        schedule,
+        folder,
+        found,
+        same_job,
+        lock,
+    )
 
 
 def _resume_point(cfg, folder: checkpoint.Folder, tok_hash: str, dist: Dist) -> tuple[tuple | None, bool]:
@@ -126,7 +147,8 @@ def _resume_point(cfg, folder: checkpoint.Folder, tok_hash: str, dist: Dist) -> 
     if diffs and cfg.resume == "auto":
         raise checkpoint.ResumeError(
             f"resume=auto: {path} is a checkpoint of another job; it differs in: {'; '.join(diffs)}. Rerun with its "
-            f"settings to continue it, or use another run folder (hydra.run.dir=...) or resume=never")
+            f"settings to continue it, or use another run folder (hydra.run.dir=...) or resume=never"
+        )
     return found, not diffs
 
 
@@ -154,9 +176,19 @@ class Run:
         self.device = start(plan, dist)
         self.tokenizer = job.data.tokenizer()
         self.raw, self.optimizer, self.scaler = build(cfg, plan, job.data.vocab_size, self.device)
-        self.checkpointer = Checkpointer(job.folder, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes, {
-            "schedule": asdict(job.schedule), "config": cfg_dict(cfg), "plan": plan.as_dict(),
-            "tokenizer_hash": tokenizer_hash(self.tokenizer), "tokenizer": self.tokenizer.to_str()}, dist.main)
+        self.checkpointer = Checkpointer(
+            job.folder,
+            cfg.checkpoint.every_steps,
+            cfg.checkpoint.every_minutes,
+            {
+                "schedule": asdict(job.schedule),
+                "config": cfg_dict(cfg),
+                "plan": plan.as_dict(),
+                "tokenizer_hash": tokenizer_hash(self.tokenizer),
+                "tokenizer": self.tokenizer.to_str(),
+            },
+            dist.main,
+        )
         if dist.rank:  # the same initial weights on every rank, other dropout masks
             torch.manual_seed(rank_seed(cfg.seed, dist.rank))
         found = from_rank0(job.found, dist)  # rank 0 read it: every rank starts from the same state
@@ -166,14 +198,24 @@ class Run:
         self.train_step = TrainStep(self.model, self.optimizer, self.scaler, cfg, plan, self.device, dist.ddp)
         self.stream = self._stream()
         self.nan = NanPolicy(cfg.trainer.on_nan)
-        self.night = NightMode(cfg.night_mode, cfg.night.start, cfg.night.end, plan.micro_batch, plan.threads,
-                               clock=wall_clock)
+        self.night = NightMode(
+            cfg.night_mode, cfg.night.start, cfg.night.end, plan.micro_batch, plan.threads, clock=wall_clock
+        )
         self.meter = Meter(plan, self.raw.flops_per_token(), self.device, dist.ddp, dist.world_size)
         self.bar = self._progress_bar()
-        self.evaluator = Evaluator(self.raw, plan, self.device, dist, self._val_data(), cfg, self.tokenizer,
-                                   job.run_dir / "samples.jsonl", tracker, self.say)
-        self.profiler = StepProfiler(cfg.trainer.profile_steps if dist.main else 0, job.run_dir, self.device,
-                                     self.say)
+        self.evaluator = Evaluator(
+            self.raw,
+            plan,
+            self.device,
+            dist,
+            self._val_data(),
+            cfg,
+            self.tokenizer,
+            job.run_dir / "samples.jsonl",
+            tracker,
+            self.say,
+        )
+        self.profiler = StepProfiler(cfg.trainer.profile_steps if dist.main else 0, job.run_dir, self.device, self.say)
         self.final: dict = {}
         self.val_at = -1  # step of the latest eval
         saved_val = found[1].get("val_loss") if found else None
@@ -212,7 +254,8 @@ class Run:
                     self.log(stats)
                 out_of_time = bool(t.max_time) and s.seconds >= t.max_time
                 stop, out_of_time, due_by_time = agree(
-                    [stopper.requested, out_of_time, self.checkpointer.due_by_time()], self.device, self.dist.ddp)
+                    [stopper.requested, out_of_time, self.checkpointer.due_by_time()], self.device, self.dist.ddp
+                )
                 # Early stopping counts the evals eval_every schedules; a checkpoint
                 # brings its own eval so that best.pt compares like with like.
                 scheduled = s.step % t.eval_every == 0 or s.step == total
@@ -242,16 +285,19 @@ class Run:
         if changed and (self.night.active or step > self.started_at):
             apply_night(ns, self.plan, self.device)
             if self.dist.main:
-                self.say(f"night mode {'on' if self.night.active else 'off'} at step {step}: micro-batch "
-                         f"{self.plan.micro_batch // ns.chunks}, threads {ns.threads}, memory x{ns.memory_fraction}")
+                self.say(
+                    f"night mode {'on' if self.night.active else 'off'} at step {step}: micro-batch "
+                    f"{self.plan.micro_batch // ns.chunks}, threads {ns.threads}, memory x{ns.memory_fraction}"
+                )
                 self.tracker.log_metrics({"night_mode": float(bool(self.night.active))}, step)
         return ns.chunks
 
     def non_finite(self, stats) -> None:
         """trainer.on_nan for a step that was not applied: skip, roll back, or raise NonFiniteError."""
         s = self.state
-        report = nonfinite_report(s.step + 1, stats.lr, stats.loss.item(), stats.grad_norm.item(), self.scaler,
-                                  self.raw, self.optimizer)
+        report = nonfinite_report(
+            s.step + 1, stats.lr, stats.loss.item(), stats.grad_norm.item(), self.scaler, self.raw, self.optimizer
+        )
         ck = self.checkpointer
         if self.nan.decide(report, ck.last_good, ck.saved_at) == "skip":
             s.skipped_steps += 1
@@ -262,8 +308,11 @@ class Run:
         self.stream = self._stream()
         self.meter.drop()
         self.val_at = -1
-        print(f"warning: {report}\n  trainer.on_nan=rollback: back to step {self.state.step} ({ck.last_good}), "
-              f"LR x{lr_scale:g}", file=sys.stderr)
+        print(
+            f"warning: {report}\n  trainer.on_nan=rollback: back to step {self.state.step} ({ck.last_good}), "
+            f"LR x{lr_scale:g}",
+            file=sys.stderr,
+        )
 
     def log(self, stats) -> None:
         m = self.meter.read(stats, self.scaler, self.state.skipped_steps)
@@ -273,11 +322,15 @@ class Run:
                 self.linked = True
                 self.say(f"MLflow run: {link}")
             if self.bar:
-                self.bar.set_postfix(loss=f"{m['train/loss']:.3f}", lr=f"{m['lr']:.2e}",
-                                     sps=f"{m['samples_per_sec']:.1f}", refresh=False)
+                self.bar.set_postfix(
+                    loss=f"{m['train/loss']:.3f}", lr=f"{m['lr']:.2e}", sps=f"{m['samples_per_sec']:.1f}", refresh=False
+                )
             elif self.cfg.trainer.progress:  # not a terminal: a plain line instead of bar frames
-                print(f"{self.position()} | train/loss {m['train/loss']:.3f} | "
-                      f"lr {m['lr']:.2e} | {m['samples_per_sec']:.1f} samples/s", flush=True)
+                print(
+                    f"{self.position()} | train/loss {m['train/loss']:.3f} | "
+                    f"lr {m['lr']:.2e} | {m['samples_per_sec']:.1f} samples/s",
+                    flush=True,
+                )
         self.final.update(m)
 
     def position(self) -> str:
@@ -294,8 +347,10 @@ class Run:
         self.val_at = s.step
         early_stop = scheduled and s.count_eval(self.final["val/loss"], self.cfg.trainer.early_stop_patience)
         if early_stop and self.dist.main:
-            self.say(f"early stop: val/loss has not improved on {s.best_val:.4f} for "
-                     f"{s.evals_since_best} evals (trainer.early_stop_patience)")
+            self.say(
+                f"early stop: val/loss has not improved on {s.best_val:.4f} for "
+                f"{s.evals_since_best} evals (trainer.early_stop_patience)"
+            )
         self.meter.restart()  # eval time is not training time
         return early_stop
 
@@ -305,8 +360,13 @@ class Run:
         if self.dist.main:
             self.tracker.flush(wait=True)  # the metrics up to this step survive whatever the checkpoint survives
         rngs = gather(checkpoint.rng_state(self.device), self.dist)  # each rank draws its own dropout masks
-        tensors = {"model": checkpoint.model_state(self.raw), "optimizer": self.optimizer.state_dict(),
-                   "scaler": self.scaler.state_dict(), "rng": rngs[0], **({"rng_ranks": rngs} if self.dist.ddp else {})}
+        tensors = {
+            "model": checkpoint.model_state(self.raw),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rngs[0],
+            **({"rng_ranks": rngs} if self.dist.ddp else {}),
+        }
         self.checkpointer.save(s, tensors, val, self.tracker.run_id)
         self.nan.saved()
 
@@ -318,29 +378,47 @@ class Run:
             path, s = self.checkpointer.last_good, self.state
             print(f"resuming from {path} at step {s.step} (epoch {s.epoch}, {s.epoch_windows} windows into it)")
             saved = self.job.found[1]["schedule"]
-            changed = [f"{k} {saved.get(k)} -> {v}" for k, v in asdict(self.job.schedule).items()
-                       if saved.get(k) != v]
+            changed = [f"{k} {saved.get(k)} -> {v}" for k, v in asdict(self.job.schedule).items() if saved.get(k) != v]
             if changed:  # e.g. a higher trainer.max_steps to train on
-                print(f"note: the LR schedule differs from the checkpoint's ({', '.join(changed)}); "
-                      f"the new one applies from step {s.step} on")
+                print(
+                    f"note: the LR schedule differs from the checkpoint's ({', '.join(changed)}); "
+                    f"the new one applies from step {s.step} on"
+                )
         if not self.dist.main:
             return
         job, tracker, data = self.job, self.tracker, self.job.data
         v = self.evaluator.val
         form = corpus_verse_form(v.tokens, v.docs, v.genres, self.tokenizer)  # what val/samples/form is read against
         # On resume the settings that changed are kept beside the first ones (resumed.<step>.<key>).
-        tracker.log_params({"config": cfg_dict(self.cfg), "plan": self.plan.as_dict(),
-                            "model": {"params": self.raw.num_params(), "active_params": self.raw.active_params(),
-                                      "vocab_size": data.vocab_size},
-                            "data": {"stride": job.stride, "train_windows": len(job.train_windows),
-                                     "steps_per_epoch": job.steps_per_epoch, "verse_form": form}},
-                           step=self.state.step)
+        tracker.log_params(
+            {
+                "config": cfg_dict(self.cfg),
+                "plan": self.plan.as_dict(),
+                "model": {
+                    "params": self.raw.num_params(),
+                    "active_params": self.raw.active_params(),
+                    "vocab_size": data.vocab_size,
+                },
+                "data": {
+                    "stride": job.stride,
+                    "train_windows": len(job.train_windows),
+                    "steps_per_epoch": job.steps_per_epoch,
+                    "verse_form": form,
+                },
+            },
+            step=self.state.step,
+        )
         d = self.cfg.data
-        source = {"poetry": "npm:chinese-poetry", "hf": f"hf://{d.hf_name}",
-                  "prepared": str(d.prepared_dir)}.get(d.source, ",".join(d.paths))
-        tracker.log_input_dataset(d.source, data.dir.name, source, n_records=data.meta["records"],
-                                  profile={"train_tokens": data.meta["tokens"]["train"],
-                                           "val_tokens": data.meta["tokens"]["val"]})
+        source = {"poetry": "npm:chinese-poetry", "hf": f"hf://{d.hf_name}", "prepared": str(d.prepared_dir)}.get(
+            d.source, ",".join(d.paths)
+        )
+        tracker.log_input_dataset(
+            d.source,
+            data.dir.name,
+            source,
+            n_records=data.meta["records"],
+            profile={"train_tokens": data.meta["tokens"]["train"], "val_tokens": data.meta["tokens"]["val"]},
+        )
         if self.resumed:
             tracker.set_tags({"resumed_from": str(self.checkpointer.last_good), "resumed_at_step": self.state.step})
         tracker.set_tags({f"genre.{ascii_name}": g for g, ascii_name in self.evaluator.genre_names.items()})
@@ -353,56 +431,91 @@ class Run:
         ctx = self.cfg.model.context_length
         dup = data.duplicate_windows(ctx, shingle=min(32, ctx))
         tracker.set_tags({f"data.duplicates.{k}": v for k, v in dup.items()})
-        print(f"corpus: {dup['windows']} blocks of {ctx} tokens, {dup['exact']} of them exact and {dup['near']} near "
-              f"duplicates of earlier ones" +
-              (f"; {form:.0%} of its 诗 lines have 5 or 7 characters (val/samples/form's reference)" if form else ""))
+        print(
+            f"corpus: {dup['windows']} blocks of {ctx} tokens, {dup['exact']} of them exact and {dup['near']} near "
+            f"duplicates of earlier ones"
+            + (f"; {form:.0%} of its 诗 lines have 5 or 7 characters (val/samples/form's reference)" if form else "")
+        )
         total = job.schedule.total_steps
-        print(f"model {self.raw.num_params() / 1e6:.2f}M params | vocab {data.vocab_size} | "
-              f"{len(job.train_windows)} train windows | {total or '∞'} steps")
+        print(
+            f"model {self.raw.num_params() / 1e6:.2f}M params | vocab {data.vocab_size} | "
+            f"{len(job.train_windows)} train windows | {total or '∞'} steps"
+        )
 
     def close(self, wall: float) -> dict:
         if self.bar:
             self.bar.close()
         final, s = self.final, self.state
         final.update(self.meter.summary())
-        final.update({"step": s.step, "wall_seconds": wall, "tracking_seconds": self.tracker.seconds,
-                      "status": self.status})
+        final.update(
+            {"step": s.step, "wall_seconds": wall, "tracking_seconds": self.tracker.seconds, "status": self.status}
+        )
         if self.dist.main:
             if not self.linked and self.tracker.run_id and (link := self.tracker.run_link()):
                 self.say(f"MLflow run: {link}")  # the run opened only now (a short run)
             self.tracker.log_artifact(self.job.run_dir / "samples.jsonl")
-            self.tracker.log_metrics({"mean_samples_per_sec": final.get("samples_per_sec", 0.0)},
-                                     s.step)
-            val = (f"val/loss {final['val/loss']:.3f} ppl {final['val/perplexity']:.1f}" if self.val_at == s.step
-                   else "no final eval")
-            print(f"{'stopped' if self.status == 'KILLED' else 'done'}: step {s.step} in {wall:.1f}s | {val} | "
-                  f"{final.get('samples_per_sec', 0):.1f} samples/s | "
-                  f"checkpoint {self.job.folder.path / 'last.pt' if self.checkpointer.last_good else None}")
+            self.tracker.log_metrics({"mean_samples_per_sec": final.get("samples_per_sec", 0.0)}, s.step)
+            val = (
+                f"val/loss {final['val/loss']:.3f} ppl {final['val/perplexity']:.1f}"
+                if self.val_at == s.step
+                else "no final eval"
+            )
+            print(
+                f"{'stopped' if self.status == 'KILLED' else 'done'}: step {s.step} in {wall:.1f}s | {val} | "
+                f"{final.get('samples_per_sec', 0):.1f} samples/s | "
+                f"checkpoint {self.job.folder.path / 'last.pt' if self.checkpointer.last_good else None}"
+            )
         return final
 
     # -- parts ----------------------------------------------------------------------
 
     def _stream(self) -> BatchStream | Replay:
         p, s = self.plan, self.state
-        stream = BatchStream(self.job.train_windows, p.micro_batch, self.cfg.seed, self.dist.rank,
-                             self.dist.world_size, loader_args(p), s.epoch, s.epoch_windows)
+        stream = BatchStream(
+            self.job.train_windows,
+            p.micro_batch,
+            self.cfg.seed,
+            self.dist.rank,
+            self.dist.world_size,
+            loader_args(p),
+            s.epoch,
+            s.epoch_windows,
+        )
         n = self.cfg.trainer.overfit_batches
         return Replay(stream, n) if n else stream
 
     def _val_data(self) -> ValData:
         job, data = self.job, self.job.data
-        loader = make_loader(job.val_windows, self.plan.micro_batch, shuffle=False, seed=self.cfg.seed,
-                             rank=self.dist.rank, world_size=self.dist.world_size, drop_last=False)
-        return ValData(loader, len(job.val_windows), data.tokens("val"), np.load(data.dir / "val_docs.npy"),
-                       data.meta["genres"], data.meta.get("val_tokens_per_char", 1.0))
+        loader = make_loader(
+            job.val_windows,
+            self.plan.micro_batch,
+            shuffle=False,
+            seed=self.cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            drop_last=False,
+        )
+        return ValData(
+            loader,
+            len(job.val_windows),
+            data.tokens("val"),
+            np.load(data.dir / "val_docs.npy"),
+            data.meta["genres"],
+            data.meta.get("val_tokens_per_char", 1.0),
+        )
 
     def _progress_bar(self):
         if not (self.dist.main and self.cfg.trainer.progress and interactive()):
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.job.schedule.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
-                    mininterval=1.0)
+        return tqdm(
+            total=self.job.schedule.total_steps,
+            initial=self.state.step,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
 
     def say(self, line: str) -> None:
         """A line of output that does not break the progress bar."""

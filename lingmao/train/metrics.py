@@ -29,7 +29,12 @@ class Meter:
 
     def __init__(self, plan, flops_per_token: int, device: torch.device, ddp: bool, world_size: int):
         self.plan, self.flops_per_token, self.device, self.ddp, self.world_size = (
-            plan, flops_per_token, device, ddp, world_size)
+            plan,
+            flops_per_token,
+            device,
+            ddp,
+            world_size,
+        )
         self.peak_flops = run_peak_tflops(plan, device, world_size) * 1e12
         self.loss = torch.zeros((), device=device)
         self.steps = 0
@@ -64,19 +69,29 @@ class Meter:
         self.first = False
         sps = self.steps * self.plan.effective_batch / elapsed
         tps = sps * self.plan.context_length
-        m = {"train/loss": self.loss.item() / self.steps, "lr": stats.lr, "grad_norm": float(stats.grad_norm),
-             "samples_per_sec": sps, "tokens_per_sec": tps,
-             # model FLOPs utilisation (PaLM appendix B) over the peak of every device of the run
-             "mfu": tps * self.flops_per_token / self.peak_flops,
-             "peak_memory_gb": peak_memory_bytes(self.device) / 2**30}
+        m = {
+            "train/loss": self.loss.item() / self.steps,
+            "lr": stats.lr,
+            "grad_norm": float(stats.grad_norm),
+            "samples_per_sec": sps,
+            "tokens_per_sec": tps,
+            # model FLOPs utilisation (PaLM appendix B) over the peak of every device of the run
+            "mfu": tps * self.flops_per_token / self.peak_flops,
+            "peak_memory_gb": peak_memory_bytes(self.device) / 2**30,
+        }
         if scaler.is_enabled():
             m["loss_scale"] = scaler.get_scale()
         if skipped_steps:
             m["train/skipped_steps"] = skipped_steps
         if stats.moe:
             moe = stats.moe
-            m.update({"moe_aux_loss": moe["aux_loss"].item(), "moe_drop_rate": moe["drop_rate"].item(),
-                      **{f"moe_load_{i}": v for i, v in enumerate(moe["load"].tolist())}})
+            m.update(
+                {
+                    "moe_aux_loss": moe["aux_loss"].item(),
+                    "moe_drop_rate": moe["drop_rate"].item(),
+                    **{f"moe_load_{i}": v for i, v in enumerate(moe["load"].tolist())},
+                }
+            )
         self.loss.zero_()
         self.steps = 0
         self.restart()

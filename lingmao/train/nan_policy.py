@@ -13,8 +13,10 @@ import torch
 MAX_SKIPS_IN_A_ROW = 10
 # on_nan=rollback gives up after this many rollbacks with no checkpoint written in between.
 MAX_ROLLBACKS = 3
-AMP_ADVICE = ("For NaN under mixed precision try, in this order: lower optim.lr, lower hardware.batch, "
-              "raise hardware.accumulation, and only as a last resort hardware.precision=fp32.")
+AMP_ADVICE = (
+    "For NaN under mixed precision try, in this order: lower optim.lr, lower hardware.batch, "
+    "raise hardware.accumulation, and only as a last resort hardware.precision=fp32."
+)
 
 
 class NonFiniteError(FloatingPointError):
@@ -26,11 +28,16 @@ def nonfinite_report(step: int, lr: float, loss: float, grad_norm: float, scaler
     parameter group) whose gradients or weights are non-finite."""
     names = {id(t): n for n, t in raw.named_parameters()}
     scale = f"{scaler.get_scale():g}" if scaler.is_enabled() else "1 (no GradScaler)"
-    lines = [f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
-             f"(loss {loss:.4g}, grad norm {grad_norm:.4g}, lr {lr:.3g}, loss scale {scale})"]
+    lines = [
+        f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+        f"(loss {loss:.4g}, grad norm {grad_norm:.4g}, lr {lr:.3g}, loss scale {scale})"
+    ]
     for i, group in enumerate(optimizer.param_groups):
-        bad = [f"{'weights' if not torch.isfinite(t).all() else 'grad'} of {names[id(t)]}" for t in group["params"]
-               if not torch.isfinite(t).all() or (t.grad is not None and not torch.isfinite(t.grad).all())]
+        bad = [
+            f"{'weights' if not torch.isfinite(t).all() else 'grad'} of {names[id(t)]}"
+            for t in group["params"]
+            if not torch.isfinite(t).all() or (t.grad is not None and not torch.isfinite(t.grad).all())
+        ]
         if bad:
             more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
             lines.append(f"  param group {i} (weight_decay {group['weight_decay']:g}): {', '.join(bad[:6])}{more}")
@@ -60,9 +67,14 @@ class NanPolicy:
         if self.policy == "rollback" and last_good and self.rollbacks < MAX_ROLLBACKS:
             self.rollbacks += 1
             return "rollback"
-        why = {"stop": "stopped before this step changed the weights",
-               "skip": f"gave up after {MAX_SKIPS_IN_A_ROW} non-finite steps in a row",
-               "rollback": f"gave up after {MAX_ROLLBACKS} rollbacks" if last_good else "nothing to roll back to"}
-        where = (f"the last checkpoint, {last_good}, holds step {saved_at}" if last_good else
-                 "no checkpoint was written yet (see checkpoint.every_steps / every_minutes)")
+        why = {
+            "stop": "stopped before this step changed the weights",
+            "skip": f"gave up after {MAX_SKIPS_IN_A_ROW} non-finite steps in a row",
+            "rollback": f"gave up after {MAX_ROLLBACKS} rollbacks" if last_good else "nothing to roll back to",
+        }
+        where = (
+            f"the last checkpoint, {last_good}, holds step {saved_at}"
+            if last_good
+            else "no checkpoint was written yet (see checkpoint.every_steps / every_minutes)"
+        )
         raise NonFiniteError(f"{report}\ntrainer.on_nan={self.policy}: {why[self.policy]}; {where}. {AMP_ADVICE}")

@@ -10,8 +10,8 @@ is injected so tests can cross the boundary during a run.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 def parse_hhmm(text: str, key: str) -> dt.time:
@@ -38,8 +38,15 @@ class NightSettings:
 class NightMode:
     """Decides, at each optimizer step, the settings for the time of day."""
 
-    def __init__(self, enabled: bool, start: str, end: str, micro_batch: int, threads: int,
-                 clock: Callable[[], dt.datetime] = dt.datetime.now):
+    def __init__(
+        self,
+        enabled: bool,
+        start: str,
+        end: str,
+        micro_batch: int,
+        threads: int,
+        clock: Callable[[], dt.datetime] = dt.datetime.now,
+    ):
         self.enabled = enabled
         self.start, self.end = parse_hhmm(start, "night.start"), parse_hhmm(end, "night.end")
         self.clock = clock

@@ -49,6 +49,7 @@ class Schedule:
     floor when the run ends, whichever bound ends it: a 30-minute run with a
     step budget it will not reach ends at the floor at 30 minutes. A
     checkpoint stores the schedule; a resumed run continues on it."""
+
     peak_lr: float
     warmup: int  # steps
     total_steps: int | None  # None: no step bound
@@ -57,12 +58,19 @@ class Schedule:
     warmup_time: float = 0.0  # seconds of warmup on the time clock
 
     @classmethod
-    def for_run(cls, peak_lr: float, warmup: float, total_steps: int | None, min_lr_ratio: float,
-                max_time: float | None = None) -> Schedule:
+    def for_run(
+        cls, peak_lr: float, warmup: float, total_steps: int | None, min_lr_ratio: float, max_time: float | None = None
+    ) -> Schedule:
         by_fraction = warmup < 1
         steps = max(1, warmup_steps(warmup, total_steps)) if total_steps else (0 if by_fraction else int(warmup))
-        return cls(peak_lr, steps, total_steps, min_lr_ratio, max_time or None,
-                   warmup * max_time if max_time and by_fraction else 0.0)
+        return cls(
+            peak_lr,
+            steps,
+            total_steps,
+            min_lr_ratio,
+            max_time or None,
+            warmup * max_time if max_time and by_fraction else 0.0,
+        )
 
     def lr(self, step: int, scale: float = 1.0, seconds: float = 0.0) -> float:
         """At `step`, after `seconds` of training; `scale`: on_nan=rollback's cuts."""
@@ -90,8 +98,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, exclude=()) -> lis
         if not p.requires_grad or id(p) in others:
             continue
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class MuonAdamW:
@@ -132,8 +139,10 @@ class MuonAdamW:
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != {"adamw", "muon"}:
-            raise ValueError("the saved optimizer state is not optim=muon's (Muon + AdamW): it comes from "
-                             "another optim.name; resume with that optimizer or start fresh (resume=never)")
+            raise ValueError(
+                "the saved optimizer state is not optim=muon's (Muon + AdamW): it comes from "
+                "another optim.name; resume with that optimizer or start fresh (resume=never)"
+            )
         self.adamw.load_state_dict(state["adamw"])
         self.muon.load_state_dict(state["muon"])
 
@@ -144,30 +153,52 @@ MUON_NESTEROV = True
 MUON_NS_STEPS = 5
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, betas, eps: float, weight_decay: float,
-                    fused: bool, *, name: str = "adamw", muon_lr: float = 0.02, muon_momentum: float = 0.95,
-                    muon_weight_decay: float = 0.0):
+def build_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    betas,
+    eps: float,
+    weight_decay: float,
+    fused: bool,
+    *,
+    name: str = "adamw",
+    muon_lr: float = 0.02,
+    muon_momentum: float = 0.95,
+    muon_weight_decay: float = 0.0,
+):
     """AdamW over the whole model (`name="adamw"`), or `name="muon"`: Muon at
     `muon_lr` over `model.hidden_matrices()` and AdamW at `lr` over the rest
     (embeddings, tied head, norms, biases, MoE router). Both LRs are the
     batch-scaled ones."""
     if name == "adamw":
-        return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
-                                 fused=fused or None)
+        return torch.optim.AdamW(
+            param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused or None
+        )
     if name != "muon":
         raise ValueError(f"optim.name={name!r} is not valid; choose one of: adamw, muon")
     matrices = model.hidden_matrices()
-    adamw = torch.optim.AdamW([{**g, "lr_ratio": 1.0} for g in param_groups(model, weight_decay, exclude=matrices)],
-                              lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+    adamw = torch.optim.AdamW(
+        [{**g, "lr_ratio": 1.0} for g in param_groups(model, weight_decay, exclude=matrices)],
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+        fused=fused or None,
+    )
     # adjust_lr_fn="original" is Keller Jordan's: the orthogonalised step has
     # spectral norm muon_lr * sqrt(max(1, fan_out/fan_in)), set by a matrix's
     # aspect ratio and not its width, so the speedrun's 0.02 carries across
     # model sizes. (Moonshot's "match_rms_adamw" would reuse AdamW's LR instead,
     # which here is tuned per model size and, at 6e-4 for medium, far below
     # what Muon wants.)
-    muon = torch.optim.Muon([{"params": matrices, "lr_ratio": muon_lr / lr}], lr=muon_lr,
-                            weight_decay=muon_weight_decay, momentum=muon_momentum, nesterov=MUON_NESTEROV,
-                            ns_steps=MUON_NS_STEPS, adjust_lr_fn="original")
+    muon = torch.optim.Muon(
+        [{"params": matrices, "lr_ratio": muon_lr / lr}],
+        lr=muon_lr,
+        weight_decay=muon_weight_decay,
+        momentum=muon_momentum,
+        nesterov=MUON_NESTEROV,
+        ns_steps=MUON_NS_STEPS,
+        adjust_lr_fn="original",
+    )
     return MuonAdamW(adamw, muon)
 
 
@@ -177,8 +208,18 @@ def make_optimizer(model: torch.nn.Module, o, plan):
     (sqrt, linear) are AdamW's; Muon's orthogonalised update has a spectral
     norm set by its LR alone, and the speedrun setting it comes from uses
     0.02 across batch sizes (not measured here beyond batch 16)."""
-    return build_optimizer(model, plan.lr, o.betas, o.eps, o.weight_decay, plan.fused_optimizer, name=o.name,
-                           muon_lr=o.muon_lr, muon_momentum=o.muon_momentum, muon_weight_decay=o.muon_weight_decay)
+    return build_optimizer(
+        model,
+        plan.lr,
+        o.betas,
+        o.eps,
+        o.weight_decay,
+        plan.fused_optimizer,
+        name=o.name,
+        muon_lr=o.muon_lr,
+        muon_momentum=o.muon_momentum,
+        muon_weight_decay=o.muon_weight_decay,
+    )
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -18,14 +18,21 @@ class StepProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self.prof = torch.profiler.profile(activities=activities, record_shapes=False, on_trace_ready=self._ready,
-                                           schedule=torch.profiler.schedule(wait=1, warmup=1, active=steps, repeat=1))
+        self.prof = torch.profiler.profile(
+            activities=activities,
+            record_shapes=False,
+            on_trace_ready=self._ready,
+            schedule=torch.profiler.schedule(wait=1, warmup=1, active=steps, repeat=1),
+        )
         self.prof.start()
 
     def _ready(self, prof) -> None:
         prof.export_chrome_trace(str(self.trace))
-        key = "self_cuda_time_total" if any(e.device_type.name == "CUDA" for e in prof.events()) else \
-            "self_cpu_time_total"
+        key = (
+            "self_cuda_time_total"
+            if any(e.device_type.name == "CUDA" for e in prof.events())
+            else "self_cpu_time_total"
+        )
         self.say(prof.key_averages().table(sort_by=key, row_limit=12))
         self.say(f"profile: {self.trace} (open in chrome://tracing or ui.perfetto.dev)")
 

@@ -24,11 +24,30 @@ clock = time.monotonic  # checkpoint.every_minutes is measured on it
 # Keys a resumed run may change and still be the same job: how long it
 # trains, how it evaluates, logs, checkpoints and is tracked, and the machine
 # it runs on. Any other difference makes it another job.
-RESUMABLE = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "trainer.eval_every",
-             "trainer.eval_batches", "trainer.log_every", "trainer.progress", "trainer.early_stop_patience",
-             "trainer.on_nan", "trainer.nan_lr_factor", "checkpoint.", "tracking.", "hardware.", "night_mode",
-             "night.", "resume", "plan", "experiment", "data.cache_dir", "data.on_bad_record", "data.paths",
-             "data.prepared_dir")
+RESUMABLE = (
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.max_time",
+    "trainer.eval_every",
+    "trainer.eval_batches",
+    "trainer.log_every",
+    "trainer.progress",
+    "trainer.early_stop_patience",
+    "trainer.on_nan",
+    "trainer.nan_lr_factor",
+    "checkpoint.",
+    "tracking.",
+    "hardware.",
+    "night_mode",
+    "night.",
+    "resume",
+    "plan",
+    "experiment",
+    "data.cache_dir",
+    "data.on_bad_record",
+    "data.paths",
+    "data.prepared_dir",
+)
 
 
 def job_differences(saved: dict, now: dict) -> list[str]:
@@ -36,8 +55,11 @@ def job_differences(saved: dict, now: dict) -> list[str]:
     checkpoint's `saved` one. A key the checkpoint lacks came after it (its
     shape-bearing keys are checkpoint.check_compatible's): not a difference."""
     a, b = checkpoint.flat(saved), checkpoint.flat(now)
-    return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(a)
-            if a.get(k) != b.get(k) and not k.startswith(RESUMABLE)]
+    return [
+        f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}"
+        for k in sorted(a)
+        if a.get(k) != b.get(k) and not k.startswith(RESUMABLE)
+    ]
 
 
 class RunLock:
@@ -52,7 +74,7 @@ class RunLock:
         self.folder, self.path = folder, folder.parent / f".{folder.name}.lock"
         self._file = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:
@@ -64,7 +86,8 @@ class RunLock:
             h = json.loads(holder) if holder.startswith("{") else {}
             raise checkpoint.ResumeError(
                 f"{self.folder} is in use by process {h.get('pid', '?')} on {h.get('host', '?')}: wait for "
-                f"it to end, or give this run another folder (hydra.run.dir=...)") from None
+                f"it to end, or give this run another folder (hydra.run.dir=...)"
+            ) from None
         f.truncate(0)
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         f.flush()
@@ -100,8 +123,9 @@ class Checkpointer:
     anything else touches the run), `save`, `rollback`, and whether one is
     due by time. Rank 0 writes; every rank loads."""
 
-    def __init__(self, folder: checkpoint.Folder, every_steps: int | None, every_minutes: float | None,
-                 meta: dict, main: bool):
+    def __init__(
+        self, folder: checkpoint.Folder, every_steps: int | None, every_minutes: float | None, meta: dict, main: bool
+    ):
         self.folder, self.every_steps, self.every_minutes = folder, every_steps, every_minutes
         self.meta = meta  # config, plan, tokenizer, schedule: the same in every checkpoint of the run
         self.main = main
@@ -135,8 +159,18 @@ class Checkpointer:
             s.best_saved_val = val
         path = self.folder.path / f"step{s.step:08d}.pt"
         if self.main:
-            path = self.folder.write({"format": checkpoint.FORMAT, **tensors, "progress": asdict(s), "val_loss": val,
-                                      **self.meta, "mlflow_run_id": run_id or ""}, s.step, best)
+            path = self.folder.write(
+                {
+                    "format": checkpoint.FORMAT,
+                    **tensors,
+                    "progress": asdict(s),
+                    "val_loss": val,
+                    **self.meta,
+                    "mlflow_run_id": run_id or "",
+                },
+                s.step,
+                best,
+            )
         self.last_good, self.saved_at, self._last_time = path, s.step, clock()
         return path
 

@@ -24,8 +24,11 @@ class Stopper:
             raise KeyboardInterrupt
         self.requested = True
         # os.write, not print: a handler may run in the middle of a print.
-        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
-                    f"(again to stop at once)\n".encode())
+        os.write(
+            2,
+            f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+            f"(again to stop at once)\n".encode(),
+        )
 
     def __exit__(self, *exc):
         for s, h in self._old.items():

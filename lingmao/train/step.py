@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lingmao.train.distributed import Parallel, agree
 from lingmao.model.gpt import GPT, GPTConfig
-from lingmao.train.optim import make_optimizer, set_lr
 from lingmao.plan.make import Plan
 from lingmao.train.backend import autocast, seed_everything
+from lingmao.train.distributed import Parallel, agree
+from lingmao.train.optim import make_optimizer, set_lr
 
 # With fp16 a GradScaler skips the steps whose scaled gradients overflow and
 # halves its scale; healthy runs do so now and then. A scale below 1 means
@@ -30,6 +30,7 @@ MIN_LOSS_SCALE = 1.0
 @dataclass
 class TrainState:
     """Where a run is: what a checkpoint stores besides the tensors."""
+
     step: int = 0  # optimizer steps applied
     epoch: int = 0
     epoch_windows: int = 0  # windows of `epoch` trained on so far, all ranks together
@@ -128,8 +129,11 @@ class TrainStep:
         # One host sync per optimizer step: a non-finite step must be caught
         # before it touches the weights. With fp16 an overflowing gradient is
         # the GradScaler's to skip; a non-finite loss is not.
-        bad = ~torch.isfinite(loss) if self.scaler.is_enabled() else \
-            ~(torch.isfinite(loss) & torch.isfinite(self._grad_norm))
+        bad = (
+            ~torch.isfinite(loss)
+            if self.scaler.is_enabled()
+            else ~(torch.isfinite(loss) & torch.isfinite(self._grad_norm))
+        )
         (nonfinite,) = agree([bad], self.device, self.ddp)
         if nonfinite:
             return False  # the gradients stay for the report until the next step clears them

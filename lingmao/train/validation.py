@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lingmao.data.textmetrics import POEM_LINE_LENGTHS, mean_repetition, verse_form
 from lingmao.data.tokenizer import EOS_ID
 from lingmao.generate import complete
 from lingmao.train.backend import autocast
-from lingmao.data.textmetrics import POEM_LINE_LENGTHS, mean_repetition, verse_form
 
 
 @torch.no_grad()
@@ -55,16 +55,29 @@ def sample(model, tokenizer, s, n_tokens: int, device, seed: int, greedy: bool =
     decoded as it says, with their repetition metrics; `greedy`: one, by
     argmax with no penalty, the decoding most prone to loops."""
     g = torch.Generator(device=device).manual_seed(seed)
-    decoding = (dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0) if greedy else
-                dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty))
+    decoding = (
+        dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+        if greedy
+        else dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty)
+    )
     n = 1 if greedy else s.per_prompt  # argmax would repeat itself
-    return [out for prompt in s.prompts for out in complete(model, tokenizer, prompt, n, n_tokens, generator=g,
-                                                             **decoding)]
+    return [
+        out for prompt in s.prompts for out in complete(model, tokenizer, prompt, n, n_tokens, generator=g, **decoding)
+    ]
 
 
 @torch.no_grad()
-def per_genre_loss(model, tokens: np.ndarray, val_docs: np.ndarray, genres: list[str], context_length: int, *,
-                   device="cpu", batch_size: int = 16, max_docs_per_genre: int | None = 256) -> dict[str, dict]:
+def per_genre_loss(
+    model,
+    tokens: np.ndarray,
+    val_docs: np.ndarray,
+    genres: list[str],
+    context_length: int,
+    *,
+    device="cpu",
+    batch_size: int = 16,
+    max_docs_per_genre: int | None = 256,
+) -> dict[str, dict]:
     """Mean per-token loss of the validation documents of each genre.
 
     `tokens` is the flat val split (every document followed by <eos>),
@@ -87,7 +100,7 @@ def per_genre_loss(model, tokens: np.ndarray, val_docs: np.ndarray, genres: list
         taken[g] += 1
         seq = np.concatenate([[EOS_ID], np.asarray(tokens[start:end], dtype=np.int64)])
         for j in range(0, len(seq) - 1, context_length):
-            pieces.append((g, seq[j:j + context_length + 1]))
+            pieces.append((g, seq[j : j + context_length + 1]))
     loss_sum = torch.zeros(len(genres), dtype=torch.float64)
     count = torch.zeros(len(genres), dtype=torch.int64)
     was_training = model.training
@@ -96,21 +109,24 @@ def per_genre_loss(model, tokens: np.ndarray, val_docs: np.ndarray, genres: list
     # under causal attention it changes nothing before it).
     pieces.sort(key=lambda p: -len(p[1]))
     for b in range(0, len(pieces), batch_size):
-        batch = pieces[b:b + batch_size]
+        batch = pieces[b : b + batch_size]
         width = len(batch[0][1]) - 1
         x = torch.zeros(len(batch), width, dtype=torch.long)
         y = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: cross_entropy's ignore_index
         for i, (_, p) in enumerate(batch):
-            x[i, :len(p) - 1] = torch.from_numpy(p[:-1])
-            y[i, :len(p) - 1] = torch.from_numpy(p[1:])
+            x[i, : len(p) - 1] = torch.from_numpy(p[:-1])
+            y[i, : len(p) - 1] = torch.from_numpy(p[1:])
         logits = model(x.to(device)).float()
         loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="none").view_as(y).sum(1)
         owner = torch.tensor([g for g, _ in batch])
         loss_sum.index_add_(0, owner, loss.double().cpu())  # one host copy per batch
         count.index_add_(0, owner, (y != -100).sum(1))
     model.train(was_training)
-    return {genres[g]: {"loss": loss_sum[g].item() / count[g].item(), "tokens": int(count[g]), "docs": int(taken[g])}
-            for g in range(len(genres)) if count[g] > 0}
+    return {
+        genres[g]: {"loss": loss_sum[g].item() / count[g].item(), "tokens": int(count[g]), "docs": int(taken[g])}
+        for g in range(len(genres))
+        if count[g] > 0
+    }
 
 
 # ASCII metric names for the genres (val/loss_shi): MLflow's charts and
@@ -129,16 +145,20 @@ def genre_metric_names(genres: list[str]) -> dict[str, str]:
     return out
 
 
-def corpus_verse_form(tokens: np.ndarray, docs: np.ndarray, genres: list[str], tokenizer, genre: str = "诗",
-                      max_docs: int = 2000) -> float | None:
+def corpus_verse_form(
+    tokens: np.ndarray, docs: np.ndarray, genres: list[str], tokenizer, genre: str = "诗", max_docs: int = 2000
+) -> float | None:
     """`verse_form` of the corpus's own `genre` documents in the val split
     (the first `max_docs`): the reference val/samples/form is read against."""
     if genre not in genres:
         return None
     g = genres.index(genre)
     ends = np.append(docs[1:, 0], len(tokens))
-    texts = [tokenizer.decode(np.asarray(tokens[start:end], dtype=np.int64).tolist())
-             for (start, kind), end in zip(docs.tolist(), ends.tolist()) if kind == g][:max_docs]
+    texts = [
+        tokenizer.decode(np.asarray(tokens[start:end], dtype=np.int64).tolist())
+        for (start, kind), end in zip(docs.tolist(), ends.tolist())
+        if kind == g
+    ][:max_docs]
     return verse_form(texts)
 
 
@@ -146,6 +166,7 @@ def corpus_verse_form(tokens: np.ndarray, docs: np.ndarray, genres: list[str], t
 class ValData:
     """What an eval reads: the val loader (every rank's share), and the flat
     val split with its documents for the per-genre loss (rank 0)."""
+
     loader: object
     n_windows: int
     tokens: np.ndarray
@@ -160,8 +181,19 @@ class Evaluator:
     `samples_file`, so a resumed run keeps the earlier ones), printed in one
     line and sent to the tracker."""
 
-    def __init__(self, raw, plan, device, dist, val: ValData, cfg, tokenizer, samples_file: Path, tracker,
-                 say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        raw,
+        plan,
+        device,
+        dist,
+        val: ValData,
+        cfg,
+        tokenizer,
+        samples_file: Path,
+        tracker,
+        say: Callable[[str], None] = print,
+    ):
         self.raw, self.plan, self.device, self.dist, self.val = raw, plan, device, dist, val
         self.trainer, self.seed, self.tokenizer = cfg.trainer, cfg.seed, tokenizer
         self.context_length = cfg.model.context_length
@@ -174,19 +206,31 @@ class Evaluator:
     def run(self, step: int) -> dict:
         v = self.val
         val = evaluate(self.raw, v.loader, self.plan, self.device, self.trainer.eval_batches, self.dist, v.n_windows)
-        m = {"val/loss": val, "val/perplexity": math.exp(min(val, 50)),
-             "val/bpc": val / math.log(2) * v.tokens_per_char}
+        m = {
+            "val/loss": val,
+            "val/perplexity": math.exp(min(val, 50)),
+            "val/bpc": val / math.log(2) * v.tokens_per_char,
+        }
         if self.dist.main:
             with autocast(self.plan):
-                genres = per_genre_loss(self.raw, v.tokens, v.docs, v.genres, self.context_length,
-                                        device=self.device, batch_size=self.plan.micro_batch,
-                                        max_docs_per_genre=self.genre_docs)
+                genres = per_genre_loss(
+                    self.raw,
+                    v.tokens,
+                    v.docs,
+                    v.genres,
+                    self.context_length,
+                    device=self.device,
+                    batch_size=self.plan.micro_batch,
+                    max_docs_per_genre=self.genre_docs,
+                )
             m.update({f"val/loss_{self.genre_names[g]}": r["loss"] for g, r in genres.items()})
             samples = self._samples(step, m)
             first = samples[0]["prompt"] + samples[0]["text"]
             greedy = f" (greedy {m['val/samples/greedy_rep4']:.2f})" if "val/samples/greedy_rep4" in m else ""
-            self.say(f"step {step}: val/loss {val:.3f} ppl {m['val/perplexity']:.1f} bpc {m['val/bpc']:.3f} "
-                     f"rep4 {m['val/samples/rep4']:.2f}{greedy} | {' / '.join(first.splitlines())}")
+            self.say(
+                f"step {step}: val/loss {val:.3f} ppl {m['val/perplexity']:.1f} bpc {m['val/bpc']:.3f} "
+                f"rep4 {m['val/samples/rep4']:.2f}{greedy} | {' / '.join(first.splitlines())}"
+            )
             self.tracker.log_metrics(m, step)
             self.tracker.flush()
         return m
@@ -196,8 +240,15 @@ class Evaluator:
         decodings = ["sampled", "greedy"] if self.trainer.sample.greedy_baseline else ["sampled"]
         samples = []
         for decoding in decodings:
-            out = sample(self.raw, self.tokenizer, self.trainer.sample, self.trainer.sample_tokens, self.device,
-                         self.seed, greedy=decoding == "greedy")
+            out = sample(
+                self.raw,
+                self.tokenizer,
+                self.trainer.sample,
+                self.trainer.sample_tokens,
+                self.device,
+                self.seed,
+                greedy=decoding == "greedy",
+            )
             prefix = "val/samples/" if decoding == "sampled" else "val/samples/greedy_"
             m.update({prefix + k: v for k, v in mean_repetition([s["text"] for s in out]).items()})
             # Lines of verse: the samples that continue a 5- or 7-character line (a 诗 prompt)
