@@ -23,10 +23,12 @@ import numpy as np
 import torch
 
 from lingmao.config.options import OptionError, asked_for_help, choice, doc, parse
+from lingmao.config.rules import ConfigError
 from lingmao.data.prepare import normalizer
 from lingmao.data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
-from lingmao.generate import DEVICES, load, pick_device, script_of
 from lingmao.tracking.locate import WHICH, checkpoint_path
+from lingmao.train.backend import DEVICES, pick_device
+from lingmao.train.checkpoint import load_model, script_of
 from lingmao.train.validation import genre_metric_names
 
 
@@ -230,7 +232,7 @@ def log_to_run(state: dict, path: Path, result: dict, name: str, tracking_uri: s
 def run(o: Options) -> dict:
     path = checkpoint_path(o.checkpoint, o.which, o.tracking_uri)
     device = pick_device(o.device)
-    model, tok, state = load(path, device, o.tokenizer)
+    model, tok, state = load_model(path, device, o.tokenizer)
     cfg = state["config"]
     if o.data:
         text_field = o.text_field or cfg.get("data", {}).get("text_field", "text")
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         if o.batch_size < 1 or o.max_batches < 0 or o.genre_docs < 0:
             raise OptionError("batch_size must be >= 1, max_batches and genre_docs >= 0")
         run(o)
-    except (OptionError, CorpusError) as e:
+    except (OptionError, ConfigError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -13,20 +13,19 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from lingmao.config.options import OptionError, asked_for_help, choice, doc, parse
+from lingmao.config.rules import ConfigError
 from lingmao.data.prepare import normalizer
-from lingmao.data.textmetrics import repetition
-from lingmao.data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
-from lingmao.model.gpt import GPT, GPTConfig
+from lingmao.data.tokenizer import unknown_chars
+from lingmao.model.decoding import complete
 from lingmao.tracking.locate import WHICH, checkpoint_path
-from lingmao.train import checkpoint as ckpt
+from lingmao.train.backend import DEVICES, pick_device
+from lingmao.train.checkpoint import load_model, script_of
 
 FORMATS = ("text", "jsonl")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass
@@ -78,98 +77,6 @@ def parse_args(argv: list[str]) -> Options:
     return opts
 
 
-def pick_device(asked: str) -> torch.device:
-    if asked == "auto":
-        asked = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available[asked]:
-        raise OptionError(f"device={asked}: not available on this machine; use device=auto or device=cpu")
-    return torch.device(asked)
-
-
-def load(path, device: torch.device, tokenizer_path: str = ""):
-    """(model in eval mode, tokenizer, checkpoint state) from a lingmao checkpoint file."""
-    from tokenizers import Tokenizer
-
-    try:
-        state = ckpt.load(Path(path))
-    except ckpt.ResumeError as e:  # unreadable, or not a lingmao checkpoint
-        raise OptionError(str(e)) from None
-    if tokenizer_path:
-        tok = Tokenizer.from_file(tokenizer_path)
-        if tokenizer_hash(tok) != state.get("tokenizer_hash"):
-            raise OptionError(
-                f"tokenizer={tokenizer_path} is not the vocabulary {path} was trained with "
-                f"(its hash differs from the checkpoint's tokenizer_hash)"
-            )
-    elif "tokenizer" in state:
-        tok = Tokenizer.from_str(state["tokenizer"])
-    else:
-        raise OptionError(
-            f"{path} does not embed its tokenizer; pass tokenizer=PATH: the run's MLflow artifact "
-            f"tokenizer.json, or tokenizer.json in the prepared corpus folder"
-        )
-    # The tokenizer's size, not the embedding's: model.vocab_multiple pads the rows.
-    model = GPT(GPTConfig.from_model_config(state["config"]["model"], tok.get_vocab_size()))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), tok, state
-
-
-def script_of(state: dict) -> str:
-    """The checkpoint corpus' data.script (simplified, the schema's default, for a config without one)."""
-    return state["config"].get("data", {}).get("script", "simplified")
-
-
-def unknown_chars(tokenizer, text: str) -> list[str]:
-    """Characters of `text` the vocabulary lacks (they would be <unk>)."""
-    ids = tokenizer.encode(text).ids
-    return sorted({ch for ch, i in zip(text, ids) if i == UNK_ID}) if len(ids) == len(text) else []
-
-
-def complete(
-    model: GPT,
-    tokenizer,
-    prompt: str,
-    n: int,
-    max_new_tokens: int,
-    *,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    repetition_penalty: float,
-    generator: torch.Generator,
-    stop_at_eos: bool = True,
-    use_cache: bool = True,
-) -> list[dict]:
-    """`n` continuations of `prompt`, sampled as one batch in eval mode (no
-    dropout; the model's mode is restored). Each: prompt, text (the
-    continuation alone), new_tokens, and its repetition metrics. Also what
-    the engine's periodic samples use."""
-    device = next(model.parameters()).device
-    ids = tokenizer.encode(prompt).ids
-    idx = torch.tensor([ids] * n, device=device)
-    was_training = model.training
-    out = model.eval().generate(
-        idx,
-        max_new_tokens,
-        temperature,
-        top_k,
-        generator,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        use_cache=use_cache,
-        eos_id=EOS_ID if stop_at_eos else None,
-    )
-    model.train(was_training)
-    results = []
-    for row in out[:, len(ids) :].tolist():
-        if stop_at_eos and EOS_ID in row:
-            row = row[: row.index(EOS_ID)]
-        text = tokenizer.decode(row)
-        results.append({"prompt": prompt, "text": text, "new_tokens": len(row), **repetition(text)})
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if asked_for_help(argv, Options, "generate", SUMMARY, EXAMPLES):
@@ -178,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         o = parse_args(argv)
         path = checkpoint_path(o.checkpoint, o.which, o.tracking_uri)
         device = pick_device(o.device)
-        model, tok, state = load(path, device, o.tokenizer)
-    except OptionError as e:
+        model, tok, state = load_model(path, device, o.tokenizer)
+    except (OptionError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     normalise = normalizer(script_of(state))

@@ -9,6 +9,7 @@ from lingmao import generate
 from lingmao.config.rules import CONF_DIR, register
 from lingmao.data.textmetrics import repeated_ngram_rate
 from lingmao.data.tokenizer import build_char_tokenizer, tokenizer_hash
+from lingmao.model.decoding import complete
 from lingmao.model.gpt import GPT, GPTConfig
 from lingmao.model.sampling import nucleus, penalize_repetition
 from lingmao.train import checkpoint
@@ -223,7 +224,7 @@ def test_complete_samples_without_dropout_and_restores_the_mode():
     ).train()
 
     def run():
-        return generate.complete(
+        return complete(
             model,
             tok,
             "明月",

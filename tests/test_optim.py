@@ -1,7 +1,8 @@
 import pytest
 
 from lingmao.model.gpt import GPT, GPTConfig
-from lingmao.train.optim import Schedule, param_groups, scaled_lr, warmup_steps
+from lingmao.plan.lr import scaled_lr
+from lingmao.train.optim import Schedule, param_groups, warmup_steps
 
 
 def test_sqrt_scaling_matches_seed_000_example():

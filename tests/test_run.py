@@ -96,7 +96,7 @@ def test_user_error_is_one_clear_line(tmp_path, training_cache):
 
 
 def test_a_sweep_job_is_named_by_what_its_sweep_varies():
-    from lingmao.run import swept_values
+    from lingmao.sweep import swept_values
 
     multirun = ["experiment=repeater", "optim.lr=1e-3", "model=tiny,small", "trainer.eval_every=range(10,30,10)"]
     preset = ["optim.warmup=0,2000"]  # a preset's hydra.sweeper.params

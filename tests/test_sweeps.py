@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from test_run import TINY, run_cli
 
 from lingmao.config.rules import CONF_DIR, register
-from lingmao.run import execute, lock_free_slot, parallel_jobs, slot_resources
+from lingmao.run import execute
+from lingmao.sweep import lock_free_slot, parallel_jobs, slot_resources
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 

@@ -95,11 +95,14 @@ def _mark_call(owner, name: str, marks: dict, label: str) -> None:
 
 
 def _probe_run(marks: dict, path: str, overrides: list[str]) -> None:
+    import runpy
+
+    import hydra  # noqa: F401 (imported here so that the imports mark covers what the run command imports)
+    import omegaconf  # noqa: F401
     from torch.nn.modules.module import register_module_forward_pre_hook
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     import lingmao.data
-    import lingmao.run
     import lingmao.tracking.tracker
     import lingmao.train.engine
     import lingmao.train.step
@@ -122,7 +125,7 @@ def _probe_run(marks: dict, path: str, overrides: list[str]) -> None:
     handle = register_module_forward_pre_hook(first_forward)
     register_optimizer_step_post_hook(lambda optimizer, args, kwargs: _finish(marks, path))
     sys.argv = ["lingmao.run", *overrides]
-    lingmao.run.main()
+    runpy.run_module("lingmao.run", run_name="__main__")  # the run command as a program, as `python -m` runs it
     raise SystemExit("lingmao.run returned without an optimizer step")
 
 

@@ -56,3 +56,9 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
 def tokenizer_hash(tok: Tokenizer) -> str:
     """Fingerprint for checking a checkpoint was trained with this exact vocabulary."""
     return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
+
+
+def unknown_chars(tokenizer, text: str) -> list[str]:
+    """Characters of `text` the vocabulary lacks (they would be <unk>)."""
+    ids = tokenizer.encode(text).ids
+    return sorted({ch for ch, i in zip(text, ids) if i == UNK_ID}) if len(ids) == len(text) else []

@@ -24,9 +24,9 @@ from lingmao.plan.batch import Fit, budget_bytes, fit_batch, model_shape, refusa
 from lingmao.plan.calibration import describe, shape_of
 from lingmao.plan.calibration import name as candidate_name
 from lingmao.plan.estimate import MARGIN, GiB, count_params, estimate_memory, estimate_step_time, flops_per_token
+from lingmao.plan.lr import lr_source, scaled_lr
 from lingmao.plan.machine import Machine
 from lingmao.plan.peaks import peak_for
-from lingmao.train.optim import scaled_lr
 
 # Vocabulary the estimates assume: the default corpus' (chinese-poetry 2.0.1,
 # simplified, measured). The plan never reads the data, so it cannot know yours.
@@ -181,12 +181,6 @@ def calibrated(cfg, hw: dict, threads: int, run_seconds: float | None, cpu_choic
         return None
     model = OmegaConf.to_container(cfg.model) if OmegaConf.is_config(cfg.model) else asdict(cfg.model)
     return cpu_choice(shape_of(model, DEFAULT_VOCAB, threads), hw["precision"], hw["compile"], run_seconds)
-
-
-def lr_source(cfg) -> str:
-    """optim.lr_by_size.<model> where optim.lr was left to the size's default, else optim.lr."""
-    default = OmegaConf.is_config(cfg.optim) and OmegaConf.is_interpolation(cfg.optim, "lr")
-    return f"optim.lr_by_size.{cfg.model.name}" if default else "optim.lr"
 
 
 def run_seconds(cfg, step_s: float | None) -> float | None:

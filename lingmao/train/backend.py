@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lingmao.config.rules import ConfigError
 from lingmao.plan.make import Plan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -99,3 +100,15 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.2
 
     trial()  # warm-up: library init, thread pool, clocks
     return max(trial() for _ in range(3))
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")  # what a reading command (generate, eval) runs on
+
+
+def pick_device(asked: str) -> torch.device:
+    if asked == "auto":
+        asked = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[asked]:
+        raise ConfigError(f"device={asked}: not available on this machine; use device=auto or device=cpu")
+    return torch.device(asked)

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 
 from lingmao.config.rules import ConfigError, fill_absent
+from lingmao.data.tokenizer import tokenizer_hash
+from lingmao.model.gpt import GPT, GPTConfig
 
 FORMAT = 1
 # What torch.load raises for a truncated, corrupt or foreign file.
@@ -300,3 +302,33 @@ def check_compatible(state: dict, cfg: dict, tokenizer_hash: str, path: Path) ->
             + "\n".join(diffs)
             + "\nResume with the checkpoint's settings, or start fresh with resume=never (or in a new run directory)."
         )
+
+
+def load_model(path, device: torch.device, tokenizer_path: str = ""):
+    """(model in eval mode, tokenizer, checkpoint state) from a lingmao checkpoint file."""
+    from tokenizers import Tokenizer
+
+    state = load(Path(path))  # ResumeError: unreadable, or not a lingmao checkpoint
+    if tokenizer_path:
+        tok = Tokenizer.from_file(tokenizer_path)
+        if tokenizer_hash(tok) != state.get("tokenizer_hash"):
+            raise ResumeError(
+                f"tokenizer={tokenizer_path} is not the vocabulary {path} was trained with "
+                f"(its hash differs from the checkpoint's tokenizer_hash)"
+            )
+    elif "tokenizer" in state:
+        tok = Tokenizer.from_str(state["tokenizer"])
+    else:
+        raise ResumeError(
+            f"{path} does not embed its tokenizer; pass tokenizer=PATH: the run's MLflow artifact "
+            f"tokenizer.json, or tokenizer.json in the prepared corpus folder"
+        )
+    # The tokenizer's size, not the embedding's: model.vocab_multiple pads the rows.
+    model = GPT(GPTConfig.from_model_config(state["config"]["model"], tok.get_vocab_size()))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), tok, state
+
+
+def script_of(state: dict) -> str:
+    """The checkpoint corpus' data.script (simplified, the schema's default, for a config without one)."""
+    return state["config"].get("data", {}).get("script", "simplified")

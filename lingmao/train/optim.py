@@ -9,19 +9,6 @@ from dataclasses import dataclass
 import torch
 
 
-def scaled_lr(lr: float, base_batch: int, effective_batch: int, rule: str) -> float:
-    """LR for `effective_batch` given `lr` at `base_batch`: sqrt (1e-3 at 32
-    -> 2e-3 at 128), linear (Goyal et al. 2017) or none."""
-    ratio = effective_batch / base_batch
-    if rule == "sqrt":
-        return lr * math.sqrt(ratio)
-    if rule == "linear":
-        return lr * ratio
-    if rule == "none":
-        return lr
-    raise ValueError(f"optim.lr_scaling={rule!r}: choose sqrt, linear or none")
-
-
 def warmup_steps(warmup: float, max_steps: int) -> int:
     """`warmup` < 1 is a fraction of the run, >= 1 a step count."""
     return int(warmup * max_steps) if warmup < 1 else int(warmup)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lingmao.data.textmetrics import POEM_LINE_LENGTHS, mean_repetition, verse_form
 from lingmao.data.tokenizer import EOS_ID
-from lingmao.generate import complete
+from lingmao.model.decoding import complete
 from lingmao.train.backend import autocast
 
 
