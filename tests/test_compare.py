@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from lingmao.compare import SelectorError, _same_dir, compare, main
+from lingmao.compare import main
+from lingmao.report.build import compare
 from lingmao.report.plots import PLOTS
+from lingmao.report.runs import SelectorError, _same_dir
 from lingmao.tracking.store import StoreError
 from lingmao.tracking.store import store_uri as resolve_uri
 

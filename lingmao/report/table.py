@@ -1,0 +1,183 @@
+"""The compare report's table: its columns and cells, the run order and
+labels, and the table as printed, as runs.csv and as HTML."""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lingmao.report.runs import GENRE, Run
+
+# --- columns: (key in rows and runs.csv, terminal/HTML header, cell format) ---
+
+Cols = list[tuple[str, str, Callable[[Any], str]]]
+
+
+def _num(fmt: str) -> Callable[[Any], str]:
+    return lambda v: "–" if v is None else format(v, fmt)
+
+
+def _mfu(v: float | None) -> str:
+    # MFU is conventionally a fraction of peak (0..1); a value above 1.5 can
+    # only be a percentage already, so it is shown as is rather than x100.
+    if v is None:
+        return "–"
+    return f"{v:.1%}" if v <= 1.5 else f"{v:.1f}%"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("run", "run", lambda v: v or "–"),
+    ("hardware", "hardware", lambda v: v or "–"),
+    ("model", "model", lambda v: v or "–"),
+    ("params_m", "params (M)", _num(".2f")),
+    ("effective_batch", "eff. batch", _num("d")),
+    ("varied", "sweep varied", lambda v: v or "–"),
+    ("lr", "lr (set)", _num(".3g")),
+    ("lr_scaled", "lr (batch-scaled)", _num(".3g")),
+    ("train_loss", "train loss", _num(".4f")),
+    ("val_loss", "val loss", _num(".4f")),
+    ("val_perplexity", "val ppl", _num(".2f")),
+    ("samples_per_sec", "samples/s", _num(",.1f")),
+    ("tokens_per_sec", "tokens/s", _num(",.0f")),
+    ("mfu", "MFU", _mfu),
+    ("rep4", "rep4", _num(".3f")),
+    ("greedy_rep4", "rep4 greedy", _num(".3f")),
+    ("form", "5/7-char lines", _num(".0%")),
+    ("form_ref", "corpus 5/7", _num(".0%")),
+    ("peak_memory_gb", "peak mem (GB)", _num(".2f")),
+    ("wall_s", "wall time", _duration),
+    ("status", "status", lambda v: v or "–"),
+)
+_NUMERIC = {
+    "params_m",
+    "effective_batch",
+    "lr",
+    "lr_scaled",
+    "train_loss",
+    "val_loss",
+    "val_perplexity",
+    "samples_per_sec",
+    "tokens_per_sec",
+    "mfu",
+    "rep4",
+    "greedy_rep4",
+    "form",
+    "form_ref",
+    "peak_memory_gb",
+    "wall_s",
+}
+
+
+def columns(genres: dict[str, str]) -> Cols:
+    """COLUMNS with one val-loss column per genre the runs logged, after val_perplexity."""
+    cols = list(COLUMNS)
+    at = [key for key, _, _ in cols].index("val_perplexity") + 1
+    cols[at:at] = [(GENRE + g, f"val loss {name}", _num(".4f")) for g, name in genres.items()]
+    return cols
+
+
+def _numeric(key: str) -> bool:
+    return key in _NUMERIC or key.startswith(GENRE)
+
+
+def genres(runs: list[Run]) -> dict[str, str]:
+    """ASCII genre metric name -> the genre's own name, over all runs."""
+    names: dict[str, str] = {}
+    for r in runs:
+        for g in r.genre_loss:
+            names.setdefault(g, r.genres.get(g, g))
+    return names
+
+
+def varied_keys(runs: list[Run]) -> list[str]:
+    """The config keys the runs' sweeps varied (tags sweep.values, which
+    leave optim.lr to the run name), plus optim.lr where the runs set different ones."""
+    keys = dict.fromkeys(kv.split("=", 1)[0] for r in runs for kv in (r.row["varied"] or "").split() if "=" in kv)
+    if len({r.row["lr"] for r in runs if r.row["lr"] is not None}) > 1:
+        keys["optim.lr"] = None
+    return list(keys)
+
+
+# --- rows: their order and labels ---
+
+
+def sort_key(run: Run) -> tuple:
+    loss = run.row["val_loss"]
+    # Runs without a finite val loss (crashed before the first eval, or
+    # diverged to nan) go last; nan itself would make the order arbitrary.
+    missing = loss is None or not math.isfinite(loss)
+    return (missing, 0.0 if missing else loss, run.row["run"])
+
+
+def unique_labels(runs: list[Run]) -> None:
+    """Two runs with one name (a re-run) would share a legend entry: add the
+    run id's start to tell them apart."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.label] = counts.get(r.label, 0) + 1
+    for r in runs:
+        if counts[r.label] > 1:
+            r.label = f"{r.label} ({r.row['run_id'][:6]})"
+
+
+# --- outputs ---
+
+
+def _cells(run: Run, cols: Cols) -> list[str]:
+    # The label, not the bare name, so re-runs sharing a name stay distinguishable.
+    return [run.label if key == "run" else fmt(run.row.get(key)) for key, _, fmt in cols]
+
+
+def print_table(runs: list[Run], cols: Cols, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # piped to a file or CI log: don't squeeze into 80 columns
+        console = Console(width=240)
+    table = Table(title=title)
+    for key, header, _ in cols:
+        table.add_column(header, justify="right" if _numeric(key) else "left", no_wrap=key == "run")
+    for r in runs:
+        table.add_row(*_cells(r, cols))
+    console.print(table)
+
+
+def write_csv(rows: list[dict[str, Any]], cols: Cols, path: Path) -> None:
+    fields = [key for key, _, _ in cols] + ["run_id"]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            # Numbers stay numbers (full precision); missing is an empty cell.
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
+
+
+def table_html(runs: list[Run], cols: Cols) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for _, h, _ in cols)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            (f'<td class="n">{e(cell)}</td>' if _numeric(key) else f"<td>{e(cell)}</td>")
+            for (key, _, _), cell in zip(cols, _cells(r, cols))
+        )
+        + "</tr>\n"
+        for r in runs
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
