@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lingmao.config import ConfigError
 from lingmao.config.options import OptionError, asked_for_help, choice, doc, parse
-from lingmao.config.rules import ConfigError
 from lingmao.data.prepare import normalizer
 from lingmao.data.tokenizer import unknown_chars
 from lingmao.model.decoding import complete
@@ -77,6 +77,42 @@ def parse_args(argv: list[str]) -> Options:
     return opts
 
 
+def warn_unknown_chars(tok, prompts: list[str]) -> None:
+    for prompt in prompts:
+        if missing := unknown_chars(tok, prompt):
+            print(
+                f"warning: prompt {prompt!r}: {''.join(missing)} not in the vocabulary (read as <unk>)", file=sys.stderr
+            )
+
+
+def print_samples(model, tok, prompt: str, o: Options, settings: dict, generator: torch.Generator) -> int:
+    """Sample `o.n` continuations of `prompt` and print each in `o.format`;
+    returns the tokens they generated."""
+    samples = complete(
+        model,
+        tok,
+        prompt,
+        o.n,
+        o.max_new_tokens,
+        temperature=o.temperature,
+        top_k=o.top_k,
+        top_p=o.top_p,
+        repetition_penalty=o.repetition_penalty,
+        generator=generator,
+        stop_at_eos=o.stop_at_eos,
+        use_cache=o.cache,
+    )
+    for i, s in enumerate(samples):
+        if o.format == "jsonl":
+            print(json.dumps({**s, "sample": i, **settings}, ensure_ascii=False))
+        else:
+            print(
+                f"[{i + 1}] {prompt}{s['text']}\n    rep4 {s['rep4']:.2f} | distinct-1 {s['distinct1']:.2f} "
+                f"| distinct-2 {s['distinct2']:.2f}"
+            )
+    return sum(s["new_tokens"] for s in samples)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if asked_for_help(argv, Options, "generate", SUMMARY, EXAMPLES):
@@ -91,11 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     normalise = normalizer(script_of(state))
     prompts = [normalise(p) for p in o.prompt]
-    for prompt in prompts:
-        if missing := unknown_chars(tok, prompt):
-            print(
-                f"warning: prompt {prompt!r}: {''.join(missing)} not in the vocabulary (read as <unk>)", file=sys.stderr
-            )
+    warn_unknown_chars(tok, prompts)
     settings = {
         "temperature": o.temperature,
         "top_k": o.top_k,
@@ -104,37 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         "seed": o.seed,
     }
     generator = torch.Generator(device=device).manual_seed(o.seed)
-    tokens, start = 0, time.perf_counter()
+    start = time.perf_counter()
     if o.format == "text":
         print(
             f"# {path} (step {state['progress']['step']}, {model.num_params() / 1e6:.1f}M params) | "
             + " ".join(f"{k} {v}" for k, v in settings.items())
         )
-    for prompt in prompts:
-        for i, s in enumerate(
-            complete(
-                model,
-                tok,
-                prompt,
-                o.n,
-                o.max_new_tokens,
-                temperature=o.temperature,
-                top_k=o.top_k,
-                top_p=o.top_p,
-                repetition_penalty=o.repetition_penalty,
-                generator=generator,
-                stop_at_eos=o.stop_at_eos,
-                use_cache=o.cache,
-            )
-        ):
-            tokens += s["new_tokens"]
-            if o.format == "jsonl":
-                print(json.dumps({**s, "sample": i, **settings}, ensure_ascii=False))
-            else:
-                print(
-                    f"[{i + 1}] {prompt}{s['text']}\n    rep4 {s['rep4']:.2f} | distinct-1 {s['distinct1']:.2f} "
-                    f"| distinct-2 {s['distinct2']:.2f}"
-                )
+    tokens = sum(print_samples(model, tok, prompt, o, settings, generator) for prompt in prompts)
     seconds = time.perf_counter() - start
     print(
         f"# {tokens} tokens in {seconds:.2f}s ({tokens / seconds:.1f} tokens/s on {device})",

@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lingmao import generate
-from lingmao.config.rules import CONF_DIR, register
+from lingmao.config.compose import CONF_DIR, register
 from lingmao.data.textmetrics import repeated_ngram_rate
 from lingmao.data.tokenizer import build_char_tokenizer, tokenizer_hash
 from lingmao.model.decoding import complete
@@ -33,7 +33,7 @@ def test_cached_greedy_equals_uncached_token_for_token_past_the_context():
 
 
 def test_cached_logits_match_a_full_forward():
-    from lingmao.model.gpt import KVCache
+    from lingmao.model.attention import KVCache
 
     model = tiny()
     x = torch.randint(0, 50, (2, 12))

@@ -55,7 +55,7 @@ def test_too_long_input_is_refused():
 def test_gptconfig_is_checked_by_the_configs_rules():
     import pytest
 
-    from lingmao.config.rules import ConfigError
+    from lingmao.config import ConfigError
 
     for kw, message in [
         (dict(dropout=1.5), r"model\.dropout=1\.5 must be in \[0, 1\)"),
@@ -69,7 +69,7 @@ def test_gptconfig_is_checked_by_the_configs_rules():
 
 def test_every_activation_is_a_valid_model_mlp():
     from lingmao.config.rules import RULES
-    from lingmao.model.gpt import ACTIVATIONS
+    from lingmao.model.mlp import ACTIVATIONS
 
     assert all(RULES["model.mlp"].ok(name, None) for name in ACTIVATIONS)
     assert not RULES["model.mlp"].ok("swish", None)

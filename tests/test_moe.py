@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from lingmao.model.gpt import GPT, MLP, GPTConfig, MoE
+from lingmao.model.gpt import GPT, GPTConfig
+from lingmao.model.mlp import MLP
+from lingmao.model.moe import MoE
 
 D, V, CTX = 32, 50, 16
 

@@ -11,9 +11,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lingmao import run
-from lingmao.config.rules import CONF_DIR, ConfigError, register, validate
-from lingmao.model.gpt import GPT, GPTConfig, KVCache, rope_angles
-from lingmao.model.gpt import rotate as rope
+from lingmao.config import ConfigError
+from lingmao.config.compose import CONF_DIR, register
+from lingmao.config.rules import validate
+from lingmao.model.attention import KVCache, rope_angles
+from lingmao.model.attention import rotate as rope
+from lingmao.model.gpt import GPT, GPTConfig
 from lingmao.train import checkpoint
 from lingmao.train.optim import MuonAdamW, Schedule, build_optimizer
 

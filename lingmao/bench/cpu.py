@@ -58,19 +58,15 @@ def data_pipeline(s: Suite) -> dict:
 # --- 3. start-up ---
 
 
-def startup(s: Suite) -> dict:
-    """model=tiny as the quick start trains it (the preset's batch and
-    accumulation), warm cache: the corpus is prepared, this process has read
-    every library both launchers import (so the page cache holds them), and
-    the scratch MLflow store in the output folder exists."""
+def startup_launcher(s: Suite, cfg, plan, work: Path):
+    """(timed, marks): timed(mode) launches lingmao.run ("run") or the bare
+    script ("bare") once, model=tiny, and returns its seconds from process
+    start to first optimizer step; marks[mode] collects each launch's marks."""
     import lingmao
-    from lingmao.bench.startup import BARE_PHASES, RUN_PHASES, bare_spec, launch, median_phases
+    from lingmao.bench.startup import bare_spec, launch
     from lingmao.data import load_corpus
-    from lingmao.tracking.store import ensure_store
 
-    cfg, plan = s.variant("tiny")
     data = load_corpus(cfg.data)
-    work = s.out / "startup"
     work.mkdir(parents=True, exist_ok=True)
     root = str(Path(lingmao.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
@@ -93,6 +89,20 @@ def startup(s: Suite) -> dict:
         marks[mode].append(m)
         return m["step"] - m["launch"]
 
+    return timed, marks
+
+
+def startup(s: Suite) -> dict:
+    """model=tiny as the quick start trains it (the preset's batch and
+    accumulation), warm cache: the corpus is prepared, this process has read
+    every library both launchers import (so the page cache holds them), and
+    the scratch MLflow store in the output folder exists."""
+    from lingmao.bench.startup import BARE_PHASES, RUN_PHASES, median_phases
+    from lingmao.tracking.store import ensure_store
+
+    cfg, plan = s.variant("tiny")
+    work = s.out / "startup"
+    timed, marks = startup_launcher(s, cfg, plan, work)
     ensure_store(f"sqlite:///{work / 'mlflow.db'}")  # as a user's second run finds it
     paired = interleave(lambda: timed("run"), lambda: timed("bare"), s.opts.startup_pairs)
     verdict = compare(paired)
@@ -273,8 +283,8 @@ def chunked_loss(s: Suite) -> dict:
     from lingmao.bench.loop import Steps
     from lingmao.bench.measure import train_tokens
     from lingmao.data.windows import TokenWindows
-    from lingmao.plan.batch import model_shape
-    from lingmao.plan.estimate import estimate_memory
+    from lingmao.plan.estimate import model_shape
+    from lingmao.plan.memory import estimate_memory
 
     cfg, plan = s.variant(
         "small", **{"hardware.accumulation": 1, "hardware.precision": "fp32", "hardware.compile": False}

@@ -71,9 +71,6 @@ def memory_kind(device: torch.device, fresh: bool) -> str:
     return "peak RSS" if fresh else "peak RSS since process start"
 
 
-# --- matmul peak ---
-
-
 # --- tokens ---
 
 
@@ -198,6 +195,39 @@ def flash_attention():
     return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
 
 
+def timed_passes(
+    loop: Steps,
+    device: torch.device,
+    *,
+    warmup: int,
+    steps: int,
+    split_steps: int,
+    tracker,
+    log_every: int,
+    flash: bool,
+) -> tuple[float, Clock, bool]:
+    """(seconds of the `steps` timed steps, the clock of the split steps,
+    whether peak memory was reset after warm-up). On CUDA the seconds come
+    from `steps` unsynchronised steps and the split from `split_steps` more;
+    on CPU one clocked pass gives both."""
+    cuda = device.type == "cuda"
+    with flash_attention() if flash else contextlib.nullcontext():
+        for _ in range(warmup):
+            loop.step()
+        loop.sync()
+        fresh = reset_peak_memory(device)
+        if cuda:
+            start = time.perf_counter()
+            _steps(loop, steps, None, tracker, log_every)
+            loop.sync()
+            seconds = time.perf_counter() - start
+        clock = Clock(device)
+        _steps(loop, split_steps, clock, tracker, log_every)
+        if not cuda:
+            seconds = sum(clock.phases.values())
+    return seconds, clock, fresh
+
+
 def benchmark(
     cfg,
     plan,
@@ -223,21 +253,16 @@ def benchmark(
     cuda = device.type == "cuda"
     split_steps = min(steps, 10) if cuda else steps
     loop = Steps(cfg, plan, windows, vocab_size, total_steps=warmup + steps + (split_steps if cuda else 0))
-    log_every = cfg.trainer.log_every
-    with flash_attention() if flash else contextlib.nullcontext():
-        for _ in range(warmup):
-            loop.step()
-        loop.sync()
-        fresh = reset_peak_memory(device)
-        if cuda:
-            start = time.perf_counter()
-            _steps(loop, steps, None, tracker, log_every)
-            loop.sync()
-            seconds = time.perf_counter() - start
-        clock = Clock(device)
-        _steps(loop, split_steps, clock, tracker, log_every)
-        if not cuda:
-            seconds = sum(clock.phases.values())
+    seconds, clock, fresh = timed_passes(
+        loop,
+        device,
+        warmup=warmup,
+        steps=steps,
+        split_steps=split_steps,
+        tracker=tracker,
+        log_every=cfg.trainer.log_every,
+        flash=flash,
+    )
     peak_bytes = peak_memory_bytes(device)
     all_peaks = dict(peaks or {})
     if matmul:

@@ -149,18 +149,17 @@ def race(
 # --- the suite part ---
 
 
-def speedrun(s) -> dict:
-    from lingmao.bench.loop import Steps
+def race_data(s):
+    """(corpus, train windows, the fixed val batches, how many val windows
+    they hold) of the composed command line, with what was loaded printed."""
     from lingmao.data import load_corpus
     from lingmao.data.windows import TokenWindows, default_stride
 
-    o = s.opts
-    names = chosen(o.contenders)
-    base_cfg = s.cfg
+    o, cfg = s.opts, s.cfg
     t = time.perf_counter()
-    data = load_corpus(base_cfg.data, progress=base_cfg.trainer.progress)
-    ctx = base_cfg.model.context_length
-    train = TokenWindows(data.tokens("train"), ctx, default_stride(base_cfg.data.stride, ctx))
+    data = load_corpus(cfg.data, progress=cfg.trainer.progress)
+    ctx = cfg.model.context_length
+    train = TokenWindows(data.tokens("train"), ctx, default_stride(cfg.data.stride, ctx))
     val_batches, n_val = fixed_val_batches(data.tokens("val"), ctx, s.plan.micro_batch, o.eval_windows)
     print(
         f"corpus ready in {time.perf_counter() - t:.1f} s | {len(train):,} train windows | val loss over the "
@@ -169,33 +168,62 @@ def speedrun(s) -> dict:
     )
     if n_val < o.eval_windows:
         print(f"note: the val split has only {n_val} windows of context {ctx}")
+    return data, train, val_batches, n_val
 
+
+def run_contender(
+    s, name: str, train, vocab_size: int, val_batches, n_val: int, target: float | None, baseline_config: dict
+) -> Contender:
+    """Build contender `name` through the engine's step and race it; its
+    model and optimizer are freed before the next contender is built."""
+    from lingmao.bench.loop import Steps
+
+    o = s.opts
+    groups, values, setting = CONTENDERS[name]
+    cfg, plan = s.variant(groups=groups, **values)
+    if name != "baseline" and OmegaConf.to_container(cfg, resolve=True) == baseline_config:
+        print(
+            f"note: {name} is the baseline's very config (the command line already sets {setting}): "
+            f"its seconds ratio shows run-to-run noise"
+        )
+    loop = Steps(cfg, plan, train, vocab_size, total_steps=o.max_steps)
+    c = Contender(name, setting, loop.raw.num_params())
+    print(f"{name} ({setting}): {c.params / 1e6:.2f}M params, optim={cfg.optim.name}", flush=True)
+    race(c, loop, val_batches, n_val, o.max_steps, o.eval_every, target, s.tracker)
+    del loop
+    gc.collect()
+    return c
+
+
+def baseline_target(baseline: Contender) -> float:
+    """The baseline's final val loss: the target when bench.target is not given."""
+    if baseline.stopped == "diverged":
+        raise OptionError(
+            f"the baseline diverged at step {len(baseline.step_seconds)}: "
+            f"its final val loss is no target; lower optim.lr or give bench.target"
+        )
+    target = baseline.evals[-1].val_loss
+    print(f"target: the baseline's final val loss, {target:.4f}")
+    return target
+
+
+def speedrun(s) -> dict:
+    o = s.opts
+    names = chosen(o.contenders)
+    data, train, val_batches, n_val = race_data(s)
     target = o.target or None
-    baseline_config = OmegaConf.to_container(base_cfg, resolve=True)
+    baseline_config = OmegaConf.to_container(s.cfg, resolve=True)
     runs: list[Contender] = []
     for name in names:
-        groups, values, setting = CONTENDERS[name]
-        cfg, plan = s.variant(groups=groups, **values)
-        if name != "baseline" and OmegaConf.to_container(cfg, resolve=True) == baseline_config:
-            print(
-                f"note: {name} is the baseline's very config (the command line already sets {setting}): "
-                f"its seconds ratio shows run-to-run noise"
-            )
-        loop = Steps(cfg, plan, train, data.vocab_size, total_steps=o.max_steps)
-        c = Contender(name, setting, loop.raw.num_params())
-        print(f"{name} ({setting}): {c.params / 1e6:.2f}M params, optim={cfg.optim.name}", flush=True)
-        runs.append(race(c, loop, val_batches, n_val, o.max_steps, o.eval_every, target, s.tracker))
+        runs.append(run_contender(s, name, train, data.vocab_size, val_batches, n_val, target, baseline_config))
         if name == "baseline" and target is None:
-            if c.stopped == "diverged":
-                raise OptionError(
-                    f"the baseline diverged at step {len(c.step_seconds)}: "
-                    f"its final val loss is no target; lower optim.lr or give bench.target"
-                )
-            target = c.evals[-1].val_loss
-            print(f"target: the baseline's final val loss, {target:.4f}")
-        del loop
-        gc.collect()
+            target = baseline_target(runs[-1])
+    return report(s, runs, target, names, n_val)
 
+
+def report(s, runs: list[Contender], target: float, names: list[str], n_val: int) -> dict:
+    """Print the table, plot the curves, and return the part's results."""
+    o = s.opts
     rows = summarise(runs, target)
     print()
     print("\n".join(table(rows, target, bool(o.target))))

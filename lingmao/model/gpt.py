@@ -1,12 +1,13 @@
-"""A decoder-only GPT: pre-norm blocks, causal SDPA, tied embeddings, an
-optional mixture-of-experts feed-forward, and cached generation.
+"""A decoder-only GPT: pre-norm blocks, causal attention, tied embeddings,
+an optional mixture-of-experts feed-forward, and cached generation. Read top
+to bottom: the config, a block, the model, the loss. The parts a block is
+made of have their own modules: attention (rotary positions, q/k norm, the
+KV cache), mlp (the feed-forward and its activations), moe (routed experts).
 
 Switches from the modded-nanoGPT speedrun line of work (`model.*`, defaults
-in lingmao/schema.py): rotary positions (on by default), q/k normalisation, a
-ReLU-squared MLP, a padded vocabulary and zero-initialised output projections.
-
-A plain `nn.TransformerEncoder` without a causal mask would see
-the future; here every attention call is causal.
+in lingmao/config/schema.py): rotary positions (on by default), q/k
+normalisation, a ReLU-squared MLP, a padded vocabulary and zero-initialised
+output projections.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lingmao.config.rules import check_model, fill_absent, value_when_absent
+from lingmao.config.keys import fill_absent, value_when_absent
+from lingmao.config.rules import check_model
+from lingmao.model.attention import Attention, KVCache
+from lingmao.model.mlp import MLP
+from lingmao.model.moe import MoE, moe_stats
 from lingmao.model.sampling import next_token
 
 
@@ -81,160 +86,6 @@ class GPTConfig:
         return cls(vocab_size=vocab_size, **values)
 
 
-ROPE_BASE = 10000.0  # RoFormer's (Su et al. 2021) base of the rotation frequencies
-
-
-def rope_angles(c: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (context_length, head_dim/2) of rotary position embedding
-    (Su et al. 2021): channel pair (i, i + head_dim/2) at position p turns by
-    p * ROPE_BASE^(-2i/head_dim), so q.k depends on the two positions only
-    through their offset. float32: bf16 cannot hold position * frequency.
-    Computed once per model, not per layer and step."""
-    hd = c.d_model // c.n_heads
-    inv_freq = ROPE_BASE ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-    angles = torch.outer(torch.arange(c.context_length, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, head_dim) turned by the angles of its T positions (cos, sin: (T, head_dim/2))."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, c: GPTConfig):
-        super().__init__()
-        self.n_heads = c.n_heads
-        self.qkv = nn.Linear(c.d_model, 3 * c.d_model)
-        self.proj = nn.Linear(c.d_model, c.d_model)
-        self.dropout = c.dropout
-        self.resid_dropout = nn.Dropout(c.dropout)
-        self.rotary = c.rotary
-        if c.rotary:  # buffers follow .to(device); not persistent: nothing new in checkpoints
-            cos, sin = rope_angles(c)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        # QK-norm (Dehghani et al. 2023; Wortsman et al. 2023): bounded q.k keeps
-        # the attention logits from growing until softmax saturates, which
-        # tolerates higher LRs. A learned gain per channel lets heads sharpen.
-        head = c.d_model // c.n_heads
-        self.q_norm = nn.RMSNorm(head) if c.qk_norm else None
-        self.k_norm = nn.RMSNorm(head) if c.qk_norm else None
-
-    def heads(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v (B, H, T, head_dim) of x (B, T, C), whose first token sits at position `start`."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
-        if self.q_norm is not None:
-            # In float32, the gain's dtype: under autocast a bf16 q would miss
-            # the fused RMSNorm kernel; rotate then computes in float32 anyway.
-            q, k = self.q_norm(q.float()), self.k_norm(k.float())
-        if self.rotary:
-            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        return q.to(v.dtype), k.to(v.dtype), v
-
-    def forward(self, x: torch.Tensor, kv: tuple | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.heads(x, 0 if kv is None else kv[2])
-        if kv is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-            )
-        else:
-            # Generation: write this step's keys/values after the `pos` cached
-            # ones; query i sits at position pos + i and sees keys 0..pos + i.
-            # With rotary the cached keys are already rotated to their positions.
-            k_cache, v_cache, pos = kv
-            k_cache[:, :, pos : pos + T], v_cache[:, :, pos : pos + T] = k, v
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-            y = F.scaled_dot_product_attention(q, k_cache[:, :, : pos + T], v_cache[:, :, : pos + T], attn_mask=mask)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")  # GPT-2's
-
-
-def relu2(x: torch.Tensor) -> torch.Tensor:
-    """ReLU squared (So et al. 2021, Primer): cheaper than GELU and trained
-    faster in Primer's search and in the nanoGPT speedrun."""
-    return F.relu(x).square()
-
-
-ACTIVATIONS = {"gelu": gelu, "relu2": relu2}
-
-
-class MLP(nn.Module):
-    def __init__(self, c: GPTConfig):
-        super().__init__()
-        self.fc = nn.Linear(c.d_model, c.mlp_ratio * c.d_model)
-        self.proj = nn.Linear(c.mlp_ratio * c.d_model, c.d_model)
-        self.dropout = nn.Dropout(c.dropout)
-        self.act = ACTIVATIONS[c.mlp]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))
-
-
-class MoE(nn.Module):
-    """Top-k routed experts in place of the MLP (Shazeer et al. 2017), with
-    Switch Transformer capacity and load balancing (Fedus et al. 2021).
-
-    After each forward, `aux_loss` (E * sum_i f_i * P_i: f_i the share of
-    routed assignments that chose expert i, P_i its mean router probability;
-    1.0 when balanced, E when collapsed), `dropped` and `drop_rate`
-    (assignments over capacity) and `load` (f) describe the batch just seen.
-    """
-
-    def __init__(self, c: GPTConfig):
-        super().__init__()
-        self.top_k, self.capacity_factor = c.moe_top_k, c.moe_capacity_factor
-        self.router = nn.Linear(c.d_model, c.moe_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(c) for _ in range(c.moe_experts))
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(router probabilities (N, E), renormalised gates (N, k), chosen experts (N, k)) for tokens x (N, C)."""
-        probs = self.router(x).float().softmax(-1)
-        gates, chosen = probs.topk(self.top_k, dim=-1)
-        return probs, gates / gates.sum(-1, keepdim=True), chosen
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        E, k = len(self.experts), self.top_k
-        # Position-major token order: when capacity runs out, the later
-        # positions lose, so no token is ever dropped because of a token after
-        # it (that would leak the future) and drops spread over the batch.
-        tokens = x.transpose(0, 1).reshape(T * B, C)
-        probs, gates, chosen = self.route(tokens)
-        choice = F.one_hot(chosen.reshape(-1), E)  # (N * k, E); a token's first choice queues first
-        self.load = choice.float().mean(0)
-        self.aux_loss = E * (self.load * probs.mean(0)).sum()
-        keep = torch.ones(T * B * k, dtype=torch.bool, device=x.device)
-        if self.training:
-            # Capacity bounds an expert's work per step; at eval and generation
-            # every token gets its experts, so its output never depends on
-            # which other tokens share the batch.
-            capacity = math.ceil(self.capacity_factor * T * B * k / E)
-            keep = (choice.cumsum(0) * choice).sum(-1) <= capacity  # place in the expert's queue
-        self.dropped, self.drop_rate = (~keep).sum(), (~keep).float().mean()
-        token = torch.arange(T * B, device=x.device).repeat_interleave(k)
-        expert_of = chosen.reshape(-1)
-        rows, outputs = [], []
-        # Every expert runs, on zero rows if none chose it, so all parameters
-        # stay in the graph (DDP expects a gradient for each).
-        for e, expert in enumerate(self.experts):
-            idx = ((expert_of == e) & keep).nonzero().squeeze(1)
-            rows.append(idx)
-            outputs.append(expert(tokens[token[idx]]))
-        # One row per (token, choice), zero where dropped; a copy, not an
-        # index_add_, so the result is deterministic on CUDA.
-        y = tokens.new_zeros(T * B * k, C).index_copy(0, torch.cat(rows), torch.cat(outputs).to(tokens.dtype))
-        out = (y.view(T * B, k, C) * gates.unsqueeze(-1).to(y.dtype)).sum(1)
-        return out.view(T, B, C).transpose(0, 1)
-
-
 class Block(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
@@ -246,18 +97,6 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, kv: tuple | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), kv)
         return x + self.mlp(self.ln2(x))
-
-
-class KVCache:
-    """Keys and values of every layer for the tokens generated so far,
-    allocated once for the whole context: a new token costs one position of
-    attention instead of a forward over the whole prefix."""
-
-    def __init__(self, c: GPTConfig, batch: int, device, dtype):
-        shape = (batch, c.n_heads, c.context_length, c.d_model // c.n_heads)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
-        self.pos = 0  # tokens cached
 
 
 class GPT(nn.Module):
@@ -330,18 +169,8 @@ class GPT(nn.Module):
         return 6 * n + 12 * c.n_layers * c.context_length * c.d_model
 
     def moe_stats(self) -> dict:
-        """Of the last forward, averaged over MoE layers: `aux_loss` (a tensor in
-        the graph, for the loss), `dropped` assignments (summed), `drop_rate`
-        and per-expert `load`. Empty for a dense model."""
-        layers = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
-        if not layers:
-            return {}
-        return {
-            "aux_loss": torch.stack([m.aux_loss for m in layers]).mean(),
-            "dropped": torch.stack([m.dropped for m in layers]).sum(),
-            "drop_rate": torch.stack([m.drop_rate for m in layers]).mean(),
-            "load": torch.stack([m.load for m in layers]).mean(0),
-        }
+        """Of the last forward, averaged over the MoE layers (moe.moe_stats); empty for a dense model."""
+        return moe_stats(b.mlp for b in self.blocks)
 
     def forward(
         self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None, loss_chunk: int = 0
