@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lingmao.tracking.tracker import sweep_id
+from lingmao.tracking.provenance import sweep_id
 
 
 def sweep_job(hc, launch_dir: Path, cfg) -> dict:

@@ -16,7 +16,7 @@ from statistics import mean
 def runs_of(sweep_dir: Path, uri: str):
     from mlflow.tracking import MlflowClient
 
-    from lingmao.tracking.tracker import sweep_id
+    from lingmao.tracking.provenance import sweep_id
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("lingmao")

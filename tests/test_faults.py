@@ -32,13 +32,13 @@ run.main()
 KILLED_IN_TRACKER_SEND = """
 import os, signal
 from lingmao import run
-from lingmao.tracking import tracker as tracking
-real = tracking.apply
+from lingmao.tracking import sender
+real = sender.apply
 def apply(client, run_id, rec):
     if rec["op"] == "metrics" and any(step == 3 for _, _, _, step in rec["metrics"]):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(client, run_id, rec)
-tracking.apply = apply
+sender.apply = apply
 run.main()
 """
 

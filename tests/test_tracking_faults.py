@@ -179,7 +179,7 @@ def test_two_sigterms_stop_a_wait_on_a_hung_store(tmp_path, hung_server):
     proc = run_script(
         f"""
         import sys
-        from lingmao.train.engine import Stopper
+        from lingmao.train.signals import Stopper
         from lingmao.tracking.tracker import Tracker
         tr = Tracker({hung_server!r}, "lingmao", "term", spool={str(tmp_path / SPOOL_NAME)!r}, timeout={HANG})
         tr.log_metrics({{"train/loss": 1.0}}, 1)
@@ -211,15 +211,15 @@ def test_training_against_a_hung_server_checkpoints_and_spools_every_step(
     spool holds every step's metrics."""
     from hydra import compose, initialize_config_dir
 
-    import lingmao.tracking.tracker
-    from lingmao.config.rules import CONF_DIR
+    from lingmao.config.compose import CONF_DIR
     from lingmao.run import execute
+    from lingmao.tracking import record
 
     class Bounded(Tracker):  # the run's tracker, with a short bound
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "timeout": 2.0})
 
-    monkeypatch.setattr(lingmao.tracking.tracker, "Tracker", Bounded)
+    monkeypatch.setattr(record, "Tracker", Bounded)  # where the run opens its tracker
     monkeypatch.chdir(tmp_path)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose(

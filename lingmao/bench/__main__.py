@@ -10,7 +10,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from lingmao.bench.options import OptionError, parse_args, usage
-from lingmao.config.rules import ConfigError
+from lingmao.config import ConfigError
 from lingmao.data.corpus import CorpusError
 
 USER_ERRORS = (OptionError, ConfigError, CorpusError, HydraException, OmegaConfBaseException)
@@ -18,9 +18,10 @@ EXPERIMENT = "lingmao-bench"
 
 
 def open_tracker(cfg, plan, suite: str | None, opts):
+    from lingmao.tracking.provenance import git_state, launch_host
     from lingmao.tracking.store import resolve_uri
-    from lingmao.tracking.tracker import Tracker, git_state, launch_host
-    from lingmao.train.engine import cfg_dict
+    from lingmao.tracking.tracker import Tracker
+    from lingmao.train.job import cfg_dict
 
     launch = Path.cwd()
     name = f"{suite + '-suite' if suite else 'bench'}-{plan.preset}-{cfg.model.name}"

@@ -1,5 +1,5 @@
 """System metrics for a run, measured by MLflow's own monitors and sent
-through the tracker."""
+through the tracker's sender."""
 
 from __future__ import annotations
 
@@ -13,25 +13,25 @@ SYSTEM_INTERVAL = 10.0  # seconds between samples (MLFLOW_SYSTEM_METRICS_SAMPLIN
 class SystemMetrics:
     """CPU, RAM, disk, network and, where nvidia-ml-py finds a GPU, GPU use,
     measured by MLflow's own system-metrics monitors (psutil, pynvml) every
-    SYSTEM_INTERVAL seconds and sent through the tracker, so they reach the
+    SYSTEM_INTERVAL seconds and sent through the tracker's sender, so they reach the
     spool too. MLflow's SystemMetricsMonitor thread would send them itself:
     it asks the store for the run before every sample and stops for good at
     the first failed call, and what it measured is not kept."""
 
     @classmethod
-    def make(cls, tracker) -> SystemMetrics | None:
+    def make(cls, sender) -> SystemMetrics | None:
         try:
-            return cls(tracker)
+            return cls(sender)
         except Exception as e:  # psutil missing, say: the run goes on without them
             print(f"warning: no system metrics: {type(e).__name__}: {e}", file=sys.stderr)
             return None
 
-    def __init__(self, tracker):
+    def __init__(self, sender):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self.tracker = tracker
+        self.sender = sender
         self.monitor = SystemMetricsMonitor(
-            tracker._run_id or "spooled", sampling_interval=SYSTEM_INTERVAL, tracking_uri=tracker.uri
+            sender.run_id or "spooled", sampling_interval=SYSTEM_INTERVAL, tracking_uri=sender.uri
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lingmao-system-metrics", daemon=True)
@@ -53,7 +53,7 @@ class SystemMetrics:
             while not self._stop.wait(float(self.monitor.sampling_interval)):
                 ms = int(time.time() * 1000)
                 rec = [(f"system/{k}", float(v), ms, step) for k, v in self._sample().items()]
-                self.tracker._put({"op": "metrics", "metrics": rec}, timed=False)
+                self.sender.put({"op": "metrics", "metrics": rec})
                 step += 1
         except Exception as e:  # a monitor failing (a GPU gone) ends system metrics, never training
             print(f"warning: system metrics stopped: {type(e).__name__}: {e}", file=sys.stderr)
