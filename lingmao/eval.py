@@ -22,8 +22,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from lingmao.config import ConfigError
 from lingmao.config.options import OptionError, asked_for_help, choice, doc, parse
-from lingmao.config.rules import ConfigError
 from lingmao.data.prepare import normalizer
 from lingmao.data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
 from lingmao.tracking.locate import WHICH, checkpoint_path

@@ -3,8 +3,11 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from lingmao.config.rules import CONF_DIR, ConfigError, register, validate
-from lingmao.plan.make import PRESETS
+from lingmao.config import ConfigError
+from lingmao.config.compose import CONF_DIR, register
+from lingmao.config.keys import schema_keys
+from lingmao.config.presets import HARDWARE as PRESETS
+from lingmao.config.rules import NEEDS, RULES, tracking_uri_ok, validate
 
 register()
 MODELS = ("tiny", "small", "medium", "large")
@@ -115,8 +118,6 @@ def test_balanced_data_preset_has_seed_caps():
 
 
 # -- every key has a rule -----------------------------------------------------
-
-from lingmao.config.rules import NEEDS, RULES, schema_keys, tracking_uri_ok  # noqa: E402
 
 
 def _needs_a_rule(tp) -> bool:

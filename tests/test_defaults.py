@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_resume import COMMON, cli
 
-from lingmao.config.rules import CONF_DIR, fill_absent, register, schema_keys, value_when_absent
+from lingmao.config.compose import CONF_DIR, register
+from lingmao.config.keys import fill_absent, schema_keys, value_when_absent
 from lingmao.config.schema import ModelConfig, RunConfig
 from lingmao.model.gpt import GPT, GPTConfig
 from lingmao.train import checkpoint

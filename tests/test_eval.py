@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from lingmao import cli
 from lingmao import eval as evaluation
-from lingmao.config.rules import CONF_DIR, register
+from lingmao.config.compose import CONF_DIR, register
 from lingmao.train.validation import genre_metric_names
 
 register()

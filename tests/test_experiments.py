@@ -15,7 +15,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
 from omegaconf import OmegaConf
 
-from lingmao.config.rules import CONF_DIR, EXPERIMENTS_DIR, register, validate
+from lingmao.config.compose import CONF_DIR, EXPERIMENTS_DIR, register
+from lingmao.config.rules import validate
 from lingmao.model.gpt import GPTConfig
 from lingmao.run import execute
 from lingmao.train import checkpoint

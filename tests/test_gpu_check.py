@@ -39,7 +39,7 @@ def corpus(tmp_path_factory) -> Path:
 def data_config(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from lingmao.config.rules import CONF_DIR, register
+    from lingmao.config.compose import CONF_DIR, register
 
     register()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

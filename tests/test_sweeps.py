@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from test_run import TINY, run_cli
 
-from lingmao.config.rules import CONF_DIR, register
+from lingmao.config.compose import CONF_DIR, register
 from lingmao.run import execute
 from lingmao.sweep import lock_free_slot, parallel_jobs, slot_resources
 

@@ -9,7 +9,8 @@ theirs, checked by the schema like any command-line value.
 
 from __future__ import annotations
 
-from lingmao.config.rules import CONF_DIR, register, validate
+from lingmao.config.compose import CONF_DIR, register
+from lingmao.config.rules import validate
 
 
 def override(key: str, value) -> str:

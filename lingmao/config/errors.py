@@ -12,7 +12,8 @@ import typing
 from dataclasses import fields, is_dataclass
 from types import CodeType, TracebackType
 
-from lingmao.config.rules import CONF_DIR, EXPERIMENTS_DIR, schema_at, valid_keys
+from lingmao.config.compose import CONF_DIR, EXPERIMENTS_DIR
+from lingmao.config.keys import schema_at, valid_keys
 
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 

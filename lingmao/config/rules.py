@@ -1,92 +1,19 @@
-"""A run's config: where its YAML lives, the schema (lingmao/schema.py), and
-the valid values of every key (`RULES`, checked by `validate`).
-
-The schema is registered in Hydra's ConfigStore as `lingmao_schema`, the first
-entry of conf/config.yaml's defaults list, so an unknown key or a wrong type
-fails at compose time naming the key. `experiments/*.yaml` are registered as
-the `experiment` group (package `_global_`), which works from the repository
-and from an installed wheel alike.
-"""
+"""The valid values of every key of a run's config (`RULES`, checked by
+`validate`), beyond the types the schema (config/schema.py) holds."""
 
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import math
 import re
-import typing
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
-from lingmao.config.schema import (
-    RunConfig,
-)
-
-_PKG = Path(__file__).resolve().parent.parent  # the lingmao package
-
-
-def _find(name: str) -> Path:
-    """conf/ or experiments/: inside the package when installed from a wheel,
-    at the repository top level when run from a checkout or an editable install."""
-    for candidate in (_PKG / name, _PKG.parent / name):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"lingmao: cannot find its {name}/ folder next to {_PKG}")
-
-
-CONF_DIR = _find("conf")
-EXPERIMENTS_DIR = _find("experiments")
-
-
-class ConfigError(ValueError):
-    """A config value that composes but cannot run; the message names the key."""
-
-
-# -- the schema's keys -----------------------------------------------------------
-
-
-def schema_keys(schema: type = RunConfig, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
-    """(dotted key, type, dataclass field) of every leaf key of `schema`."""
-    hints = typing.get_type_hints(schema)
-    for f in fields(schema):
-        if is_dataclass(hints[f.name]):
-            yield from schema_keys(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", hints[f.name], f
-
-
-def _optional(tp: Any) -> bool:
-    return tp is Any or type(None) in typing.get_args(tp)
-
-
-_LEAVES = {key: (tp, f) for key, tp, f in schema_keys()}
-
-
-def value_when_absent(key: str) -> Any:
-    """What a stored config that lacks `key` means: the value from before the
-    key existed for one `added_later`, else its default."""
-    f = _LEAVES[key][1]
-    if "absent" in f.metadata:
-        return f.metadata["absent"]
-    return f.default_factory() if f.default is MISSING else f.default
-
-
-def fill_absent(node: Mapping, prefix: str = "") -> dict:
-    """A stored config section (a checkpoint's, a plain dict or a DictConfig)
-    as a dict, with the keys `added_later` than it filled with the value they
-    had before they existed. `prefix` is the section's dotted key, e.g. "model"."""
-    if is_dataclass(node):
-        node = asdict(node)
-    out = {k: (fill_absent(v, f"{prefix}.{k}".lstrip(".")) if isinstance(v, Mapping) else v) for k, v in node.items()}
-    dot = f"{prefix}." if prefix else ""
-    for key, (_, f) in _LEAVES.items():
-        rest = key[len(dot) :]
-        if key.startswith(dot) and "." not in rest and "absent" in f.metadata and rest not in out:
-            out[rest] = f.metadata["absent"]
-    return out
-
+from lingmao.config import ConfigError
+from lingmao.config.compose import CONF_DIR, EXPERIMENTS_DIR, option_names
+from lingmao.config.keys import LEAVES, optional_type, unknown_keys, valid_keys
+from lingmao.config.schema import RunConfig
 
 # -- rules: what each key may be -------------------------------------------------
 
@@ -155,10 +82,6 @@ def _hhmm(v, _) -> bool:
         return False
 
 
-def _names(folder: Path) -> tuple[str, ...]:
-    return tuple(sorted(p.stem for p in folder.glob("*.yaml")))
-
-
 # MLflow's tracking stores (mlflow.tracking._tracking_service.utils registers
 # them): a folder path or file:, http(s): for a server, databricks /
 # databricks-uc / uc:, and SQLAlchemy's postgresql, mysql, sqlite, mssql, each
@@ -218,10 +141,10 @@ def _context(c) -> int:
 RULES: dict[str, Rule] = {
     "seed": interval("[0, 4294967295]"),  # numpy's generators take 32-bit seeds
     "resume": TEXT,  # auto | never | a checkpoint file (checked when the run resumes)
-    "experiment": one_of(*_names(EXPERIMENTS_DIR)),
+    "experiment": one_of(*option_names(EXPERIMENTS_DIR)),
     "night.start": Rule(_hhmm, lambda _: "must be a time as HH:MM, e.g. 21:00"),
     "night.end": Rule(_hhmm, lambda _: "must be a time as HH:MM, e.g. 08:00"),
-    "hardware.name": one_of(*_names(CONF_DIR / "hardware")),
+    "hardware.name": one_of(*option_names(CONF_DIR / "hardware")),
     "hardware.device": one_of("cpu", "cuda", "mps"),
     "hardware.devices": POSITIVE,
     "hardware.memory_gb": NON_NEGATIVE,
@@ -356,7 +279,7 @@ def problems(cfg: Any, section: str = "") -> list[str]:
         if not key.startswith(section) or (key == "optim.lr" and out and not section):
             continue
         try:
-            value, optional = _get(cfg, key), _optional(_LEAVES[key][0])
+            value, optional = _get(cfg, key), optional_type(LEAVES[key][0])
         except (KeyError, AttributeError):  # a section from elsewhere (GPTConfig) need not hold every key
             if section:
                 continue
@@ -370,45 +293,11 @@ def problems(cfg: Any, section: str = "") -> list[str]:
     return out
 
 
-def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
-    """Keys added with `+key=...`, which Hydra lets past the typed schema."""
-    hints = typing.get_type_hints(schema)
-    out = []
-    for key in node.keys():
-        if key not in hints:
-            out.append(f"{prefix}{key}")
-        elif is_dataclass(hints[key]):
-            out += _unknown_keys(node[key], hints[key], f"{prefix}{key}.")
-    return out
-
-
-def schema_at(section: str) -> type | None:
-    """The schema dataclass of a dotted section ("" is the whole run), or None."""
-    node: type = RunConfig
-    for part in filter(None, section.split(".")):
-        hint = typing.get_type_hints(node).get(part)
-        if not is_dataclass(hint):
-            return None
-        node = hint
-    return node
-
-
-def valid_keys(full_key: str, keys: list[str] | None = None) -> str:
-    """What to say of an unknown key: the closest valid one and the valid
-    keys of its section (`keys` for a section outside the schema)."""
-    section, _, leaf = full_key.rpartition(".")
-    schema = schema_at(section)
-    keys = [f.name for f in fields(schema)] if schema is not None else list(keys or [])
-    guess = difflib.get_close_matches(leaf, keys, n=1)
-    hint = f"did you mean {f'{section}.' if section else ''}{guess[0]}? " if guess else ""
-    return f"{hint}valid {f'keys of {section}' if section else 'top-level keys'}: {', '.join(keys)}"
-
-
 def validate(cfg: Any) -> None:
     """Every key's value against RULES and NEEDS, and no appended unknown key;
     one ConfigError listing every problem, each naming its key."""
     if hasattr(cfg, "keys"):
-        unknown = _unknown_keys(cfg, RunConfig)
+        unknown = unknown_keys(cfg, RunConfig)
         if unknown:
             raise ConfigError("unknown key(s): " + "; ".join(f"{key} ({valid_keys(key)})" for key in unknown))
     found = problems(cfg)
@@ -434,14 +323,3 @@ def check_model(model: Mapping) -> None:
     found = problems({"model": model}, "model.")
     if found:
         raise ConfigError("; ".join(found))
-
-
-def register() -> None:
-    """Register the schema and the experiment presets with Hydra (idempotent)."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    cs = ConfigStore.instance()
-    cs.store(name="lingmao_schema", node=RunConfig)
-    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
-        cs.store(group="experiment", name=path.stem, node=OmegaConf.load(path), package="_global_")

@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lingmao.config.rules import ConfigError, fill_absent
+from lingmao.config import ConfigError
+from lingmao.config.keys import fill_absent
 from lingmao.data.tokenizer import tokenizer_hash
 from lingmao.model.gpt import GPT, GPTConfig
 

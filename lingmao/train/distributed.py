@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lingmao.plan.make import Plan
+from lingmao.plan import Plan
 
 
 @dataclass
