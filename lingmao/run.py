@@ -18,7 +18,9 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lingmao.config.rules import CONF_DIR, ConfigError, register, validate
+from lingmao.config import ConfigError
+from lingmao.config.compose import CONF_DIR, register
+from lingmao.config.rules import validate
 from lingmao.data.corpus import CorpusError
 
 register()
@@ -27,31 +29,17 @@ USER_ERRORS = (ConfigError, CorpusError)  # bad input: exit 2
 SECOND_SIGNAL_WAIT = 3.0  # seconds a run stopped by a second signal still gives the tracking store
 
 
-def compact(x: float) -> str:
-    """A number as a person writes it in a run name: 3e-4 (not 0.0003), 1.5e-3, 0.01, 16."""
-    if x and not 1e-2 <= abs(x) < 1e4:
-        mantissa, exponent = f"{x:.2e}".split("e")
-        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    return f"{x:g}"
-
-
-def run_name(cfg, plan, swept: str = "") -> str:
-    """`t4x2-medium-lr3e-4`: preset, model and the LR the user set (before
-    scaling); in a sweep, then what this job's sweep varies (`swept`)."""
-    if cfg.tracking.run_name:
-        return cfg.tracking.run_name
-    return f"{plan.preset}-{cfg.model.name}-lr{compact(cfg.optim.lr)}" + (f" {swept}" if swept else "")
-
-
 def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None = None) -> dict | None:
     """Validate, plan, and (unless plan=true) train; returns the final metrics."""
     from lingmao.data import cache_root
-    from lingmao.plan.calibration import chooser
+    from lingmao.plan import exit_status
     from lingmao.plan.machine import detect
-    from lingmao.plan.make import exit_status, make_plan, runnable_plan
-    from lingmao.train import engine
+    from lingmao.plan.make import make_plan, runnable_plan
+    from lingmao.plan.summary import render
+    from lingmao.train.calibrate import cpu_choice
     from lingmao.train.console import RunLog
     from lingmao.train.distributed import Dist
+    from lingmao.train.job import prepare
 
     validate(cfg)
     machine = detect()
@@ -59,11 +47,15 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
     # nodes it is larger than the preset's devices on this one.
     world = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
     cache = cache_root(cfg.data.cache_dir)
-    if cfg.plan:  # reads a calibration the machine has, measures none: plan=true writes nothing
-        plan = make_plan(cfg, machine, world, chooser(cache, measure_now=False))
-        print(plan.table())
+    # plan=true reads a calibration the machine has and measures none: it writes nothing
+    planner = make_plan if cfg.plan else runnable_plan  # runnable: refused before any work
+    plan = planner(cfg, machine, world)
+    choice = cpu_choice(cfg, plan, cache, measure=not cfg.plan)
+    if choice:
+        plan = planner(cfg, machine, world, choice)
+    if cfg.plan:
+        print(render(plan))
         return {"plan_exit_status": exit_status(plan)}
-    plan = runnable_plan(cfg, machine, world, chooser(cache))
     for note in plan.notes:
         print(f"note: {note}")
     for warning in plan.warnings:
@@ -73,49 +65,22 @@ def execute(cfg: DictConfig, launch_dir: Path, run_dir: Path, tags: dict | None 
     dist = Dist.from_env()
     # Everything that can refuse the run (the corpus, the checkpoint to
     # resume) is checked before an MLflow run is created or reopened.
-    with RunLog(run_dir) if dist.main else contextlib.nullcontext(), engine.prepare(cfg, plan, run_dir, dist) as job:
+    with RunLog(run_dir) if dist.main else contextlib.nullcontext(), prepare(cfg, plan, run_dir, dist) as job:
         return _train(cfg, plan, job, launch_dir, run_dir, tags)
 
 
 def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -> dict:
-    from lingmao.tracking.spool import SPOOL_NAME
-    from lingmao.tracking.store import resolve_uri, where
-    from lingmao.tracking.tracker import Tracker, git_state, launch_host
+    from lingmao.tracking.record import open_run
+    from lingmao.tracking.store import where
     from lingmao.train import checkpoint, engine
+    from lingmao.train.console import banner
 
     dist = job.dist
-    uri = resolve_uri(cfg.tracking.uri, launch_dir)
-    enabled = cfg.tracking.enabled and dist.main
-    tracker = Tracker(
-        uri,
-        cfg.tracking.experiment_name,
-        run_name(cfg, plan, (tags or {}).get("sweep.values", "")),
-        enabled=enabled,
-        spool=run_dir / SPOOL_NAME,
-        system_metrics=cfg.tracking.system_metrics,
-        run_id=job.resume_run_id if enabled else None,
-        timeout=cfg.tracking.timeout,
-    )
-    tracker.set_tags(
-        {
-            "hardware": plan.preset,
-            "model": cfg.model.name,
-            "data": cfg.data.source,
-            "experiment": cfg.experiment or "",
-            "host": launch_host(),
-            "run_dir": str(run_dir.resolve()),
-            **git_state(launch_dir),
-            **(tags or {}),
-            **cfg.tracking.tags,
-        }
-    )
+    tracker = open_run(cfg, plan.preset, run_dir, launch_dir, tags or {}, job.resume_run_id, dist.main)
     if dist.main:
-        look = (
-            f"{uri} (the run's link follows once it is open; mlflow ui --backend-store-uri {uri})" if enabled else "off"
-        )
-        print(banner(cfg, plan, job, run_dir, look), flush=True)
-    for f in sorted((run_dir / ".hydra").glob("*.yaml")):  # the composed config, as Hydra wrote it
-        tracker.log_artifact(f, "hydra")
+        uri = tracker.uri
+        look = f"{uri} (the run's link follows once it is open; mlflow ui --backend-store-uri {uri})"
+        print(banner(cfg, plan, job, run_dir, look if tracker.enabled else "off"), flush=True)
     try:
         final = engine.train(cfg, plan, tracker, run_dir, dist, job)
         if cfg.tracking.log_model and dist.main:
@@ -133,33 +98,10 @@ def _train(cfg, plan, job, launch_dir: Path, run_dir: Path, tags: dict | None) -
         raise
     tracker.end("KILLED" if final["status"] == "KILLED" else "FINISHED")
     if tracker.ui_url() and not tracker.offline:
-        print(f"mlflow: {uri} run {tracker.run_id}\n  compare: {where(uri, tracker.experiment_id)}")
+        print(f"mlflow: {tracker.uri} run {tracker.run_id}\n  compare: {where(tracker.uri, tracker.experiment_id)}")
     if final["status"] == "KILLED":
         raise SystemExit(130)
     return final
-
-
-def banner(cfg, plan, job, run_dir: Path, look: str) -> str:
-    """What the run will do, in a few lines, before it does it."""
-    from lingmao.plan.summary import lr_rule
-
-    o, t = cfg.optim, cfg.trainer
-    limits = [
-        f"{job.schedule.total_steps} steps" if job.schedule.total_steps else "",
-        f"{t.max_time:g} s" if t.max_time else "",
-    ]
-    start = f", resuming at step {job.found[1]['progress']['step']}" if job.found else ""
-    return "\n".join(
-        [
-            f"lingmao | {plan.preset_reason} | {plan.device} x {plan.world_size}, {plan.precision} "
-            f"({plan.precision_reason}){', compiled' if plan.compile else ''}",
-            f"  batch {plan.micro_batch} x accumulation {plan.accumulation} x {plan.world_size} process(es) = "
-            f"{plan.effective_batch} windows of {plan.context_length} tokens per step",
-            f"  lr {lr_rule(plan)}, warmup + cosine to {o.min_lr_ratio:g}x | "
-            f"{' and '.join(x for x in limits if x) or 'until stopped'}{start}",
-            f"  run folder {run_dir} | MLflow: {look}",
-        ]
-    )
 
 
 def _worker(rank: int, cfg_yaml: str, plan_world: int, port: int, launch_dir: str, run_dir: str, tags) -> None:
@@ -244,9 +186,9 @@ class SweepSummary(Callback):
     ended, say where its runs are in MLflow (or which spools to import)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from lingmao.tracking.provenance import sweep_id
         from lingmao.tracking.spool import sweep_report
         from lingmao.tracking.store import resolve_uri
-        from lingmao.tracking.tracker import sweep_id
 
         if config.plan or not config.tracking.enabled:
             return

@@ -7,6 +7,7 @@ from test_config import make
 from lingmao.plan import calibration as calibrate
 from lingmao.plan.machine import Machine
 from lingmao.plan.make import make_plan
+from lingmao.train import calibrate as timing
 
 MODEL = {
     "d_model": 32,
@@ -22,7 +23,8 @@ MODEL = {
     "zero_init_proj": False,
     "moe": {"experts": 0, "top_k": 2, "capacity_factor": 1.25, "aux_loss_weight": 0.01},
 }
-SHAPE = calibrate.shape_of(MODEL, 50, 1)
+SHAPE = calibrate.shape_of(MODEL, 50, 1, "muon")
+EVERY = calibrate.allowed("auto", "auto")
 CPU = Machine(cores=2, ram_gb=16.0)
 
 
@@ -49,51 +51,66 @@ def test_the_fastest_wins_only_beyond_the_noise_margin():
 
 def test_measured_once_per_cpu_torch_and_shape_then_cached(tmp_path):
     calls = []
-    first = calibrate.choose(SHAPE, "auto", "auto", tmp_path, None, fake_measure(calls))
-    again = calibrate.choose(SHAPE, "auto", "auto", tmp_path, None, fake_measure(calls))
+    first = calibrate.choose(SHAPE, EVERY, tmp_path, None, fake_measure(calls))
+    again = calibrate.choose(SHAPE, EVERY, tmp_path, None, fake_measure(calls))
     assert len(calls) == 1 and len(calls[0]) == 4
     assert first["precision"] == again["precision"] == "bf16"
     assert (first["how"], again["how"]) == ("measured", "cached")
-    other = calibrate.shape_of({**MODEL, "context_length": 8}, 50, 1)
-    calibrate.choose(other, "auto", False, tmp_path, None, fake_measure(calls))
+    other = calibrate.shape_of({**MODEL, "context_length": 8}, 50, 1, "muon")
+    calibrate.choose(other, calibrate.allowed("auto", False), tmp_path, None, fake_measure(calls))
     assert len(calls) == 2 and all(not c for _, c in calls[1])  # compile fixed off: not measured
 
 
 def test_a_short_run_measures_nothing_but_reads_the_cache(tmp_path):
     calls = []
-    short = calibrate.choose(SHAPE, "auto", "auto", tmp_path, 30.0, fake_measure(calls))
+    short = calibrate.choose(SHAPE, EVERY, tmp_path, 30.0, fake_measure(calls))
     assert calls == [] and (short["precision"], short["compile"], short["how"]) == ("fp32", False, "too short")
-    calibrate.choose(SHAPE, "auto", "auto", tmp_path, 3600.0, fake_measure(calls))
-    assert calibrate.choose(SHAPE, "auto", "auto", tmp_path, 30.0, fake_measure(calls))["how"] == "cached"
+    calibrate.choose(SHAPE, EVERY, tmp_path, 3600.0, fake_measure(calls))
+    assert calibrate.choose(SHAPE, EVERY, tmp_path, 30.0, fake_measure(calls))["how"] == "cached"
     assert len(calls) == 1
 
 
-def test_a_real_measurement_times_each_candidate():
-    seconds = calibrate.measure(SHAPE, [("fp32", False), ("bf16", False)], rounds=2)
+def test_a_real_measurement_times_the_runs_own_step(monkeypatch):
+    """The calibration trains the step the run takes: the engine's builder,
+    the run's optimizer (Muon by default), its loss, at each candidate."""
+    cfg = make("hardware=cpu", "model=tiny")
+    plan = make_plan(cfg, CPU)
+    built = []
+    real = timing.build_step
+
+    def spy(cfg, plan, *args, **kwargs):
+        parts = real(cfg, plan, *args, **kwargs)
+        built.append((plan.precision, type(parts.optimizer).__name__, plan.micro_batch))
+        return parts
+
+    monkeypatch.setattr(timing, "build_step", spy)
+    shape = calibrate.shape_of(dict(cfg.model), 50, 1, cfg.optim.name)
+    seconds = timing.measure_steps(cfg, plan, shape, [("fp32", False), ("bf16", False)], rounds=2)
     assert set(seconds) == {"fp32", "bf16"} and all(0 < v < 10 for v in seconds.values())
+    assert built == [("fp32", "MuonAdamW", shape["micro_batch"]), ("bf16", "MuonAdamW", shape["micro_batch"])]
 
 
-def test_the_plan_takes_the_measured_choice_and_its_time_and_says_so(tmp_path):
+def test_the_plan_takes_the_measured_choice_and_its_time_and_says_so(tmp_path, monkeypatch):
     cfg = make("hardware=cpu", "model=tiny", "trainer.max_time=1800", "trainer.max_steps=null")
     seen = []
 
-    def choice(shape, precision, compile, run_seconds):
-        seen.append((shape["model"]["context_length"], precision, compile, run_seconds))
-        return calibrate.choose(shape, precision, compile, tmp_path, run_seconds, fake_measure([]))
+    def measure(cfg, plan, shape, candidates):
+        seen.append((shape["model"]["context_length"], shape["optimizer"], len(candidates)))
+        return fake_measure([])(shape, candidates)
 
-    plan = make_plan(cfg, CPU, cpu_choice=choice)
-    assert seen == [(128, "auto", "auto", 1800)]
+    monkeypatch.setattr(timing, "measure_steps", measure)
+    first = make_plan(cfg, CPU)
+    assert first.cpu_candidates == EVERY and "not measured" in first.precision_reason
+    plan = make_plan(cfg, CPU, cpu_choice=timing.cpu_choice(cfg, first, tmp_path, measure=True))
+    assert seen == [(128, "muon", 4)]
     assert (plan.precision, plan.compile, plan.assumed_mfu) == ("bf16", False, None)
     assert "measured on this CPU" in plan.precision_reason and "bf16 2.00x" in plan.precision_reason
     # the fake's 0.5 s per step of 1024 tokens, scaled to the plan's step
     tokens = plan.micro_batch * plan.accumulation * plan.context_length
     assert plan.est_step_seconds == pytest.approx(0.5 * tokens / 1024, rel=1e-3)
-    fixed = make_plan(
-        make("hardware=cpu", "model=tiny", "hardware.precision=fp32", "hardware.compile=false"), CPU, cpu_choice=choice
-    )
+    fixed = make_plan(make("hardware=cpu", "model=tiny", "hardware.precision=fp32", "hardware.compile=false"), CPU)
+    assert fixed.cpu_candidates == [] and timing.cpu_choice(cfg, fixed, tmp_path, measure=True) is None
     assert len(seen) == 1 and (fixed.precision, fixed.compile) == ("fp32", False)  # nothing left to measure
-    pure = make_plan(cfg, CPU)
-    assert (pure.precision, pure.compile) == ("fp32", False) and "not measured" in pure.precision_reason
 
 
 def test_plan_true_reads_a_calibration_but_measures_none(tmp_path, monkeypatch, capsys):
@@ -107,7 +124,7 @@ def test_plan_true_reads_a_calibration_but_measures_none(tmp_path, monkeypatch, 
 
     from lingmao.plan.machine import detect
 
-    shape = calibrate.shape_of(OmegaConf.to_container(make(*args).model), 13563, detect().cores)
-    calibrate.choose(shape, "auto", "auto", tmp_path / "cache", None, fake_measure([]))
+    shape = calibrate.shape_of(OmegaConf.to_container(make(*args).model), 13563, detect().cores, "muon")
+    calibrate.choose(shape, EVERY, tmp_path / "cache", None, fake_measure([]))
     execute(make(*args), tmp_path, tmp_path / "run")
     assert "bf16: cached on this CPU" in capsys.readouterr().out

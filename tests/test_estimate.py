@@ -9,15 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lingmao.model.gpt import GPT, GPTConfig
-from lingmao.plan.estimate import (
-    MARGIN,
-    MemoryEstimate,
-    count_params,
-    estimate_memory,
-    estimate_step_time,
-    fit_micro_batch,
-    flops_per_token,
-)
+from lingmao.plan.estimate import count_params, estimate_step_time, flops_per_token
+from lingmao.plan.memory import MARGIN, MemoryEstimate, estimate_memory, fit_micro_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [  # (d_model, n_heads, n_layers, context_length, vocab_size, mlp_ratio)
@@ -235,7 +228,7 @@ def test_checkpointed_blocks_keep_only_their_input(autocast, monkeypatch):
     from torch.utils.checkpoint import checkpoint
 
     from lingmao.model.gpt import Block
-    from lingmao.plan.estimate import _layer_activation_bytes
+    from lingmao.plan.memory import _layer_activation_bytes
 
     d, h, L, T, V, B = 64, 4, 3, 64, 500, 4
     plain = Block.forward

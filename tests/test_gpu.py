@@ -264,7 +264,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from lingmao.config.rules import CONF_DIR, register
+    from lingmao.config.compose import CONF_DIR, register
 
     register()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

@@ -5,11 +5,16 @@ import time
 import pytest
 from test_config import make
 
-from lingmao.config.rules import ConfigError
-from lingmao.plan.batch import model_shape
-from lingmao.plan.estimate import GiB, estimate_memory
+from lingmao.config import ConfigError
+from lingmao.config.presets import HARDWARE as PRESETS
+from lingmao.config.presets import hardware_preset as load_preset
+from lingmao.plan import exit_status
+from lingmao.plan.estimate import model_shape
 from lingmao.plan.machine import Gpu, Machine, detect
-from lingmao.plan.make import PRESETS, closest_preset, exit_status, load_preset, make_plan, runnable_plan
+from lingmao.plan.make import make_plan, runnable_plan
+from lingmao.plan.memory import GiB, estimate_memory
+from lingmao.plan.presets import closest_preset
+from lingmao.plan.summary import render
 
 LAPTOP = Machine(cores=2, ram_gb=24)
 T4 = Gpu("Tesla T4", 14.7, 7.5)
@@ -89,7 +94,7 @@ def test_plan_for_every_preset_on_a_cpu_laptop(preset, model):
         assert (plan.micro_batch, plan.accumulation) == (micro, accum)
     assert plan.grad_scaler == (precision == "fp16")
     assert plan.fused_optimizer == (device in ("cuda", "cpu"))  # MPS: unmeasured, left off
-    assert f"hardware={preset}" in plan.table()
+    assert f"hardware={preset}" in render(plan)
 
 
 @pytest.mark.parametrize("model", SIZES)
@@ -166,7 +171,7 @@ def test_unknown_gpu_has_no_peak_and_says_the_engine_measures():
     plan = make_plan(make(), Machine(4, 64, gpus=(Gpu("NVIDIA B300 Future", 180.0, 10.0),)))
     assert plan.peak_tflops_per_device is None
     assert "measures" in plan.peak_source and plan.est_step_seconds is None
-    assert "measures" in plan.table()
+    assert "measures" in render(plan)
 
 
 def test_auto_keeps_what_the_user_set():
@@ -313,7 +318,7 @@ def test_a_size_that_cannot_fit_is_refused_with_what_would():
     machine = Machine(cores=2, ram_gb=12, gpus=(T4,))
     plan = make_plan(make(*overrides), machine)
     assert not plan.fits and exit_status(plan) != 0
-    assert plan.table().startswith("DOES NOT FIT")
+    assert render(plan).startswith("DOES NOT FIT")
     assert "model.context_length=" in plan.refusal and "model=medium (context 768," in plan.refusal
     for alt in alternative_overrides(plan.refusal):
         keep = overrides if alt[0].startswith("model.") else overrides[:2]  # a size comes with its own context
@@ -327,13 +332,13 @@ def test_table_reads_as_a_decision():
     plan = make_plan(
         make("hardware=rtx4090", "model=small", "optim.lr=5e-5", "optim.lr_scaling=sqrt", "optim.base_batch=16"), LAPTOP
     )
-    text = plan.table()
+    text = render(plan)
     assert text.splitlines()[0].startswith("FITS  hardware=rtx4090 model=small")
     assert "5e-5 (optim.lr) x sqrt(32/16) = 7.1e-5" in text
     assert f"{plan.params / 1e6:.1f}M parameters" in text
     assert "per step" in text and "the run" in text
     assert "threads" not in text  # this machine's cores say nothing about a 4090
-    assert "threads" in make_plan(make("hardware=cpu", "model=small"), LAPTOP).table()
+    assert "threads" in render(make_plan(make("hardware=cpu", "model=small"), LAPTOP))
 
 
 def test_moe_parameters_are_counted():

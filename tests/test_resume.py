@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from lingmao import run
-from lingmao.config.rules import CONF_DIR
+from lingmao.config.compose import CONF_DIR
 from lingmao.data.tokenizer import load_tokenizer, tokenizer_hash
 from lingmao.train import checkpoint, validation
 from lingmao.train import recovery as checkpointer

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lingmao.run import compact
 from lingmao.tracking import store as tracking_store
+from lingmao.tracking.provenance import sweep_id
+from lingmao.tracking.record import compact
 from lingmao.tracking.spool import SPOOL_NAME, import_spool, main, read_spool
 from lingmao.tracking.store import TrackingError
-from lingmao.tracking.tracker import Tracker, sweep_id
+from lingmao.tracking.tracker import Tracker
 
 
 def closed_port() -> int:
@@ -213,7 +214,7 @@ def test_training_runs_against_an_unreachable_store(tmp_path, shared_cache, fast
     """End to end in-process: the run trains, the spool holds its metrics."""
     from hydra import compose, initialize_config_dir
 
-    from lingmao.config.rules import CONF_DIR
+    from lingmao.config.compose import CONF_DIR
     from lingmao.run import execute
 
     monkeypatch.chdir(tmp_path)
@@ -249,11 +250,11 @@ def test_training_runs_against_an_unreachable_store(tmp_path, shared_cache, fast
 
 
 def test_the_store_opens_only_when_the_start_up_is_over(tmp_path, mlflow_db, monkeypatch):
-    import lingmao.tracking.tracker as tracking
+    from lingmao.tracking import sender
 
     opened = threading.Event()
-    real_open = Tracker._open
-    monkeypatch.setattr(Tracker, "_open", lambda self: (opened.set(), real_open(self)))
+    real_open = sender.Sender._open
+    monkeypatch.setattr(sender.Sender, "_open", lambda self: (opened.set(), real_open(self)))
     tr = Tracker(f"sqlite:///{mlflow_db}", "lingmao", "late", spool=tmp_path / SPOOL_NAME)
     tr.log_metrics({"train/loss": 1.0}, 1)
     tr.flush()  # queued, not sent: MLflow is not even imported yet
@@ -264,7 +265,7 @@ def test_the_store_opens_only_when_the_start_up_is_over(tmp_path, mlflow_db, mon
     assert history(MlflowClient(f"sqlite:///{mlflow_db}"), tr.run_id, "train/loss") == [(1, 1.0)]
 
     opened.clear()  # a tracker nobody starts opens on its own after _OPEN_DELAY
-    monkeypatch.setattr(tracking, "_OPEN_DELAY", 0.2)
+    monkeypatch.setattr(sender, "_OPEN_DELAY", 0.2)
     idle = Tracker(f"sqlite:///{mlflow_db}", "lingmao", "idle", spool=tmp_path / SPOOL_NAME)
     assert opened.wait(10) and idle.run_id
     idle.end()

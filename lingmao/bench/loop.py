@@ -16,9 +16,9 @@ import torch
 
 from lingmao.data.stream import BatchStream, loader_args
 from lingmao.data.windows import TokenWindows
-from lingmao.train.distributed import Dist, Parallel, start
+from lingmao.train.distributed import Dist, start
 from lingmao.train.optim import Schedule
-from lingmao.train.step import TrainStep, build
+from lingmao.train.step import build_step
 
 
 class Clock:
@@ -46,9 +46,9 @@ class Steps:
     def __init__(self, cfg, plan, windows: TokenWindows, vocab_size: int, total_steps: int):
         self.cfg, self.plan = cfg, plan
         self.device = start(plan, Dist())  # one process: the device, no process group
-        self.raw, self.optimizer, self.scaler = build(cfg, plan, vocab_size, self.device)
-        self.model = Parallel(self.raw, plan, Dist(), self.device)
-        self.train_step = TrainStep(self.model, self.optimizer, self.scaler, cfg, plan, self.device, ddp=False)
+        parts = build_step(cfg, plan, vocab_size, self.device, Dist())
+        self.raw, self.optimizer, self.scaler, self.model = parts.raw, parts.optimizer, parts.scaler, parts.model
+        self.train_step = parts.step
         self.batches = BatchStream(windows, plan.micro_batch, cfg.seed, 0, 1, loader_args(plan))
         o = cfg.optim
         self.schedule = Schedule.for_run(plan.lr, o.warmup, total_steps, o.min_lr_ratio)

@@ -1,4 +1,6 @@
-"""CPU precision and compile chosen by measurement on the machine at hand.
+"""CPU precision and compile chosen by measurement on the machine at hand:
+what is measured, the cache of answers, and the rule that decides. The
+timing itself trains the run's own step (lingmao.train.calibrate).
 
 A CPU flag does not predict the speed: bf16 autocast with compile ran at
 0.64x fp32 eager on one AVX512-BF16 machine and 1.53x on another. So for
@@ -14,11 +16,10 @@ answer if there is one, else fp32 eager.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 CANDIDATES = (("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True))  # (precision, compile)
@@ -39,81 +40,27 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def shape_of(model: dict, vocab_size: int, threads: int) -> dict:
+def shape_of(model: dict, vocab_size: int, threads: int, optimizer: str) -> dict:
     """What the timing depends on: the model section (dropout too: its masks
-    cost time), vocabulary, timed micro-batch and threads."""
+    cost time), vocabulary, timed micro-batch, threads and the optimizer
+    (Muon's Newton-Schulz steps are a large share of a small model's step)."""
     micro = max(1, TOKENS // int(model["context_length"]))
     return {
         "model": {k: v for k, v in model.items() if k != "name"},
         "vocab_size": vocab_size,
         "micro_batch": micro,
         "threads": threads,
+        "optimizer": optimizer,
     }
 
 
 def cache_key(shape: dict) -> str:
-    import torch
-
-    text = json.dumps({"cpu": cpu_model(), "torch": torch.__version__, **shape}, sort_keys=True)
+    text = json.dumps({"cpu": cpu_model(), "torch": importlib.metadata.version("torch"), **shape}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def name(precision: str, compile: bool) -> str:
     return precision + ("+compile" if compile else "")
-
-
-def _stepper(shape: dict, precision: str, compile: bool):
-    """A function running one training step of `shape` on random tokens, its
-    first calls done (compilation and first-touch costs stay out of the timing)."""
-    import torch
-    from omegaconf import OmegaConf
-
-    from lingmao.model.gpt import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    raw = GPT(GPTConfig.from_model_config(OmegaConf.create(shape["model"]), shape["vocab_size"]))
-    model = torch.compile(raw) if compile else raw
-    opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, fused=True)
-    ctx = shape["model"]["context_length"]
-    x = torch.randint(0, shape["vocab_size"], (shape["micro_batch"], ctx + 1))
-    dtype = torch.bfloat16 if precision == "bf16" else None
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            loss = model(x[:, :-1], targets=x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    step()
-    return step
-
-
-def measure(shape: dict, candidates, rounds: int = ROUNDS) -> dict[str, float]:
-    """Median seconds per step of each candidate ("fp32", "bf16+compile", ...);
-    a candidate that fails to build or run (no C++ compiler for inductor, say) is left out."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(shape["threads"])
-    try:
-        steps = {}
-        for p, c in candidates:
-            try:
-                steps[name(p, c)] = _stepper(shape, p, c)
-            except Exception:  # noqa: BLE001 - any failure rules the candidate out, nothing more
-                if (p, c) == ("fp32", False):
-                    raise
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(rounds):
-            for k, step in steps.items():
-                t0 = time.perf_counter()
-                step()
-                times[k].append(time.perf_counter() - t0)
-        return {k: statistics.median(v) for k, v in times.items()}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def decide(seconds: dict[str, float], allowed: list[tuple[str, bool]]) -> dict:
@@ -131,14 +78,12 @@ def allowed(precision: str, compile) -> list[tuple[str, bool]]:
     return [(p, c) for p, c in CANDIDATES if precision in ("auto", p) and compile in ("auto", c)]
 
 
-def choose(
-    shape: dict, precision: str, compile, cache_dir: Path, run_seconds: float | None, measure_fn=measure
-) -> dict:
-    """Precision and compile for this CPU and `shape` (shape_of): `precision`
-    is "auto" or fixed, `compile` "auto" or a bool; `run_seconds` the run's
-    expected length (None: unbounded); `measure_fn` None: read the cache only
-    (plan=true). Adds "how": measured | cached | too short | not yet measured."""
-    cand = allowed(precision, compile)
+def choose(shape: dict, cand: list, cache_dir: Path, run_seconds: float | None, measure_fn) -> dict:
+    """Precision and compile for this CPU and `shape` (shape_of) among the
+    candidates `cand` (allowed()); `run_seconds` the run's expected length
+    (None: unbounded); `measure_fn(shape, candidates)` -> seconds per step of
+    each, None: read the cache only (plan=true). Adds "how": measured |
+    cached | too short | not yet measured."""
     path = Path(cache_dir) / CACHE_NAME
     key = cache_key(shape)
     known = _read(path).get(key, {})
@@ -167,10 +112,15 @@ def choose(
     }
 
 
-def chooser(cache_dir: Path, measure_now: bool = True):
-    """make_plan's cpu_choice: choose() with this cache; `measure_now` False only reads it."""
-    fn = measure if measure_now else None
-    return lambda shape, precision, compile, run_seconds: choose(shape, precision, compile, cache_dir, run_seconds, fn)
+def expected_seconds(max_time: float | None, max_steps: int | None, step_s: float | None) -> float | None:
+    """The run's expected length: trainer.max_time, or the estimated steps' time if shorter."""
+    bounds = [x for x in (max_time, step_s and max_steps and step_s * max_steps) if x]
+    return min(bounds) if bounds else None
+
+
+def measured_step_seconds(choice: dict, tokens_per_step: int) -> float:
+    """Seconds per optimizer step from the calibration's timing of its winner."""
+    return choice["seconds"][name(choice["precision"], choice["compile"])] / choice["tokens"] * tokens_per_step
 
 
 def describe(choice: dict) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lingmao.plan.make import Plan
+    from lingmao.plan import Plan
 
 
 def short(x: float) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lingmao.config.rules import ConfigError
-from lingmao.plan.make import Plan
+from lingmao.config import ConfigError
+from lingmao.plan import Plan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 

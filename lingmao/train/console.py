@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lingmao.plan.summary import lr_rule
+
 
 def interactive() -> bool:
     return sys.stderr.isatty()
@@ -49,3 +51,67 @@ class RunLog:
     def __exit__(self, *exc) -> None:
         sys.stdout, sys.stderr = self._old
         self._log.close()
+
+
+class Progress:
+    """Where a run is, shown as it trains: a tqdm bar where a person watches
+    a terminal, else a plain line per log interval; silent off rank 0 or with
+    trainer.progress=false. `say` prints a line that does not break the bar."""
+
+    def __init__(self, show: bool, total_steps: int | None, step: int, max_time: float | None):
+        self.show, self.total, self.max_time = show, total_steps, max_time
+        self.bar = None
+        if show and interactive():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0)
+
+    def position(self, step: int, seconds: float) -> str:
+        """How far along each of its bounds the run is: `step 40/1000 | 131/1800 s`.
+        A run bounded by time usually ends well before its step bound."""
+        where = f"step {step}" + (f"/{self.total}" if self.total else "")
+        return where + (f" | {seconds:.0f}/{self.max_time:.0f} s" if self.max_time else "")
+
+    def step(self) -> None:
+        if self.bar:
+            self.bar.update(1)
+
+    def metrics(self, m: dict, step: int, seconds: float) -> None:
+        if self.bar:
+            self.bar.set_postfix(
+                loss=f"{m['train/loss']:.3f}", lr=f"{m['lr']:.2e}", sps=f"{m['samples_per_sec']:.1f}", refresh=False
+            )
+        elif self.show:  # not a terminal: a plain line instead of bar frames
+            print(
+                f"{self.position(step, seconds)} | train/loss {m['train/loss']:.3f} | "
+                f"lr {m['lr']:.2e} | {m['samples_per_sec']:.1f} samples/s",
+                flush=True,
+            )
+
+    def say(self, line: str) -> None:
+        (self.bar.write if self.bar else print)(line)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def banner(cfg, plan, job, run_dir: Path, look: str) -> str:
+    """What the run will do, in a few lines, before it does it."""
+    o, t = cfg.optim, cfg.trainer
+    limits = [
+        f"{job.schedule.total_steps} steps" if job.schedule.total_steps else "",
+        f"{t.max_time:g} s" if t.max_time else "",
+    ]
+    start = f", resuming at step {job.found[1]['progress']['step']}" if job.found else ""
+    return "\n".join(
+        [
+            f"lingmao | {plan.preset_reason} | {plan.device} x {plan.world_size}, {plan.precision} "
+            f"({plan.precision_reason}){', compiled' if plan.compile else ''}",
+            f"  batch {plan.micro_batch} x accumulation {plan.accumulation} x {plan.world_size} process(es) = "
+            f"{plan.effective_batch} windows of {plan.context_length} tokens per step",
+            f"  lr {lr_rule(plan)}, warmup + cosine to {o.min_lr_ratio:g}x | "
+            f"{' and '.join(x for x in limits if x) or 'until stopped'}{start}",
+            f"  run folder {run_dir} | MLflow: {look}",
+        ]
+    )

@@ -1,11 +1,11 @@
 """The training loop: one for every preset; it reads the Plan.
 
-    job = prepare(cfg, plan, run_dir)       # corpus, batches, the checkpoint to resume: all checked first
+    job = prepare(cfg, plan, run_dir)       # train/job.py: corpus, batches, the checkpoint to resume, checked first
     train(cfg, plan, tracker, run_dir, job=job)
 
 The loop, top to bottom (`Run.loop`): the next step (step.py), the NaN
 policy for a step that was not finite, then at boundaries the log, an eval
-(evaluation.py) and a checkpoint (checkpointer.py). A run survives
+(validation.py) and a checkpoint (recovery.py). A run survives
 interruptions: checkpoints every `checkpoint.every_steps` / `every_minutes`
 and at the end hold all an exact resume needs; SIGINT/SIGTERM finish the
 step, checkpoint and stop.
@@ -17,139 +17,32 @@ import datetime
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lingmao.data import load_corpus
-from lingmao.data.corpus import CorpusError
-from lingmao.data.prepare import Prepared
 from lingmao.data.stream import BatchStream, Replay, loader_args
 from lingmao.data.tokenizer import tokenizer_hash
-from lingmao.data.windows import TokenWindows, default_stride, make_loader
-from lingmao.plan.make import Plan
+from lingmao.data.windows import make_loader
+from lingmao.plan import Plan
+from lingmao.tracking.record import record_start
 from lingmao.train import checkpoint
 from lingmao.train.backend import apply_night, apply_runtime
-from lingmao.train.console import interactive
-from lingmao.train.distributed import Dist, Parallel, agree, finish, from_rank0, gather, rank_seed, start
+from lingmao.train.console import Progress
+from lingmao.train.distributed import Dist, agree, finish, from_rank0, gather, rank_seed, start
+from lingmao.train.job import Job, cfg_dict, prepare
 from lingmao.train.metrics import Meter
 from lingmao.train.nan_policy import NanPolicy, NonFiniteError, nonfinite_report  # noqa: F401 (NonFiniteError: the CLI's)
 from lingmao.train.night import NightMode
-from lingmao.train.optim import Schedule
 from lingmao.train.profiling import StepProfiler
-from lingmao.train.recovery import Checkpointer, RunLock, job_differences
+from lingmao.train.recovery import Checkpointer
 from lingmao.train.signals import Stopper
-from lingmao.train.step import TrainStep, build
+from lingmao.train.step import build_step
 from lingmao.train.validation import Evaluator, ValData, corpus_verse_form
 
 wall_clock = datetime.datetime.now  # night mode reads it
-
-
-@dataclass
-class Job:
-    """A run that passed every check that can refuse it, before any tracking."""
-
-    cfg: object
-    plan: Plan
-    dist: Dist
-    run_dir: Path
-    data: Prepared
-    train_windows: TokenWindows
-    val_windows: TokenWindows
-    stride: int
-    steps_per_epoch: int
-    schedule: Schedule
-    folder: checkpoint.Folder
-    found: tuple[Path, dict] | None  # the checkpoint to resume from
-    same_job: bool  # `found` is of this job: continue its MLflow run
-    lock: RunLock | None  # rank 0's hold on the checkpoint folder
-
-    def __enter__(self) -> Job:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.lock:
-            self.lock.release()
-
-    @property
-    def resume_run_id(self) -> str | None:
-        return (self.found[1].get("mlflow_run_id") or None) if self.found and self.same_job else None
-
-
-def prepare(cfg, plan: Plan, run_dir: Path, dist: Dist | None = None) -> Job:
-    """Load the corpus, fit the batches to it, and find and check the
-    checkpoint to resume: everything that can refuse the run does so here,
-    before an MLflow run is opened or touched."""
-    dist = dist or Dist.from_env()
-    data = load_corpus(cfg.data, progress=dist.main and cfg.trainer.progress)
-    if dist.main and data.meta.get("skipped_records"):
-        print(
-            f"warning: the corpus skipped {data.meta['skipped_records']} empty or bad record(s) "
-            f"(data.on_bad_record={cfg.data.on_bad_record})",
-            file=sys.stderr,
-        )
-    ctx = cfg.model.context_length
-    stride = default_stride(cfg.data.stride, ctx)
-    train_windows = TokenWindows(data.tokens("train"), ctx, stride, "train")
-    steps_per_epoch = len(train_windows) // (plan.micro_batch * dist.world_size * plan.accumulation)
-    if steps_per_epoch < 1:
-        raise CorpusError(
-            f"the training split has {len(train_windows)} windows, fewer than one effective batch "
-            f"({plan.effective_batch}); lower hardware.batch / hardware.accumulation or add data"
-        )
-    t = cfg.trainer
-    limits = [n for n in (t.max_steps, t.max_epochs and t.max_epochs * steps_per_epoch) if n]
-    o = cfg.optim
-    schedule = Schedule.for_run(plan.lr, o.warmup, min(limits) if limits else None, o.min_lr_ratio, t.max_time)
-    val_windows = TokenWindows(data.tokens("val"), ctx, ctx, "val")
-    folder = checkpoint.Folder(run_dir / cfg.checkpoint.dir, cfg.checkpoint.keep_last)
-    lock = RunLock(folder.path).acquire() if dist.main else None
-    try:
-        found, same_job = _resume_point(cfg, folder, tokenizer_hash(data.tokenizer()), dist)
-    except BaseException:
-        lock and lock.release()
-        raise
-    return Job(
-        cfg,
-        plan,
-        dist,
-        run_dir,
-        data,
-        train_windows,
-        val_windows,
-        stride,
-        steps_per_epoch,
-        schedule,
-        folder,
-        found,
-        same_job,
-        lock,
-    )
-
-
-def _resume_point(cfg, folder: checkpoint.Folder, tok_hash: str, dist: Dist) -> tuple[tuple | None, bool]:
-    """(the checkpoint to resume from, whether it is of this very job). A
-    checkpoint of another shape, tokenizer or token stream is refused;
-    resume=auto also refuses one of another job (another LR, seed...), whose
-    folder this run must not continue in. An explicit resume=FILE of another
-    job starts a new MLflow run from those weights."""
-    if not dist.main:  # rank 0's checkpoint reaches the others (Checkpointer.start): disks need not be shared
-        return None, False
-    found = checkpoint.find_resume(cfg.resume, folder)
-    if found is None:
-        return None, False
-    path, state = found
-    now = cfg_dict(cfg)
-    checkpoint.check_compatible(state, now, tok_hash, path)
-    diffs = job_differences(state["config"], now)
-    if diffs and cfg.resume == "auto":
-        raise checkpoint.ResumeError(
-            f"resume=auto: {path} is a checkpoint of another job; it differs in: {'; '.join(diffs)}. Rerun with its "
-            f"settings to continue it, or use another run folder (hydra.run.dir=...) or resume=never"
-        )
-    return found, not diffs
 
 
 def train(cfg, plan: Plan, tracker, run_dir: Path, dist: Dist | None = None, job: Job | None = None) -> dict:
@@ -175,47 +68,29 @@ class Run:
         apply_runtime(plan)
         self.device = start(plan, dist)
         self.tokenizer = job.data.tokenizer()
-        self.raw, self.optimizer, self.scaler = build(cfg, plan, job.data.vocab_size, self.device)
-        self.checkpointer = Checkpointer(
-            job.folder,
-            cfg.checkpoint.every_steps,
-            cfg.checkpoint.every_minutes,
-            {
-                "schedule": asdict(job.schedule),
-                "config": cfg_dict(cfg),
-                "plan": plan.as_dict(),
-                "tokenizer_hash": tokenizer_hash(self.tokenizer),
-                "tokenizer": self.tokenizer.to_str(),
-            },
-            dist.main,
-        )
-        if dist.rank:  # the same initial weights on every rank, other dropout masks
-            torch.manual_seed(rank_seed(cfg.seed, dist.rank))
+        self.checkpointer = self._checkpointer()
         found = from_rank0(job.found, dist)  # rank 0 read it: every rank starts from the same state
-        self.state = self.checkpointer.start(found, self.raw, self.optimizer, self.scaler, self.device, dist)
+
+        def restore(raw, optimizer, scaler) -> None:
+            if dist.rank:  # the same initial weights on every rank, other dropout masks
+                torch.manual_seed(rank_seed(cfg.seed, dist.rank))
+            self.state = self.checkpointer.start(found, raw, optimizer, scaler, self.device, dist)
+
+        parts = build_step(cfg, plan, job.data.vocab_size, self.device, dist, restore)
+        self.raw, self.optimizer, self.scaler, self.model = parts.raw, parts.optimizer, parts.scaler, parts.model
+        self.train_step = parts.step
         self.resumed, self.started_at = found is not None, self.state.step
-        self.model = Parallel(self.raw, plan, dist, self.device)
-        self.train_step = TrainStep(self.model, self.optimizer, self.scaler, cfg, plan, self.device, dist.ddp)
         self.stream = self._stream()
         self.nan = NanPolicy(cfg.trainer.on_nan)
         self.night = NightMode(
             cfg.night_mode, cfg.night.start, cfg.night.end, plan.micro_batch, plan.threads, clock=wall_clock
         )
         self.meter = Meter(plan, self.raw.flops_per_token(), self.device, dist.ddp, dist.world_size)
-        self.bar = self._progress_bar()
-        self.evaluator = Evaluator(
-            self.raw,
-            plan,
-            self.device,
-            dist,
-            self._val_data(),
-            cfg,
-            self.tokenizer,
-            job.run_dir / "samples.jsonl",
-            tracker,
-            self.say,
-        )
-        self.profiler = StepProfiler(cfg.trainer.profile_steps if dist.main else 0, job.run_dir, self.device, self.say)
+        t = cfg.trainer
+        self.progress = Progress(dist.main and t.progress, job.schedule.total_steps, self.state.step, t.max_time)
+        self.say = self.progress.say
+        self.evaluator = self._evaluator()
+        self.profiler = StepProfiler(t.profile_steps if dist.main else 0, job.run_dir, self.device, self.say)
         self.final: dict = {}
         self.val_at = -1  # step of the latest eval
         saved_val = found[1].get("val_loss") if found else None
@@ -248,8 +123,7 @@ class Run:
                 self.profiler.step()
                 if s.step == self.started_at + 1:
                     self.tracker.start_sending()  # MLflow's imports now overlap training, not start-up
-                if self.bar:
-                    self.bar.update(1)
+                self.progress.step()
                 if s.step % t.log_every == 0 or s.step == total:
                     self.log(stats)
                 out_of_time = bool(t.max_time) and s.seconds >= t.max_time
@@ -321,24 +195,8 @@ class Run:
             if not self.linked and (link := self.tracker.run_link()):  # the run opens off the start-up path
                 self.linked = True
                 self.say(f"MLflow run: {link}")
-            if self.bar:
-                self.bar.set_postfix(
-                    loss=f"{m['train/loss']:.3f}", lr=f"{m['lr']:.2e}", sps=f"{m['samples_per_sec']:.1f}", refresh=False
-                )
-            elif self.cfg.trainer.progress:  # not a terminal: a plain line instead of bar frames
-                print(
-                    f"{self.position()} | train/loss {m['train/loss']:.3f} | "
-                    f"lr {m['lr']:.2e} | {m['samples_per_sec']:.1f} samples/s",
-                    flush=True,
-                )
+            self.progress.metrics(m, self.state.step, self.state.seconds)
         self.final.update(m)
-
-    def position(self) -> str:
-        """How far along each of its bounds the run is: `step 40/1000 | 131/1800 s`.
-        A run bounded by time usually ends well before its step bound."""
-        s, sched = self.state, self.job.schedule
-        where = f"step {s.step}" + (f"/{sched.total_steps}" if sched.total_steps else "")
-        return where + (f" | {s.seconds:.0f}/{sched.max_time:.0f} s" if sched.max_time else "")
 
     def evaluate(self, scheduled: bool) -> bool:
         """Eval now; True when early stopping says stop."""
@@ -373,64 +231,17 @@ class Run:
     # -- start and end ------------------------------------------------------------
 
     def record_start(self) -> None:
-        """Params, tags and artifacts of the run; what it will train on, printed."""
+        """What the run will train on: printed, and recorded in MLflow (tracking/record.py)."""
         if self.resumed and self.dist.main:
-            path, s = self.checkpointer.last_good, self.state
-            print(f"resuming from {path} at step {s.step} (epoch {s.epoch}, {s.epoch_windows} windows into it)")
-            saved = self.job.found[1]["schedule"]
-            changed = [f"{k} {saved.get(k)} -> {v}" for k, v in asdict(self.job.schedule).items() if saved.get(k) != v]
-            if changed:  # e.g. a higher trainer.max_steps to train on
-                print(
-                    f"note: the LR schedule differs from the checkpoint's ({', '.join(changed)}); "
-                    f"the new one applies from step {s.step} on"
-                )
+            self._say_resumed()
         if not self.dist.main:
             return
-        job, tracker, data = self.job, self.tracker, self.job.data
+        job, data, ctx = self.job, self.job.data, self.cfg.model.context_length
         v = self.evaluator.val
         form = corpus_verse_form(v.tokens, v.docs, v.genres, self.tokenizer)  # what val/samples/form is read against
-        # On resume the settings that changed are kept beside the first ones (resumed.<step>.<key>).
-        tracker.log_params(
-            {
-                "config": cfg_dict(self.cfg),
-                "plan": self.plan.as_dict(),
-                "model": {
-                    "params": self.raw.num_params(),
-                    "active_params": self.raw.active_params(),
-                    "vocab_size": data.vocab_size,
-                },
-                "data": {
-                    "stride": job.stride,
-                    "train_windows": len(job.train_windows),
-                    "steps_per_epoch": job.steps_per_epoch,
-                    "verse_form": form,
-                },
-            },
-            step=self.state.step,
-        )
-        d = self.cfg.data
-        source = {"poetry": "npm:chinese-poetry", "hf": f"hf://{d.hf_name}", "prepared": str(d.prepared_dir)}.get(
-            d.source, ",".join(d.paths)
-        )
-        tracker.log_input_dataset(
-            d.source,
-            data.dir.name,
-            source,
-            n_records=data.meta["records"],
-            profile={"train_tokens": data.meta["tokens"]["train"], "val_tokens": data.meta["tokens"]["val"]},
-        )
-        if self.resumed:
-            tracker.set_tags({"resumed_from": str(self.checkpointer.last_good), "resumed_at_step": self.state.step})
-        tracker.set_tags({f"genre.{ascii_name}": g for g, ascii_name in self.evaluator.genre_names.items()})
-        tracker.log_dict(self.plan.as_dict(), "plan.json")
-        tracker.log_dict(data.meta, "corpus.json")
-        tracker.log_artifact(data.dir / "tokenizer.json")
-        # A corpus that repeats itself teaches a model to repeat. Counted over
-        # non-overlapping context-length windows: a property of the corpus,
-        # so a tag of the run, not a metric that changes with the step.
-        ctx = self.cfg.model.context_length
+        # Counted over non-overlapping context-length windows.
         dup = data.duplicate_windows(ctx, shingle=min(32, ctx))
-        tracker.set_tags({f"data.duplicates.{k}": v for k, v in dup.items()})
+        record_start(self.tracker, self.cfg, self._facts(form, dup))
         print(
             f"corpus: {dup['windows']} blocks of {ctx} tokens, {dup['exact']} of them exact and {dup['near']} near "
             f"duplicates of earlier ones"
@@ -442,9 +253,38 @@ class Run:
             f"{len(job.train_windows)} train windows | {total or '∞'} steps"
         )
 
+    def _facts(self, form: float | None, dup: dict) -> dict:
+        """What tracking/record.py records of the run's start."""
+        job, data = self.job, self.job.data
+        model = {"params": self.raw.num_params(), "active_params": self.raw.active_params()}
+        counts = {"train_windows": len(job.train_windows), "steps_per_epoch": job.steps_per_epoch}
+        return {
+            "params": {
+                "config": cfg_dict(self.cfg),
+                "plan": self.plan.as_dict(),
+                "model": {**model, "vocab_size": data.vocab_size},
+                "data": {"stride": job.stride, **counts, "verse_form": form},
+            },
+            "step": self.state.step,
+            "corpus": {"dir": str(data.dir), "meta": data.meta},
+            "duplicates": dup,
+            "genres": self.evaluator.genre_names,
+            "resumed_from": self.checkpointer.last_good if self.resumed else None,
+        }
+
+    def _say_resumed(self) -> None:
+        path, s = self.checkpointer.last_good, self.state
+        print(f"resuming from {path} at step {s.step} (epoch {s.epoch}, {s.epoch_windows} windows into it)")
+        saved = self.job.found[1]["schedule"]
+        changed = [f"{k} {saved.get(k)} -> {v}" for k, v in asdict(self.job.schedule).items() if saved.get(k) != v]
+        if changed:  # e.g. a higher trainer.max_steps to train on
+            print(
+                f"note: the LR schedule differs from the checkpoint's ({', '.join(changed)}); "
+                f"the new one applies from step {s.step} on"
+            )
+
     def close(self, wall: float) -> dict:
-        if self.bar:
-            self.bar.close()
+        self.progress.close()
         final, s = self.final, self.state
         final.update(self.meter.summary())
         final.update(
@@ -468,6 +308,24 @@ class Run:
         return final
 
     # -- parts ----------------------------------------------------------------------
+
+    def _checkpointer(self) -> Checkpointer:
+        """What every checkpoint of this run stores beside its tensors and progress."""
+        job, tok = self.job, self.tokenizer
+        meta = {
+            "schedule": asdict(job.schedule),
+            "config": cfg_dict(self.cfg),
+            "plan": self.plan.as_dict(),
+            "tokenizer_hash": tokenizer_hash(tok),
+            "tokenizer": tok.to_str(),
+        }
+        c = self.cfg.checkpoint
+        return Checkpointer(job.folder, c.every_steps, c.every_minutes, meta, self.dist.main)
+
+    def _evaluator(self) -> Evaluator:
+        samples = self.job.run_dir / "samples.jsonl"
+        args = (self.cfg, self.tokenizer, samples, self.tracker, self.say)
+        return Evaluator(self.raw, self.plan, self.device, self.dist, self._val_data(), *args)
 
     def _stream(self) -> BatchStream | Replay:
         p, s = self.plan, self.state
@@ -503,26 +361,3 @@ class Run:
             data.meta["genres"],
             data.meta.get("val_tokens_per_char", 1.0),
         )
-
-    def _progress_bar(self):
-        if not (self.dist.main and self.cfg.trainer.progress and interactive()):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=self.job.schedule.total_steps,
-            initial=self.state.step,
-            desc="train",
-            dynamic_ncols=True,
-            mininterval=1.0,
-        )
-
-    def say(self, line: str) -> None:
-        """A line of output that does not break the progress bar."""
-        (self.bar.write if self.bar else print)(line)
-
-
-def cfg_dict(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)

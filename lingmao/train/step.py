@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from lingmao.model.gpt import GPT, GPTConfig
-from lingmao.plan.make import Plan
+from lingmao.plan import Plan
 from lingmao.train.backend import autocast, seed_everything
-from lingmao.train.distributed import Parallel, agree
+from lingmao.train.distributed import Dist, Parallel, agree
 from lingmao.train.optim import make_optimizer, set_lr
 
 # With fp16 a GradScaler skips the steps whose scaled gradients overflow and
@@ -59,12 +59,31 @@ class StepStats:
     moe: dict = field(default_factory=dict)  # of the last micro-batch
 
 
-def build(cfg, plan: Plan, vocab_size: int, device: torch.device):
-    """(model, optimizer, GradScaler) of a run, built right after seeding so
-    that the initial weights are a function of `cfg.seed` alone."""
+@dataclass
+class StepParts:
+    """What one training step is built from; `step.step(batches, lr)` runs one."""
+
+    raw: GPT  # the plain model: checkpoints, evals and samples read it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    model: Parallel  # raw as the step runs it: DDP, then compile
+    step: TrainStep
+
+
+def build_step(cfg, plan: Plan, vocab_size: int, device: torch.device, dist: Dist, restore=None) -> StepParts:
+    """The one way a training step is built, for the engine, the bench and the
+    CPU calibration alike: seed, model, optimizer and GradScaler, then
+    `restore(raw, optimizer, scaler)` (a resumed run's checkpoint), then
+    DDP and compile around the restored model. Seeding first makes the
+    initial weights a function of `cfg.seed` alone."""
     seed_everything(cfg.seed)
     raw = GPT(GPTConfig.from_model_config(cfg.model, vocab_size)).to(device)
-    return raw, make_optimizer(raw, cfg.optim, plan), torch.amp.GradScaler(plan.device, enabled=plan.grad_scaler)
+    optimizer = make_optimizer(raw, cfg.optim, plan)
+    scaler = torch.amp.GradScaler(plan.device, enabled=plan.grad_scaler)
+    if restore is not None:
+        restore(raw, optimizer, scaler)
+    model = Parallel(raw, plan, dist, device)
+    return StepParts(raw, optimizer, scaler, model, TrainStep(model, optimizer, scaler, cfg, plan, device, dist.ddp))
 
 
 class _NoClock:
