@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lingmao.config.options import OptionError, doc, parse, usage
 from lingmao.report.build import compare
-from lingmao.report.runs import DEFAULT_EXPERIMENT, CompareError
+from lingmao.report.collect import DEFAULT_EXPERIMENT, CompareError
 from lingmao.tracking.store import StoreError
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from lingmao.compare import main
 from lingmao.report.build import compare
+from lingmao.report.collect import SelectorError, _same_dir
 from lingmao.report.plots import PLOTS
-from lingmao.report.runs import SelectorError, _same_dir
 from lingmao.tracking.store import StoreError
 from lingmao.tracking.store import store_uri as resolve_uri
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lingmao.model.gpt import GPT, GPTConfig
-from lingmao.plan.estimate import count_params, estimate_step_time, flops_per_token
-from lingmao.plan.memory import MARGIN, MemoryEstimate, estimate_memory, fit_micro_batch
+from lingmao.plan.estimate import estimate_step_time, flops_per_token
+from lingmao.plan.memory import MARGIN, MemoryEstimate, count_params, estimate_memory, fit_micro_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [  # (d_model, n_heads, n_layers, context_length, vocab_size, mlp_ratio)

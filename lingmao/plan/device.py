@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lingmao.plan.calibration import allowed, describe
 from lingmao.plan.machine import Gpu, Machine
 from lingmao.plan.peaks import peak_for
 
@@ -19,25 +20,38 @@ class Where:
 
     device: str  # cuda | mps | cpu
     gpu: Gpu | None  # the detected GPU the plan sizes for; None off CUDA
-    compute_capability: float
     world: int  # processes
     memory_gb: float  # per device
     threads: int
     tf32: bool
+    precision: str
+    precision_reason: str
+    compile: bool
+    cpu_candidates: list  # (precision, compile) pairs a CPU calibration times; [] where nothing is measured
+    peak: float | None  # TFLOPS of one device at `precision`
+    peak_source: str
 
-    @classmethod
-    def of(cls, hw: dict, m: Machine, world_size: int | None) -> Where:
-        device = hw["device"]
-        gpu = m.gpu if device == "cuda" else None
-        cc = gpu.compute_capability if gpu else hw["compute_capability"]
-        world = world_size or int(hw["devices"])
-        threads = hw["threads"] or m.cores
-        if device == "cpu":  # DDP on CPU: the processes share the cores
-            threads = max(1, threads // world)
-        # The memory that is there: the detected GPU's, else the preset's (or RAM on CPU).
-        memory_gb = gpu.memory_gb if gpu else (float(hw["memory_gb"]) or m.ram_gb)
-        tf32 = bool(hw["tf32"]) and device == "cuda" and cc >= 8.0
-        return cls(device, gpu, cc, world, memory_gb, threads, tf32)
+
+def where(hw: dict, m: Machine, world_size: int | None, cpu_choice: dict | None) -> Where:
+    """Every device decision of a plan; `cpu_choice`: a CPU calibration's answer, if there is one."""
+    device = hw["device"]
+    gpu = m.gpu if device == "cuda" else None
+    cc = gpu.compute_capability if gpu else hw["compute_capability"]
+    world = world_size or int(hw["devices"])
+    threads = hw["threads"] or m.cores
+    if device == "cpu":  # DDP on CPU: the processes share the cores
+        threads = max(1, threads // world)
+    # The memory that is there: the detected GPU's, else the preset's (or RAM on CPU).
+    memory_gb = gpu.memory_gb if gpu else (float(hw["memory_gb"]) or m.ram_gb)
+    tf32 = bool(hw["tf32"]) and device == "cuda" and cc >= 8.0
+    precision, reason = choose_precision(hw["precision"], device, cc)
+    compile_ = choose_compile(hw["compile"], device)
+    measured = device == "cpu" and "auto" in (hw["precision"], hw["compile"])
+    candidates = allowed(hw["precision"], hw["compile"]) if measured else []
+    if cpu_choice and candidates:
+        precision, compile_, reason = cpu_choice["precision"], cpu_choice["compile"], describe(cpu_choice)
+    peak, source = device_peak(hw, m, precision, tf32)
+    return Where(device, gpu, world, memory_gb, threads, tf32, precision, reason, compile_, candidates, peak, source)
 
 
 def choose_precision(asked: str, device: str, cc: float) -> tuple[str, str]:

@@ -4,35 +4,6 @@ the plan's estimates take, before any run (pure arithmetic, no torch)."""
 from __future__ import annotations
 
 
-def count_params(
-    d_model: int,
-    n_heads: int,
-    n_layers: int,
-    context_length: int,
-    vocab_size: int,
-    mlp_ratio: int = 4,
-    *,
-    rotary: bool = False,
-    qk_norm: bool = False,
-    moe_experts: int = 0,
-    vocab_multiple: int = 1,
-) -> int:
-    """Exactly GPT(...).num_params(): the tied head is counted once, every expert counted.
-
-    Per block: two LayerNorms (4d), qkv (3d^2 + 3d), attention proj (d^2 + d),
-    and an MLP of fc (r d^2 + r d) and proj (r d^2 + d); with MoE, `moe_experts`
-    such MLPs and a bias-free router (E d). qk_norm adds two RMSNorm gains of
-    the head size. Rotary drops the learned position table; the embedding has
-    the vocabulary padded to `vocab_multiple` rows.
-    """
-    d, r = d_model, mlp_ratio
-    mlp = 2 * r * d * d + r * d + d
-    attn_and_norms = 4 * d * d + 4 * d + 4 * d + (2 * (d // n_heads) if qk_norm else 0)
-    per_layer = attn_and_norms + (moe_experts * mlp + moe_experts * d if moe_experts else mlp)
-    padded = -(-vocab_size // vocab_multiple) * vocab_multiple
-    return padded * d + (0 if rotary else context_length * d) + n_layers * per_layer + 2 * d
-
-
 def flops_per_token(d_model: int, n_layers: int, context_length: int, n_params_no_pos: int) -> int:
     """Training FLOPs per token, 6N + 12 L T d (PaLM, Chowdhery et al. 2022, appendix B;
     Kaplan et al. 2020 sec. 2.1): equals lingmao.model.gpt.GPT.flops_per_token()."""
@@ -81,21 +52,12 @@ def model_shape(mc, *, vocab: int, precision: str, device: str, ddp: bool) -> di
     )
 
 
-def shape_params(shape: dict) -> int:
-    """count_params of a model_shape."""
-    keys = ("d_model", "n_heads", "n_layers", "context_length", "vocab_size", "mlp_ratio")
-    switches = ("rotary", "qk_norm", "moe_experts", "vocab_multiple")
-    return count_params(*(shape[k] for k in keys), **{k: shape[k] for k in switches})
-
-
-def step_seconds(
-    shape: dict, tokens_per_step: int, checkpointing: bool, peak: float | None, mfu: float
-) -> float | None:
-    """Seconds per optimizer step at `mfu` of `peak` TFLOPS; None without a peak."""
+def step_seconds(shape: dict, n_params: int, tokens: int, checkpointing: bool, peak: float | None, mfu: float):
+    """Seconds per optimizer step of `tokens` at `mfu` of `peak` TFLOPS; None without a peak."""
     if not peak:
         return None
     d, ctx = shape["d_model"], shape["context_length"]
-    no_pos = shape_params(shape) - (0 if shape["rotary"] else ctx * d)
+    no_pos = n_params - (0 if shape["rotary"] else ctx * d)
     per_token = flops_per_token(d, shape["n_layers"], ctx, no_pos)
-    s = estimate_step_time(flops_per_token=per_token, tokens_per_step=tokens_per_step, peak_tflops=peak, mfu=mfu)
+    s = estimate_step_time(flops_per_token=per_token, tokens_per_step=tokens, peak_tflops=peak, mfu=mfu)
     return s * 4 / 3 if checkpointing else s  # checkpointing runs each block's forward twice: ~1 more of 3 passes

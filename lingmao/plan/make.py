@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 from lingmao.config import ConfigError
 from lingmao.plan import Plan
 from lingmao.plan.batch import Fit, plan_batch
-from lingmao.plan.calibration import allowed, describe, measured_step_seconds
-from lingmao.plan.device import Where, choose_compile, choose_precision, device_peak
-from lingmao.plan.estimate import model_shape, shape_params, step_seconds
+from lingmao.plan.calibration import measured_step_seconds
+from lingmao.plan.device import Where, where
+from lingmao.plan.estimate import model_shape, step_seconds
 from lingmao.plan.lr import lr_source, scaled_lr
 from lingmao.plan.machine import Machine
 from lingmao.plan.memory import MARGIN, GiB
@@ -37,37 +37,29 @@ def make_plan(cfg, m: Machine, world_size: int | None = None, cpu_choice: dict |
     calibration's answer (plan.calibration.choose) for precision and compile
     `auto`; without one, `auto` on CPU means fp32 eager."""
     hw, preset_reason = _hardware(cfg, m)
-    where = Where.of(hw, m, world_size)
-    precision, precision_reason = choose_precision(hw["precision"], where.device, where.compute_capability)
-    compile_ = choose_compile(hw["compile"], where.device)
-    calibrated = where.device == "cpu" and "auto" in (hw["precision"], hw["compile"])
-    candidates = allowed(hw["precision"], hw["compile"]) if calibrated else []
-    if cpu_choice and candidates:
-        precision, compile_, precision_reason = cpu_choice["precision"], cpu_choice["compile"], describe(cpu_choice)
-    shape = model_shape(cfg.model, vocab=DEFAULT_VOCAB, precision=precision, device=where.device, ddp=where.world > 1)
-    fit, notes, warnings = plan_batch(hw, shape, where.memory_gb, where.world)
+    w = where(hw, m, world_size, cpu_choice)
+    shape = model_shape(cfg.model, vocab=DEFAULT_VOCAB, precision=w.precision, device=w.device, ddp=w.world > 1)
+    fit, notes, warnings = plan_batch(hw, shape, w.memory_gb, w.world)
     if fit.fits and fit.checkpointing and not hw["activation_checkpointing"]:
-        gb = where.memory_gb
-        notes.append(f"activation checkpointing on: without it even micro-batch 1 does not fit in {gb:.0f} GB")
-    peak, peak_source = device_peak(hw, m, precision, where.tf32)
+        notes.append(f"activation checkpointing on: without it even micro-batch 1 does not fit in {w.memory_gb:.0f} GB")
     return Plan(
         preset=hw["name"],
         model=cfg.model.name,
         preset_reason=preset_reason,
-        precision=precision,
-        precision_reason=precision_reason,
-        compile=compile_,
-        cpu_candidates=candidates,
-        peak_tflops_per_device=peak,
-        peak_source=peak_source,
+        precision=w.precision,
+        precision_reason=w.precision_reason,
+        compile=w.compile,
+        cpu_candidates=w.cpu_candidates,
+        peak_tflops_per_device=w.peak,
+        peak_source=w.peak_source,
         notes=notes,
         warnings=warnings,
         loss_chunk=shape["loss_chunk"],
-        **_device_fields(hw, where, precision),
+        **_device_fields(hw, w),
         **_batch_fields(hw, fit, cfg.model.context_length),
-        **_lr_fields(cfg, fit.effective, where.device),
-        **_memory_fields(fit, where.memory_gb, shape_params(shape)),
-        **_time_fields(cfg, shape, fit, peak, cpu_choice if candidates else None),
+        **_lr_fields(cfg, fit.effective, w.device),
+        **_memory_fields(fit, w.memory_gb),
+        **_time_fields(cfg, shape, fit, w.peak, cpu_choice if w.cpu_candidates else None),
     )
 
 
@@ -81,7 +73,7 @@ def _hardware(cfg, m: Machine) -> tuple[dict, str]:
     return hw, reason
 
 
-def _device_fields(hw: dict, where: Where, precision: str) -> dict:
+def _device_fields(hw: dict, where: Where) -> dict:
     cuda = where.device == "cuda"
     return dict(
         device=where.device,
@@ -89,7 +81,7 @@ def _device_fields(hw: dict, where: Where, precision: str) -> dict:
         devices=int(hw["devices"]),
         world_size=where.world,
         ddp_backend=hw["ddp_backend"],
-        grad_scaler=precision == "fp16",
+        grad_scaler=where.precision == "fp16",
         tf32=where.tf32,
         cudnn_benchmark=bool(hw["cudnn_benchmark"]) and cuda,
         alloc_conf=hw["alloc_conf"] if cuda else "",
@@ -132,11 +124,11 @@ def _lr_fields(cfg, effective_batch: int, device: str) -> dict:
     )
 
 
-def _memory_fields(fit: Fit, memory_gb: float, params: int) -> dict:
+def _memory_fields(fit: Fit, memory_gb: float) -> dict:
     est = fit.estimate
     checkpointed = fit.estimate if fit.checkpointing else fit.checkpointed
     return dict(
-        params=params,
+        params=est.n_params,
         estimate_gb=round(est.gb(), 2),
         estimate_parts_gb={k: round(v / GiB, 3) for k, v in asdict(est).items() if k != "total"},
         estimate_checkpointed_gb=round(checkpointed.gb(), 2) if checkpointed else None,
@@ -153,7 +145,8 @@ def _time_fields(cfg, shape: dict, fit: Fit, peak: float | None, cpu_choice: dic
     if cpu_choice and cpu_choice["seconds"]:  # measured: the time estimate from the winner's own steps
         step_s, mfu = measured_step_seconds(cpu_choice, tokens), None
     else:
-        step_s, mfu = step_seconds(shape, tokens, fit.checkpointing, peak, ASSUMED_MFU), ASSUMED_MFU
+        n = fit.estimate.n_params
+        step_s, mfu = step_seconds(shape, n, tokens, fit.checkpointing, peak, ASSUMED_MFU), ASSUMED_MFU
     max_steps = cfg.trainer.max_steps
     return dict(
         assumed_mfu=mfu,

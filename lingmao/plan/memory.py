@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from lingmao.plan.estimate import count_params
-
 GiB = 2**30
 
 # Relative error of `estimate_memory` against measured peak memory, rounded up.
@@ -65,12 +63,46 @@ class MemoryEstimate:
     workspace: int  # autocast weight casts, CUDA context or CPU runtime, allocator and heap overheads
     total: int
 
+    @property
+    def n_params(self) -> int:
+        """The parameter count: fp32 master weights take 4 bytes each."""
+        return self.params // 4
+
     def gb(self) -> float:
         """Total in GiB (2**30 bytes), the unit GPU memory sizes are quoted in."""
         return self.total / GiB
 
     def table(self) -> str:
         return "\n".join(f"{f.name:<12} {getattr(self, f.name) / GiB:8.3f} GiB" for f in fields(self))
+
+
+def count_params(
+    d_model: int,
+    n_heads: int,
+    n_layers: int,
+    context_length: int,
+    vocab_size: int,
+    mlp_ratio: int = 4,
+    *,
+    rotary: bool = False,
+    qk_norm: bool = False,
+    moe_experts: int = 0,
+    vocab_multiple: int = 1,
+) -> int:
+    """Exactly GPT(...).num_params(): the tied head is counted once, every expert counted.
+
+    Per block: two LayerNorms (4d), qkv (3d^2 + 3d), attention proj (d^2 + d),
+    and an MLP of fc (r d^2 + r d) and proj (r d^2 + d); with MoE, `moe_experts`
+    such MLPs and a bias-free router (E d). qk_norm adds two RMSNorm gains of
+    the head size. Rotary drops the learned position table; the embedding has
+    the vocabulary padded to `vocab_multiple` rows.
+    """
+    d, r = d_model, mlp_ratio
+    mlp = 2 * r * d * d + r * d + d
+    attn_and_norms = 4 * d * d + 4 * d + 4 * d + (2 * (d // n_heads) if qk_norm else 0)
+    per_layer = attn_and_norms + (moe_experts * mlp + moe_experts * d if moe_experts else mlp)
+    padded = -(-vocab_size // vocab_multiple) * vocab_multiple
+    return padded * d + (0 if rotary else context_length * d) + n_layers * per_layer + 2 * d
 
 
 def _attention_is_fused(device: str, dropout: float) -> bool:

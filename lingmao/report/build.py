@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from lingmao.report import table
+from lingmao.report.collect import Run, collect, select
 from lingmao.report.page import write_page
 from lingmao.report.plots import find_cjk_font, throughput_note, warn_no_font, write_plots
-from lingmao.report.runs import Run, collect, select
 from lingmao.tracking.store import open_store, store_uri
 
 UI_HOST = "http://127.0.0.1:5000"

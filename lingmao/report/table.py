@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lingmao.report.runs import GENRE, Run
+from lingmao.report.collect import GENRE, Run
 
 # --- columns: (key in rows and runs.csv, terminal/HTML header, cell format) ---
 

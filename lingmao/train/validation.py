@@ -66,6 +66,22 @@ def sample(model, tokenizer, s, n_tokens: int, device, seed: int, greedy: bool =
     ]
 
 
+def _genre_windows(tokens, val_docs, n_genres: int, context_length: int, max_docs: int | None):
+    """([(genre index, window of up to context_length + 1 tokens)], documents
+    taken per genre): each document after an <eos>, in consecutive windows."""
+    ends = np.append(val_docs[1:, 0], len(tokens))
+    pieces: list[tuple[int, np.ndarray]] = []
+    taken = np.zeros(n_genres, dtype=np.int64)
+    for (start, g), end in zip(val_docs.tolist(), ends.tolist()):
+        if max_docs is not None and taken[g] >= max_docs:
+            continue
+        taken[g] += 1
+        seq = np.concatenate([[EOS_ID], np.asarray(tokens[start:end], dtype=np.int64)])
+        for j in range(0, len(seq) - 1, context_length):
+            pieces.append((g, seq[j : j + context_length + 1]))
+    return pieces, taken
+
+
 @torch.no_grad()
 def per_genre_loss(
     model,
@@ -91,16 +107,7 @@ def per_genre_loss(
     (the split is in hash order, so that is a random sample); None: all.
     Returns {genre: {"loss", "tokens", "docs"}} for the genres present.
     """
-    ends = np.append(val_docs[1:, 0], len(tokens))
-    pieces: list[tuple[int, np.ndarray]] = []  # (genre index, window of up to context_length + 1 tokens)
-    taken = np.zeros(len(genres), dtype=np.int64)
-    for (start, g), end in zip(val_docs.tolist(), ends.tolist()):
-        if max_docs_per_genre is not None and taken[g] >= max_docs_per_genre:
-            continue
-        taken[g] += 1
-        seq = np.concatenate([[EOS_ID], np.asarray(tokens[start:end], dtype=np.int64)])
-        for j in range(0, len(seq) - 1, context_length):
-            pieces.append((g, seq[j : j + context_length + 1]))
+    pieces, taken = _genre_windows(tokens, val_docs, len(genres), context_length, max_docs_per_genre)
     loss_sum = torch.zeros(len(genres), dtype=torch.float64)
     count = torch.zeros(len(genres), dtype=torch.int64)
     was_training = model.training
