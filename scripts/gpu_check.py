@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import runpy
 import sys
 import time
@@ -26,6 +27,25 @@ NOT_IMPORTED = ("mlflow", "datasets", "opencc")
 def add_row(results: Path, check: str, result: str, **numbers) -> None:
     with open(results, "a") as f:
         f.write(json.dumps({"check": check, "result": result, "numbers": numbers}, default=str) + "\n")
+
+
+def plan_words(p: dict) -> str:
+    """The plan a step ran, in a few words, for its row of the table."""
+    compiled = " compile" if p["compile"] else ""
+    return (
+        f"{p['preset']} {p['device']} {p['micro_batch']}x{p['accumulation']}x{p['world_size']} "
+        f"{p['precision']}{compiled} est {p['estimate_gb']} GB"
+    )
+
+
+def checkpoint_plan(run_dir: Path) -> str | None:
+    """plan_words of the plan a run's last checkpoint holds; None without one."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return None
+    import torch
+
+    return plan_words(torch.load(last, map_location="cpu", weights_only=True)["plan"])
 
 
 def imported(prefixes: tuple[str, ...] = NOT_IMPORTED) -> list[str]:
@@ -46,6 +66,7 @@ def smoke(results: Path, overrides: list[str]) -> int:
     seconds = time.perf_counter() - start
     bad = imported()
     ok = code == 0 and not bad
+    run_dir = next((Path(o.split("=", 1)[1]) for o in overrides if o.startswith("hydra.run.dir=")), None)
     add_row(
         results,
         "smoke: python -m lingmao.run (tracking off, data=prepared)",
@@ -53,6 +74,7 @@ def smoke(results: Path, overrides: list[str]) -> int:
         exit=code,
         seconds=round(seconds, 1),
         imported=",".join(bad) or "none of " + "/".join(NOT_IMPORTED),
+        plan=checkpoint_plan(run_dir) if run_dir else None,
     )
     if bad:
         print(
@@ -73,12 +95,8 @@ def bench(results: Path, overrides: list[str], steps: int = 20, warmup: int = 5)
     from lingmao.bench.suite import silent_tracker
     from lingmao.plan.machine import detect
     from lingmao.plan.make import runnable_plan
+    from lingmao.plan.peaks import dense_bf16_tflops
     from lingmao.train.backend import apply_runtime
-
-    try:
-        from lingmao.plan.peaks import dense_bf16_tflops
-    except ImportError:  # before the peaks table moved to lingmao.plan.peaks
-        from lingmao.plan.peaks import dense_bf16_tflops
 
     cfg = Composer(overrides).compose()
     plan = runnable_plan(cfg, detect())
@@ -114,6 +132,7 @@ def bench(results: Path, overrides: list[str], steps: int = 20, warmup: int = 5)
         achieved_tflops=r.achieved_tflops,
         peak_gb=r.peak_memory_bytes / 2**30,
         data_wait=r.data_share,
+        plan=plan_words(plan.as_dict()),
     )
     return 0
 
@@ -184,7 +203,10 @@ def main(argv: list[str]) -> int:
     if command == "table":
         return table(results)
     overrides = rest[1:] if rest[:1] == ["--"] else rest
-    return smoke(results, overrides) if command == "smoke" else bench(results, overrides)
+    if command == "smoke":
+        return smoke(results, overrides)
+    short = os.environ.get("GPU_CHECK_REHEARSAL") == "1"  # the rehearsal times the harness, not the device
+    return bench(results, overrides, steps=5 if short else 20, warmup=2 if short else 5)
 
 
 if __name__ == "__main__":

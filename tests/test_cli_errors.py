@@ -37,7 +37,10 @@ def lingmao_run(tmp_path, *args, env=None):
             ],
         ),
         ("trainer.max_steps=abc", ["trainer.max_steps:", "'abc'", "takes an integer or null"]),
-        ("hardware=4090", ["hardware=4090: not a preset of hardware; choose one of: auto, cpu, m1, rtx3060, rtx4090"]),
+        (
+            "hardware=4090",
+            ["hardware=4090: not a preset of hardware; choose one of: auto, cpu, datacenter, m1, rtx3060, rtx4090"],
+        ),
         ("experiment=quickstartt", ["experiment=quickstartt:", "choose one of: batch_lr,", "quickstart"]),
         ("model=huge", ["model=huge:", "choose one of: large, medium, small, tiny"]),
         ("optim/clip=tight", ["optim/clip=tight:", "choose one of: aggressive, conservative, standard"]),

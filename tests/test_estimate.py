@@ -304,3 +304,36 @@ def test_estimate_matches_measured_rss(size, micro_batch, loss_chunk):
     err = est / measured - 1
     assert abs(err) <= 0.15, f"estimate {est / 2**20:.0f} MiB vs measured {measured / 2**20:.0f} MiB ({err:+.0%})"
     assert MARGIN <= 0.30
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """What the optimizer keeps per parameter: its state tensors, less AdamW's
+    one-element step counters."""
+    inner = [optimizer.adamw, optimizer.muon] if hasattr(optimizer, "muon") else [optimizer]
+    return sum(
+        t.numel() * t.element_size()
+        for o in inner
+        for state in o.state.values()
+        for t in state.values()
+        if torch.is_tensor(t) and t.numel() > 1
+    )
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("switches", [dict(), dict(rotary=True, qk_norm=True), dict(moe_experts=3)])
+def test_the_optimizer_term_is_the_optimizers_own_state(name, shape, switches):
+    """AdamW keeps two moments for every parameter; optim=muon keeps one
+    momentum buffer for the blocks' matrices and AdamW's two for the rest."""
+    from lingmao.train.optim import build_optimizer
+
+    model = gpt(*shape, **switches)
+    optimizer = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, False, name=name)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    d, h, L, T, V, r = shape
+    kw = dict(d_model=d, n_heads=h, n_layers=L, context_length=T, vocab_size=V, mlp_ratio=r, **switches)
+    assert estimate_memory(**kw, micro_batch=1, precision="bf16", optimizer=name).optimizer == (
+        optimizer_state_bytes(optimizer)
+    )

@@ -9,14 +9,16 @@ $GPU_CHECK_RESULTS (JSONL) before it asserts, so the table shows them
 whether it passed or not.
 
 Environment: GPU_CHECK_CORPUS (default .gpu_carry/corpus), GPU_CHECK_RESULTS
-(default: none kept), GPU_CHECK_HARDWARE (default rtx4090, the preset
-hardware=auto picks on a >= 20 GB Ampere-or-newer GPU). GPU_CHECK_HARDWARE=cpu
-rehearses the harness without a GPU: the tests that need CUDA itself (memory,
-MFU, fp16) are skipped, the others run on the CPU preset.
+(default: none kept), GPU_CHECK_HARDWARE (default auto: the preset the plan
+picks for this GPU). GPU_CHECK_REHEARSAL=1 runs every test without a GPU, as
+scripts/gpu_check.sh's rehearsal does in CI: the CPU preset, fp16 as CPU
+autocast with a GradScaler, DDP over gloo, smaller sizes (REHEARSAL below),
+and the same metrics, rows and assertions.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -32,12 +34,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("GPU_CHECK_CORPUS") or REPO / ".gpu_carry" / "corpus").resolve()
 RESULTS = os.environ.get("GPU_CHECK_RESULTS")
-HARDWARE = os.environ.get("GPU_CHECK_HARDWARE", "rtx4090")
-RUN_TIMEOUT = 150  # seconds one CLI run may take: a hung one must not eat the check's 8 minutes
-
 CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not CUDA and HARDWARE != "cpu", reason="needs a CUDA device")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="measures CUDA itself")
+_spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+CHECK = importlib.util.module_from_spec(_spec)  # scripts/gpu_check.py: the table's row format
+_spec.loader.exec_module(CHECK)
+REHEARSAL = not CUDA and os.environ.get("GPU_CHECK_REHEARSAL") == "1"
+HARDWARE = os.environ.get("GPU_CHECK_HARDWARE") or ("cpu" if REHEARSAL else "auto")
+RUN_TIMEOUT = 100  # seconds one CLI run may take: a hung one must not eat the check's 5 minutes
+
+pytestmark = pytest.mark.skipif(not CUDA and not REHEARSAL, reason="needs a CUDA device (or GPU_CHECK_REHEARSAL=1)")
 
 BASE = [
     f"hardware={HARDWARE}",
@@ -51,7 +56,7 @@ BASE = [
     "checkpoint.every_minutes=null",
     "trainer.log_every=1",
 ]
-TINY = ["model=tiny", "optim.lr=1e-3"]
+TINY = ["model=tiny", "optim.lr=1e-3", *(["model.context_length=64"] if REHEARSAL else [])]  # 2 CPU cores: short
 
 # `python -m lingmao.run ARGS` with two hooks: every metrics record to
 # $LINGMAO_METRICS, and SIGKILL right after the checkpoint of step $LINGMAO_KILL_AFTER.
@@ -148,18 +153,30 @@ class Run:
 
         return checkpoint.load(self.dir / "run" / "checkpoints" / "last.pt")
 
+    def plan(self) -> str | None:
+        """The plan the run ran, in a few words, for the table's row."""
+        return CHECK.checkpoint_plan(self.dir / "run")
+
 
 def wait_all(runs: list[Run]) -> list[Run]:
     return [r.wait() for r in runs]
 
 
+def tensors(node, path: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a nested state dict by its path: the weights and
+    whatever state the optimizer keeps (AdamW's moments, Muon's momentum)."""
+    if isinstance(node, torch.Tensor):
+        return {path: node} if node.is_floating_point() else {}
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list | tuple) else ()
+    return {k: v for key, child in items for k, v in tensors(child, f"{path}/{key}").items()}
+
+
 def max_difference(a: dict, b: dict) -> float:
-    """Largest |a - b| over the weights and AdamW moments of two checkpoints."""
-    pairs = [(a["model"][k], b["model"][k]) for k in a["model"]]
-    for i in a["optimizer"]["state"]:
-        for key in ("exp_avg", "exp_avg_sq"):
-            pairs.append((a["optimizer"]["state"][i][key], b["optimizer"]["state"][i][key]))
-    return max(float((x.double() - y.double()).abs().max()) for x, y in pairs)
+    """Largest |a - b| over the weights and the optimizer state of two checkpoints."""
+    # The optimizer's whole state dict: AdamW keeps {"state", "param_groups"}, Muon {"adamw", "muon"}.
+    ta, tb = (tensors({"model": x["model"], "optimizer": x["optimizer"]}) for x in (a, b))
+    assert ta.keys() == tb.keys() and any(k.startswith("/optimizer") for k in ta)
+    return max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta)
 
 
 def relative_gap(xs: list[float], ys: list[float]) -> float:
@@ -174,6 +191,8 @@ VARIANTS = {
     "fp16-eager": ("fp16", False),
     "fp16-compile": ("fp16", True),
 }
+if REHEARSAL:  # compiling fp16 autocast on 2 CPU cores adds a minute and nothing bf16-compile does not run
+    del VARIANTS["fp16-compile"]
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +220,6 @@ def ten_steps(tmp_path_factory) -> dict[str, Run]:
 @pytest.mark.gpu
 @pytest.mark.parametrize("label", list(VARIANTS))
 def test_ten_steps_train(ten_steps, label):
-    if label.startswith("fp16") and not CUDA:
-        pytest.skip("fp16 + GradScaler is a CUDA path (the CPU plan takes fp32)")
     run = ten_steps[label]
     losses = [v for _, v in run.series("train/loss")]
     scales = [v for _, v in run.series("loss_scale")]
@@ -212,7 +229,8 @@ def test_ten_steps_train(ten_steps, label):
         first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
         loss_scale=scales[-1] if scales else None,
-        peak_gb=max((v for _, v in run.series("memory/peak_gb")), default=None),
+        peak_gb=max((v for _, v in run.series("peak_memory_gb")), default=None),
+        plan=run.plan(),
     )
     run.ok()
     assert [s for s, _ in run.series("train/loss")] == list(range(1, 11))
@@ -226,7 +244,7 @@ def test_ten_steps_train(ten_steps, label):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=needs_cuda)])
+@pytest.mark.parametrize("precision", [p for p in ("bf16", "fp16") if f"{p}-compile" in VARIANTS])
 def test_compile_matches_eager(ten_steps, precision):
     """torch.compile changes the kernels, not the arithmetic's meaning:
     the 10 losses agree to 1% (16-bit autocast rounds differently when fused)."""
@@ -238,7 +256,6 @@ def test_compile_matches_eager(ten_steps, precision):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_fp16_matches_bf16_at_the_first_step(ten_steps):
     """Same weights, same batch: the first loss differs by autocast's
     rounding only (under 1%). Later steps may part more: the GradScaler skips
@@ -256,8 +273,10 @@ def test_fp16_matches_bf16_at_the_first_step(ten_steps):
 
 # --- peak memory against the plan's estimate -------------------------------------------
 
-SIZES = ("small", "medium", "large")
-PRESETS = ("rtx4090", "t4x2")
+# On the GPU: each size at the micro-batch the plan gives on the 4090's and
+# the T4's own card; rehearsed: small on the CPU preset at micro-batch 2.
+SIZES = ("small",) if REHEARSAL else ("small", "medium", "large")
+PRESETS = ("cpu",) if REHEARSAL else ("rtx4090", "t4x2")
 
 
 def compose(overrides: list[str]):
@@ -272,24 +291,22 @@ def compose(overrides: list[str]):
 
 
 def measured_plan(preset: str, size: str) -> tuple[list[str], object]:
-    """The overrides of a run on this GPU at the micro-batch the plan gives on
-    the preset's own card (T4: 16 GB, fp16; 4090: 24 GB, bf16), and the plan
-    of that very run. Eager (the estimate models eager autograd); two
-    micro-batches per step, so gradients live through accumulation as the
-    estimate assumes; the preset's memory raised to this GPU's so the plan
-    lets it run."""
+    """The overrides of a run on this device at the micro-batch the plan
+    gives on the preset's own card (T4: 16 GB, fp16; 4090: 24 GB, bf16; the
+    CPU rehearsal: 2, to stay short), and the plan of that very run, sized by
+    the memory of the device it runs on. Eager (the estimate models eager
+    autograd); two micro-batches per step, so gradients live through
+    accumulation as the estimate assumes."""
     from lingmao.plan.machine import detect
     from lingmao.plan.make import make_plan
 
     machine = detect()
     on_its_card = make_plan(compose([f"hardware={preset}", f"model={size}", "hardware.devices=1"]), machine)
-    gpu_gb = machine.gpus[0].memory_gb
     args = [
         f"hardware={preset}",
         f"model={size}",
-        f"hardware.batch={on_its_card.micro_batch}",
+        f"hardware.batch={2 if REHEARSAL else on_its_card.micro_batch}",
         "hardware.accumulation=2",
-        f"hardware.memory_gb={gpu_gb:.0f}",
         "hardware.compile=false",
         "trainer.max_steps=2",
         "trainer.eval_every=2",
@@ -318,16 +335,16 @@ def memory_runs(tmp_path_factory) -> dict[tuple[str, str], tuple[Run, object]]:
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("size", SIZES)
 def test_peak_memory_within_the_plans_margin(memory_runs, preset, size):
-    """torch.cuda.max_memory_allocated over two steps against the plan's
-    estimate, which claims ±estimate_margin. The estimate also counts the CUDA
-    context (outside the allocator), so a measured peak a little below it is
+    """The engine's peak memory over two steps (torch.cuda.max_memory_allocated;
+    rehearsed: the process' peak RSS) against the plan's estimate, which
+    claims ±estimate_margin. On CUDA the estimate also counts the context
+    (outside the allocator), so a measured peak a little below it is
     expected; the row shows both."""
     run, plan = memory_runs[(preset, size)]
-    peaks = [v for _, v in run.series("memory/peak_gb")]
+    peaks = [v for _, v in run.series("peak_memory_gb")]
     measured = max(peaks) if peaks else None
     record(
         f"memory {preset} {size}",
@@ -337,6 +354,7 @@ def test_peak_memory_within_the_plans_margin(memory_runs, preset, size):
         measured_gb=measured,
         ratio=measured / plan.estimate_gb if measured else None,
         margin=plan.estimate_margin,
+        plan=run.plan(),
     )
     run.ok()
     assert measured is not None
@@ -346,15 +364,14 @@ def test_peak_memory_within_the_plans_margin(memory_runs, preset, size):
 # --- MFU: medium, context 768, bf16, compiled -------------------------------------------
 
 
-def device_peak_tflops() -> tuple[float, str]:
-    """This GPU's dense bf16 peak: the datasheet's, else a bf16 matmul measured here."""
+def device_peak_tflops() -> tuple[float | None, str]:
+    """This GPU's dense bf16 peak: the datasheet's, else a bf16 matmul
+    measured here; rehearsed: None, the CPU plan's own rough peak."""
+    from lingmao.plan.peaks import dense_bf16_tflops
     from lingmao.train.backend import matmul_tflops
 
-    try:
-        from lingmao.plan.peaks import dense_bf16_tflops
-    except ImportError:  # before the peaks table moved to lingmao.plan.peaks
-        from lingmao.plan.peaks import dense_bf16_tflops
-
+    if REHEARSAL:
+        return None, "the CPU plan's rough peak"
     name = torch.cuda.get_device_name()
     peak = dense_bf16_tflops(name)
     if peak:
@@ -362,27 +379,31 @@ def device_peak_tflops() -> tuple[float, str]:
     return matmul_tflops(torch.device("cuda"), torch.bfloat16), f"{name} bf16 matmul measured"
 
 
+# Rehearsed: tiny at context 128, eager (compiling on 2 CPU cores takes longer than the steps), 15 steps.
+MFU_EVERY = 5 if REHEARSAL else 10
+MFU_MODEL = ["model=medium", "model.context_length=768", "hardware.compile=true"]
+if REHEARSAL:
+    MFU_MODEL = ["model=tiny", "model.context_length=128", "hardware.compile=false"]
+
+
 @pytest.mark.gpu
-@needs_cuda
 def test_mfu_medium_context_768_bf16_compiled(tmp_path):
     """The engine's own `mfu` metric, against this GPU's peak (passed as
-    hardware.peak_tflops, so the number is this device's): over steps 11-30,
-    after compilation. MFU above 1 is an accounting error."""
+    hardware.peak_tflops, so the number is this device's): over the second
+    and third log intervals, after compilation. MFU above 1 is an accounting error."""
     peak, source = device_peak_tflops()
     run = Run(
         tmp_path,
         "mfu",
         [
-            "model=medium",
-            "model.context_length=768",
+            *MFU_MODEL,
             "hardware.precision=bf16",
-            "hardware.compile=true",
-            f"hardware.peak_tflops={peak}",
-            "trainer.max_steps=30",
-            "trainer.log_every=10",
-            "trainer.eval_every=30",
+            *([f"hardware.peak_tflops={peak}"] if peak else []),
+            f"trainer.max_steps={3 * MFU_EVERY}",
+            f"trainer.log_every={MFU_EVERY}",
+            f"trainer.eval_every={3 * MFU_EVERY}",
         ],
-        timeout=220,
+        timeout=120,
     ).wait()
     logs = [m for m in run.metrics() if "mfu" in m]
     steady = logs[1:]  # the first interval holds compilation
@@ -392,8 +413,9 @@ def test_mfu_medium_context_768_bf16_compiled(tmp_path):
         mfu=mfu,
         peak_tflops=peak,
         peak_from=source,
-        tokens_per_sec=steady[-1]["throughput/tokens_per_sec"] if steady else None,
-        peak_gb=max((m["memory/peak_gb"] for m in logs), default=None),
+        tokens_per_sec=steady[-1]["tokens_per_sec"] if steady else None,
+        peak_gb=max((m["peak_memory_gb"] for m in logs), default=None),
+        plan=run.plan(),
     )
     run.ok()
     assert len(steady) == 2
@@ -454,6 +476,8 @@ def test_resume_after_sigkill_continues_the_run(tmp_path):
 
 DDP = [
     *TINY,
+    "optim=adamw",  # what this test means: two processes' all-reduced gradient is one process' (Muon's bf16
+    # Newton-Schulz would turn last-bit differences of that sum into ~1e-4 of the loss)
     "model.dropout=0.0",
     "hardware.precision=fp32",
     "hardware.tf32=false",

@@ -90,34 +90,78 @@ def test_forbidden_imports_are_seen(monkeypatch):
     assert "datasets" in check.imported()
 
 
-def test_gpu_check_sh_rehearses_a_run_that_imports_no_mlflow_datasets_opencc(tmp_path, corpus):
-    """gpu_check.sh's smoke step on the CPU: `python -m lingmao.run` with
-    hardware=auto, tracking off and the carried corpus finishes, and the step
-    fails if mlflow, datasets or opencc were imported."""
+@pytest.fixture(scope="module")
+def carried(tmp_path_factory) -> Path:
+    """.gpu_carry as make_gpu_carry builds it (the wheels from PyPI, for this
+    Python), with a small corpus: the set the GPU machine gets."""
+    out = tmp_path_factory.mktemp("gpu_carry")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    args = ["--out", str(out), "--python-version", version, "--tokens", "200000"]
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_gpu_carry.py"), *args], check=True, timeout=300)
+    return out
+
+
+def guarded(site: Path, code: str) -> subprocess.CompletedProcess:
+    """`python -c code` as the rehearsal runs Python: the GPU machine's packages, and the carried ones from `site`."""
+    env = {**os.environ, "GPU_CHECK_SITE": str(site), "PYTHONPATH": os.pathsep.join([str(site), str(GUARD)])}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+GUARD = REPO / "scripts" / "gpu_machine"
+
+
+def test_the_rehearsals_python_has_only_the_gpu_machines_packages_and_the_carried_ones(tmp_path, carried):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert guarded(empty, "import torch, numpy, tokenizers, lingmao.model.gpt").returncode == 0
+    gone = guarded(empty, "import mlflow")
+    assert gone.returncode != 0 and "No module named 'mlflow' on the GPU machine" in gone.stderr
+    assert "hydra-core" in guarded(empty, "import hydra").stderr  # not carried: not there either
+    site = tmp_path / "site"
+    wheels = sorted(str(w) for w in (carried / "wheels").glob("*.whl"))
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site)]
+    subprocess.run([*pip, *wheels], check=True, timeout=120)
+    found = guarded(site, "import hydra, omegaconf; print(hydra.__file__)")
+    assert found.returncode == 0 and found.stdout.startswith(str(site))  # the carried copy, not this venv's
+
+
+def test_plan_takes_fp16_on_cpu_when_asked_so_the_rehearsal_runs_the_gradscaler():
+    from test_config import make
+
+    from lingmao.plan.machine import Machine
+    from lingmao.plan.make import make_plan
+
+    plan = make_plan(make("hardware=cpu", "model=tiny", "hardware.precision=fp16"), Machine(cores=2, ram_gb=16.0))
+    assert (plan.precision, plan.grad_scaler) == ("fp16", True) and "GradScaler" in plan.precision_reason
+
+
+# What the rehearsal must have run and passed: every step, and each test of tests/test_gpu.py.
+REHEARSED = (
+    "step install", "step device", "smoke:", "step smoke", "10 steps bf16-eager", "10 steps bf16-compile",
+    "10 steps fp16-eager", "compile = eager, bf16", "fp16 = bf16 at step 1", "memory cpu small", "MFU",
+    "resume after SIGKILL", "DDP 2 x gloo = 1 process", "step pytest", "bench:", "step bench",
+)  # fmt: skip
+
+
+def test_the_gpu_check_rehearses_on_cpu(tmp_path, carried):
+    """scripts/gpu_check.sh end to end without a GPU (GPU_CHECK_REHEARSAL=1):
+    the carried set as make_gpu_carry builds it, the same steps, tests,
+    metrics and results file as on the GPU, the CPU in the GPU's place."""
     out = tmp_path / "out"
-    env = {
-        **os.environ,
-        "OUT": str(out),
-        "GPU_CHECK_PARTS": "smoke",
-        "GPU_CHECK_CARRY": str(corpus.parent),
-        "PYTHON": sys.executable,
-        "PYTHONPATH": str(REPO),
-    }
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_CARRY": str(carried), "PYTHON": sys.executable}
+    env["GPU_CHECK_REHEARSAL"] = "1"
     done = subprocess.run(
-        ["bash", str(REPO / "scripts" / "gpu_check.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+        ["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=600
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    smoke = next(r for r in rows if r["check"].startswith("smoke"))
-    assert smoke["result"] == "passed" and smoke["numbers"]["imported"] == "none of mlflow/datasets/opencc"
-    assert "done: step 3" in (out / "smoke.log").read_text()
-    table = (out / "table.txt").read_text()
-    assert "step smoke" in table and "checks passed or skipped" in table
+    table = (out / "table.txt").read_text() if (out / "table.txt").exists() else done.stdout[-3000:]
+    assert done.returncode == 0, table + done.stderr[-2000:]
+    rows = check.rows(out / "results.jsonl")
+    assert all(result.startswith("passed") for _, result, _ in rows), table
+    for name in REHEARSED:
+        assert any(c.startswith(name) for c, _, _ in rows), f"{name}: not in the table\n{table}"
+    smoke = next(numbers for c, _, numbers in rows if c.startswith("smoke:"))
+    assert "imported none of mlflow/datasets/opencc" in smoke and "plan cpu" in smoke
+    assert "done: step 3" in (out / "check.log").read_text() and (out / "runs.tar.gz").stat().st_size > 0
 
 
 def test_pytest_plugin_writes_each_outcome_as_it_ends(tmp_path):

@@ -1,3 +1,4 @@
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,14 @@ from lingmao.plan.peaks import PEAKS, dense_bf16_tflops, peak_for
 
 
 def fake_cuda(monkeypatch, *gpus):
-    """torch.cuda answering as a machine with these (name, total bytes, major, minor) devices."""
+    """torch.cuda answering as a machine with these (name, total bytes, major, minor) devices;
+    what detect() puts in the environment before asking it is undone after the test."""
+    from lingmao.plan.machine import ALLOC_ENV, ALLOC_MARK
+
+    for name in (ALLOC_ENV, ALLOC_MARK):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # restored (or removed) at teardown
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
     props = [SimpleNamespace(name=n, total_memory=b, major=ma, minor=mi) for n, b, ma, mi in gpus]
@@ -59,6 +67,7 @@ def test_mixed_gpus_are_sized_for_the_smallest():
         ("NVIDIA H100 PCIe", "bf16", False, 756.0),
         ("NVIDIA H100 NVL", "fp16", False, 835.0),
         ("NVIDIA H200", "bf16", False, 989.4),
+        ("NVIDIA H200 NVL", "bf16", False, 835.5),  # not the SXM's 989.4
         ("NVIDIA A100-SXM4-80GB", "fp32", True, 156.0),
         ("NVIDIA A100-SXM4-80GB", "fp32", False, 19.5),
         ("NVIDIA L4", "bf16", False, 121.0),
@@ -134,8 +143,6 @@ def test_gpus_are_read_through_nvml_without_starting_cuda(monkeypatch):
 
 
 def test_allocator_settings_go_through_the_environment_or_a_warning_never_a_private_api(monkeypatch, capsys):
-    import os
-
     from test_plan import H100, make
 
     from lingmao.plan.make import make_plan
@@ -152,3 +159,63 @@ def test_allocator_settings_go_through_the_environment_or_a_warning_never_a_priv
     apply_runtime(plan)
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     assert "export PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:128" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_alloc_env(monkeypatch):
+    """No PYTORCH_CUDA_ALLOC_CONF (nor lingmao's note of who set it) now, and none left after the test."""
+    from lingmao.plan.machine import ALLOC_ENV, ALLOC_MARK
+
+    for name in (ALLOC_ENV, ALLOC_MARK):
+        monkeypatch.setenv(name, "")  # undone at teardown: restored, or removed again
+        monkeypatch.delenv(name)
+
+
+def fake_cuda_that_starts(monkeypatch, *gpus) -> dict:
+    """fake_cuda, where asking for a device's properties starts CUDA, as in
+    torch: returns what PYTORCH_CUDA_ALLOC_CONF was at that moment."""
+    seen = {}
+    fake_cuda(monkeypatch, *gpus)
+    props = torch.cuda.get_device_properties
+
+    def get_device_properties(i):
+        seen.setdefault("alloc_conf", os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        seen["started"] = True
+        return props(i)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", get_device_properties)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: seen.get("started", False))
+    return seen
+
+
+@pytest.mark.parametrize(
+    "gpu", [("NVIDIA H200", 150_754_820_096, 9, 0), ("Tesla T4", 15_835_398_144, 7, 5), ("RTX 3060", 12 * 2**30, 8, 6)]
+)
+def test_without_nvml_the_allocator_setting_is_in_place_before_cuda_starts(monkeypatch, capsys, no_alloc_env, gpu):
+    from lingmao.train.backend import apply_runtime
+
+    seen = fake_cuda_that_starts(monkeypatch, gpu)
+    plan = make_plan(make(), detect())  # hardware=auto: the preset comes from what detect found
+    assert seen["alloc_conf"] == plan.alloc_conf != ""
+    apply_runtime(plan)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == plan.alloc_conf
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_an_allocator_setting_cuda_started_without_is_warned_of_and_the_users_export_wins(
+    monkeypatch, capsys, no_alloc_env
+):
+    from lingmao.train.backend import apply_runtime
+
+    t4 = ("Tesla T4", 15_835_398_144, 7, 5)
+    fake_cuda_that_starts(monkeypatch, t4)
+    plan = make_plan(make("hardware.alloc_conf=expandable_segments:True"), detect())
+    apply_runtime(plan)
+    err = capsys.readouterr().err
+    assert "CUDA started" in err and "export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in err
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.8")  # the user's own
+    seen = fake_cuda_that_starts(monkeypatch, t4)
+    apply_runtime(make_plan(make(), detect()))
+    assert seen["alloc_conf"] == os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.8"
+    assert "warning" not in capsys.readouterr().err

@@ -77,7 +77,9 @@ def test_muon_keeps_its_lr_while_adamw_is_batch_scaled():
 
     model = GPT(GPTConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=1, context_length=8))
     o = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02)
-    plan = SimpleNamespace(lr=scaled_lr(1e-3, 16, 256, "sqrt"), base_lr=1e-3, fused_optimizer=False)  # t4x2's batch
+    plan = SimpleNamespace(  # t4x2's batch
+        lr=scaled_lr(1e-3, 16, 256, "sqrt"), base_lr=1e-3, fused_optimizer=False, muon_ns_dtype="bf16"
+    )
     opt = make_optimizer(model, o, plan)
     assert opt.adamw.param_groups[0]["lr"] == pytest.approx(4e-3)
     assert opt.muon.param_groups[0]["lr"] == pytest.approx(0.02)  # not 0.08
@@ -107,3 +109,88 @@ def test_the_loss_scaler_steps_muon_and_adamw_and_skips_a_step_with_an_inf_gradi
 
     assert step(poison=False) == len(list(model.parameters()))  # Muon's matrices and AdamW's rest all moved
     assert step(poison=True) == 0 and scaler.get_scale() == 2.0**9  # skipped, the scale backed off
+
+
+def _muon_pair(seed=0):
+    import torch
+
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(rows, cols)) for rows, cols in ((24, 8), (8, 24), (16, 16))]
+
+
+def test_muon_in_bf16_is_torchs_muon_to_the_bit():
+    """The Newton-Schulz dtype is ours to choose; in bf16 the step is torch.optim.Muon's."""
+    import torch
+
+    from lingmao.train.optim import Muon
+
+    ours, theirs = _muon_pair(), _muon_pair()
+    kw = dict(lr=0.02, weight_decay=0.01, momentum=0.95, nesterov=True, ns_steps=5, adjust_lr_fn="original")
+    a, b = Muon(ours, ns_dtype=torch.bfloat16, **kw), torch.optim.Muon(theirs, **kw)
+    for step in range(3):
+        torch.manual_seed(10 + step)
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    assert a.state_dict()["param_groups"] == b.state_dict()["param_groups"]  # checkpoints read alike
+
+
+def test_fp16_newton_schulz_keeps_a_clipped_gradients_tiny_entries():
+    """Cast to fp16 before scaling, entries of 1e-8 (a clipped gradient of a
+    large matrix) would flush to zero; scaled first in fp32 they do not."""
+    import torch
+
+    from lingmao.train.optim import MUON_NS_STEPS, newton_schulz
+
+    torch.manual_seed(0)
+    g = torch.randn(64, 32) * 1e-8
+    coefficients = (3.4445, -4.7750, 2.0315)
+    exact = newton_schulz(g, coefficients, MUON_NS_STEPS, 1e-7, torch.float32)
+    half = newton_schulz(g, coefficients, MUON_NS_STEPS, 1e-7, torch.float16)
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+    assert torch.allclose(half.float(), exact, atol=2e-2)
+    assert exact.abs().max() > 0.1  # orthogonalised: of order 1, whatever the gradient's scale
+
+
+@pytest.mark.parametrize(
+    "gpu, hardware, dtype",
+    [
+        (("Tesla T4", 15.0, 7.5), "auto", "fp16"),  # Turing: fp16 tensor cores, no bf16 ones
+        (("Tesla V100-SXM2-32GB", 31.7, 7.0), "auto", "fp16"),
+        (("Tesla P100-PCIE-16GB", 15.9, 6.0), "auto", "fp32"),  # Pascal: no tensor cores
+        (("NVIDIA A100-SXM4-80GB", 80.0, 8.0), "auto", "bf16"),
+        (("NVIDIA H200", 140.4, 9.0), "auto", "bf16"),
+        (None, "cpu", "bf16"),
+    ],
+)
+def test_the_newton_schulz_dtype_follows_the_devices_capability(gpu, hardware, dtype):
+    import torch
+    from test_config import make
+
+    from lingmao.plan.machine import Gpu, Machine
+    from lingmao.plan.make import make_plan
+    from lingmao.train.optim import make_optimizer
+
+    machine = Machine(cores=4, ram_gb=32, gpus=(Gpu(*gpu),) if gpu else ())
+    plan = make_plan(make(f"hardware={hardware}", "model=tiny"), machine)
+    assert plan.muon_ns_dtype == dtype
+    assert make_plan(make(f"hardware={hardware}", "model=tiny", "optim=adamw"), machine).muon_ns_dtype is None
+
+    model = GPT(GPTConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=1, context_length=8))
+    opt = make_optimizer(model, make("model=tiny").optim, plan)
+    seen = set()
+
+    class Matmuls(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.addmm, torch.Tensor.__matmul__, torch.matmul):
+                seen.add(args[1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    with Matmuls():
+        opt.muon.step()
+    assert seen == {{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]}

@@ -24,6 +24,7 @@ MAC = Machine(cores=8, ram_gb=16, mps=True)
 
 # per preset: (device, precision on LAPTOP, seed micro-batch, accumulation, devices): the seed settings
 EXPECTED = {
+    "datacenter": ("cuda", "bf16", 256, 1, 1),
     "rtx4090": ("cuda", "bf16", 16, 2, 1),
     "rtx3060": ("cuda", "bf16", 8, 4, 1),
     "t4x2": ("cuda", "fp16", 32, 4, 2),
@@ -134,7 +135,8 @@ def test_ampere_preset_on_a_real_t4_drops_to_fp16():
     [
         (LAPTOP, "cpu"),
         (T4S, "t4x2"),
-        (H100, "rtx4090"),
+        (H100, "datacenter"),
+        (Machine(4, 64, gpus=(Gpu("NVIDIA A100-PCIE-40GB", 39.4, 8.0),)), "rtx4090"),  # under 40 GB
         (MAC, "m1"),
         (Machine(2, 8, gpus=(Gpu("RTX 3060", 12, 8.6),)), "rtx3060"),
         (Machine(2, 12, gpus=(T4,)), "t4"),
@@ -155,8 +157,8 @@ def test_auto_on_one_t4_runs_one_process_not_a_missing_cuda_1():
 def test_auto_uses_the_detected_gpu_count_memory_and_peak():
     a100s = Machine(cores=32, ram_gb=256, gpus=(Gpu("NVIDIA A100-SXM4-80GB", 79.2, 8.0),) * 4)
     plan = runnable_plan(make("model=medium"), a100s)
-    assert (plan.preset, plan.world_size, plan.memory_gb) == ("rtx4090", 4, 79.2)
-    assert plan.effective_batch == 32 and plan.micro_batch * plan.accumulation == 8
+    assert (plan.preset, plan.world_size, plan.memory_gb) == ("datacenter", 4, 79.2)
+    assert plan.effective_batch == 256 and (plan.micro_batch, plan.accumulation) == (64, 1)
     assert plan.peak_tflops_per_device == 312.0 and "A100" in plan.peak_source
 
 
@@ -314,7 +316,7 @@ def test_checkpointing_is_chosen_when_it_is_what_makes_a_size_fit():
 
 
 def test_a_size_that_cannot_fit_is_refused_with_what_would():
-    overrides = ["hardware=t4", "model=large", "model.context_length=65536"]
+    overrides = ["hardware=t4", "model=large", "model.context_length=131072"]
     machine = Machine(cores=2, ram_gb=12, gpus=(T4,))
     plan = make_plan(make(*overrides), machine)
     assert not plan.fits and exit_status(plan) != 0
@@ -354,7 +356,8 @@ def test_cuda_plan_exports_the_presets_allocator_settings_unless_the_user_set_th
 
     plan = make_plan(make("hardware=rtx4090"), H100)
     assert plan.alloc_conf == "max_split_size_mb:128"
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # undone at teardown: what apply_runtime sets does not leak
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     apply_runtime(plan)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -388,3 +391,28 @@ def test_run_plans_for_the_world_size_torchrun_set(tmp_path, monkeypatch, capsys
     execute(make("hardware=cpu", "model=tiny", "hardware.effective_batch=32", "plan=true"), tmp_path, tmp_path / "run")
     out = capsys.readouterr().out
     assert "micro-batch 8 x accumulation 1 x 4 device(s) = 32" in out  # 8 per process
+
+
+def test_the_memory_estimate_is_the_planned_optimizers():
+    """Muon keeps one momentum buffer for the blocks' matrices, AdamW two moments for every parameter."""
+    muon = make_plan(make("hardware=rtx4090", "model=medium", "optim=muon"), LAPTOP)
+    adamw = make_plan(make("hardware=rtx4090", "model=medium", "optim=adamw"), LAPTOP)
+    assert adamw.estimate_parts_gb["optimizer"] == pytest.approx(8 * adamw.params / GiB, abs=1e-3)
+    shape = {**shape_of(muon), "optimizer": "muon"}
+    assert muon.estimate_gb == round(estimate_memory(micro_batch=muon.micro_batch, **shape).gb(), 2)
+    assert muon.estimate_parts_gb["optimizer"] < 0.6 * adamw.estimate_parts_gb["optimizer"]
+
+
+def test_the_plan_says_what_each_parameter_group_is_trained_by():
+    """~80-90% of the parameters go through Muon: the plan must not read as if AdamW trained them all."""
+    t4 = make_plan(make("hardware=auto", "model=small"), Machine(cores=2, ram_gb=12, gpus=(T4,)))
+    line = next(s for s in render(t4).splitlines() if s.strip().startswith("optimizer"))
+    share = t4.muon_params / t4.params
+    assert 0.7 < share < 0.95
+    assert f"Muon at 2e-2 for the blocks' matrices ({t4.muon_params / 1e6:.1f}M, {share:.0%} of the parameters" in line
+    assert "Newton-Schulz in fp16)" in line  # a T4 has no bf16 tensor cores
+    assert "AdamW at 1e-3, fused, for the embeddings, tied head, norms and biases" in line
+    assert "fused AdamW" not in render(t4)
+    cpu = make_plan(make("hardware=cpu", "model=small", "optim=adamw", "optim.fused=false"), LAPTOP)
+    line = next(s for s in render(cpu).splitlines() if s.strip().startswith("optimizer"))
+    assert "AdamW at 1e-3, not fused, for every parameter" in line and "Muon" not in line

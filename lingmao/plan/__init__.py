@@ -67,6 +67,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     loss_chunk: int = 0  # tokens of logits at a time in the training loss (0: the whole micro-batch)
+    muon_ns_dtype: str | None = None  # optim=muon: Newton-Schulz's dtype, by the GPU's capability; None: AdamW alone
+    muon_params: int = 0  # parameters Muon trains (the blocks' matrices); AdamW trains the rest
 
     cpu_candidates: list = field(default_factory=list)  # (precision, compile) pairs a CPU calibration times
 

@@ -20,7 +20,7 @@ def alternatives(shape: dict, budget: int) -> list[str]:
         ctx //= 2
     if ctx >= MIN_CONTEXT:
         out.append(f"model.context_length={ctx}")
-    common = {k: shape[k] for k in ("vocab_size", "precision", "device", "ddp")}
+    common = {k: shape[k] for k in ("vocab_size", "precision", "device", "ddp", "optimizer")}
     common["vocab"] = common.pop("vocab_size")
     size = estimate_memory(micro_batch=1, **shape).params
     smaller = []

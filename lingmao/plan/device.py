@@ -30,6 +30,7 @@ class Where:
     cpu_candidates: list  # (precision, compile) pairs a CPU calibration times; [] where nothing is measured
     peak: float | None  # TFLOPS of one device at `precision`
     peak_source: str
+    ns_dtype: str = "bf16"  # optim=muon's Newton-Schulz: newton_schulz_dtype
 
 
 def where(hw: dict, m: Machine, world_size: int | None, cpu_choice: dict | None) -> Where:
@@ -51,7 +52,25 @@ def where(hw: dict, m: Machine, world_size: int | None, cpu_choice: dict | None)
     if cpu_choice and candidates:
         precision, compile_, reason = cpu_choice["precision"], cpu_choice["compile"], describe(cpu_choice)
     peak, source = device_peak(hw, m, precision, tf32)
-    return Where(device, gpu, world, memory_gb, threads, tf32, precision, reason, compile_, candidates, peak, source)
+    ns = newton_schulz_dtype(device, cc)
+    return Where(
+        device, gpu, world, memory_gb, threads, tf32, precision, reason, compile_, candidates, peak, source, ns
+    )
+
+
+def newton_schulz_dtype(device: str, cc: float) -> str:
+    """Muon's Newton-Schulz dtype: five rounds of three matmuls per matrix and
+    step, so it runs where the tensor cores are. bf16 from compute capability
+    8.0 (Ampere), as torch.optim.Muon and the speedrun do. Volta and Turing
+    (7.x, the T4) have fp16 tensor cores only (65 TFLOPS on a T4 against 8.1
+    fp32; bf16 there is emulated): fp16, which the iteration, scaled to
+    spectral norm <= 1 first, keeps in range, with 3 more mantissa bits than
+    bf16. Older GPUs have no tensor cores: fp32. Off CUDA torch's bf16, as before."""
+    if device != "cuda":
+        return "bf16"
+    if cc >= 8.0:
+        return "bf16"
+    return "fp16" if cc >= 7.0 else "fp32"
 
 
 def choose_precision(asked: str, device: str, cc: float) -> tuple[str, str]:
@@ -69,8 +88,8 @@ def choose_precision(asked: str, device: str, cc: float) -> tuple[str, str]:
         return "fp32", "MPS: fp32 (no AMP on Apple silicon)"
     if asked == "auto":  # a CPU flag does not predict the speed: a calibration decides
         return "fp32", "not measured: fp32 (on CPU a run's calibration chooses, see lingmao.plan.calibration)"
-    if asked == "fp16":
-        return "fp32", "fp16 autocast is not useful on CPU: fp32"
+    if asked == "fp16":  # slow on most CPUs, but the fp16 presets' loss scaling then runs on any machine
+        return "fp16", "asked for fp16: CPU fp16 autocast + GradScaler (slower than fp32 on most CPUs)"
     return asked, f"asked for {asked}"
 
 

@@ -30,8 +30,9 @@ def estimate_step_time(*, flops_per_token: float, tokens_per_step: int, peak_tfl
 LOSS_CHUNK = 1024
 
 
-def model_shape(mc, *, vocab: int, precision: str, device: str, ddp: bool) -> dict:
-    """estimate_memory's keyword arguments for the model node `mc`."""
+def model_shape(mc, *, vocab: int, precision: str, device: str, ddp: bool, optimizer: str = "adamw") -> dict:
+    """estimate_memory's keyword arguments for the model node `mc`; `optimizer`:
+    optim.name (adamw, the default, holds the most state)."""
     return dict(
         d_model=mc.d_model,
         n_heads=mc.n_heads,
@@ -49,6 +50,7 @@ def model_shape(mc, *, vocab: int, precision: str, device: str, ddp: bool) -> di
         vocab_multiple=mc.vocab_multiple,
         ddp=ddp,
         loss_chunk=LOSS_CHUNK,
+        optimizer=optimizer,
     )
 
 

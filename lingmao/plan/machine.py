@@ -10,6 +10,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# The CUDA caching allocator reads this once, as CUDA starts.
+ALLOC_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+# Holds the value detect() gave ALLOC_ENV itself (the user had set none), so
+# that a plan asking for another one warns instead of taking it for the user's;
+# in the environment, so DDP's processes see it too.
+ALLOC_MARK = "LINGMAO_DETECT_ALLOC_CONF"
+
 
 @dataclass(frozen=True)
 class Gpu:
@@ -105,6 +112,33 @@ def _nvml_gpus() -> tuple[Gpu, ...] | None:
         pynvml.nvmlShutdown()
 
 
+def cuda_presets_alloc_conf() -> str:
+    """The allocator setting every CUDA preset shares (conf/hardware), which
+    hardware=auto on any GPU resolves to; "" if they differ."""
+    from lingmao.config.presets import HARDWARE, hardware_preset
+
+    confs = {p["alloc_conf"] for p in map(hardware_preset, HARDWARE) if p["device"] == "cuda"}
+    return confs.pop() if len(confs) == 1 else ""
+
+
+def _torch_gpus() -> tuple[Gpu, ...]:
+    """The CUDA devices as torch reads them, which starts CUDA: the allocator
+    setting goes into the environment first, the one the plan will ask for
+    unless hardware.alloc_conf says otherwise (backend.apply_runtime then
+    warns). A value the user exported is left as it is."""
+    import torch
+
+    if not torch.cuda.is_available():  # is_available and device_count do not start CUDA
+        return ()
+    if ALLOC_ENV not in os.environ and (conf := cuda_presets_alloc_conf()):
+        os.environ[ALLOC_ENV] = os.environ[ALLOC_MARK] = conf
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        gpus.append(Gpu(p.name, p.total_memory / 2**30, float(f"{p.major}.{p.minor}")))
+    return tuple(gpus)
+
+
 def detect() -> Machine:
     """This machine: every visible CUDA device (CUDA_VISIBLE_DEVICES
     applies), its name, memory and compute capability, read through NVML
@@ -114,10 +148,6 @@ def detect() -> Machine:
 
     gpus = _nvml_gpus()
     if gpus is None:
-        gpus = []
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                p = torch.cuda.get_device_properties(i)
-                gpus.append(Gpu(p.name, p.total_memory / 2**30, float(f"{p.major}.{p.minor}")))
+        gpus = _torch_gpus()
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    return Machine(cores=_cores(), ram_gb=_ram_gb(), cpu_flags=_cpu_flags(), gpus=tuple(gpus), mps=mps)
+    return Machine(cores=_cores(), ram_gb=_ram_gb(), cpu_flags=_cpu_flags(), gpus=gpus, mps=mps)

@@ -38,7 +38,14 @@ def make_plan(cfg, m: Machine, world_size: int | None = None, cpu_choice: dict |
     `auto`; without one, `auto` on CPU means fp32 eager."""
     hw, preset_reason = _hardware(cfg, m)
     w = where(hw, m, world_size, cpu_choice)
-    shape = model_shape(cfg.model, vocab=DEFAULT_VOCAB, precision=w.precision, device=w.device, ddp=w.world > 1)
+    shape = model_shape(
+        cfg.model,
+        vocab=DEFAULT_VOCAB,
+        precision=w.precision,
+        device=w.device,
+        ddp=w.world > 1,
+        optimizer=cfg.optim.name,
+    )
     fit, notes, warnings = plan_batch(hw, shape, w.memory_gb, w.world)
     if fit.fits and fit.checkpointing and not hw["activation_checkpointing"]:
         notes.append(f"activation checkpointing on: without it even micro-batch 1 does not fit in {w.memory_gb:.0f} GB")
@@ -58,6 +65,7 @@ def make_plan(cfg, m: Machine, world_size: int | None = None, cpu_choice: dict |
         **_device_fields(hw, w),
         **_batch_fields(hw, fit, cfg.model.context_length),
         **_lr_fields(cfg, fit.effective, w.device),
+        **_muon_fields(cfg, fit, w),
         **_memory_fields(fit, w.memory_gb),
         **_time_fields(cfg, shape, fit, w.peak, cpu_choice if w.cpu_candidates else None),
     )
@@ -124,13 +132,20 @@ def _lr_fields(cfg, effective_batch: int, device: str) -> dict:
     )
 
 
+def _muon_fields(cfg, fit: Fit, where: Where) -> dict:
+    """optim=muon: what Muon trains (the blocks' matrices, as the estimate
+    counted them) and its Newton-Schulz dtype."""
+    muon = cfg.optim.name == "muon"
+    return dict(muon_ns_dtype=where.ns_dtype if muon else None, muon_params=fit.estimate.muon_params)
+
+
 def _memory_fields(fit: Fit, memory_gb: float) -> dict:
     est = fit.estimate
     checkpointed = fit.estimate if fit.checkpointing else fit.checkpointed
     return dict(
         params=est.n_params,
         estimate_gb=round(est.gb(), 2),
-        estimate_parts_gb={k: round(v / GiB, 3) for k, v in asdict(est).items() if k != "total"},
+        estimate_parts_gb={k: round(v / GiB, 3) for k, v in asdict(est).items() if k not in ("total", "muon_params")},
         estimate_checkpointed_gb=round(checkpointed.gb(), 2) if checkpointed else None,
         estimate_margin=MARGIN,
         headroom_gb=round(memory_gb - est.gb(), 2),
@@ -156,10 +171,15 @@ def _time_fields(cfg, shape: dict, fit: Fit, peak: float | None, cpu_choice: dic
     )
 
 
-def runnable_plan(cfg, m: Machine, world_size: int | None = None, cpu_choice: dict | None = None) -> Plan:
+def runnable_plan(
+    cfg, m: Machine, world_size: int | None = None, cpu_choice: dict | None = None, typed: tuple[str, ...] = ()
+) -> Plan:
     """The plan, refused before any work if it does not fit or the machine
     lacks its device; with hardware.fallback=true, a warning and the closest
-    preset instead of the missing device."""
+    preset instead of the missing device. The hardware.* keys the user set
+    (`typed`: the command line's; and any value unlike the named preset's)
+    still win there, as they do over `auto`, but for those that describe the
+    missing device: the warning names both."""
     plan = make_plan(cfg, m, world_size, cpu_choice)
     if not plan.fits:
         raise ConfigError(f"hardware={plan.preset} model={cfg.model.name}: {plan.refusal}")
@@ -174,9 +194,34 @@ def runnable_plan(cfg, m: Machine, world_size: int | None = None, cpu_choice: di
     )
     if not cfg.hardware.fallback:
         raise ConfigError(msg)
+    from lingmao.config.presets import hardware_preset
+
+    preset = hardware_preset(plan.preset)
+    hw = OmegaConf.to_container(cfg.hardware) if OmegaConf.is_config(cfg.hardware) else asdict(cfg.hardware)
+    given = {
+        k: v
+        for k, v in hw.items()
+        if k not in ("name", "fallback") and v is not None and (f"hardware.{k}" in typed or v != preset.get(k))
+    }
+    missing_device = ("device", "devices", "memory_gb", "peak_tflops", "compute_capability")
+    kept = {k: v for k, v in given.items() if k not in missing_device}
     fallback_cfg = OmegaConf.merge(
-        cfg, {"hardware": {**{k: None for k in cfg.hardware if k not in ("name", "fallback")}, "name": "auto"}}
+        cfg, {"hardware": {**{k: None for k in hw if k not in ("name", "fallback")}, **kept, "name": "auto"}}
     )
     plan = make_plan(fallback_cfg, m, world_size, cpu_choice)
-    plan.warnings.append("fallback: " + msg)
+
+    def said(keys) -> str:
+        shown = {
+            k: str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else v
+            for k, v in given.items()
+        }
+        return ", ".join(f"hardware.{k}={shown[k]}" for k in sorted(keys))
+
+    dropped = sorted(set(given) - set(kept))
+    plan.warnings.append(
+        "fallback: "
+        + msg
+        + (f"; kept as given: {said(kept)}" if kept else "")
+        + (f"; dropped: {said(dropped)} (it describes the missing device)" if dropped else "")
+    )
     return plan

@@ -30,6 +30,10 @@ ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # cuBLAS workspace is 8-32 MiB per stream) takes device memory that
 # torch.cuda.max_memory_allocated never shows; nvidia-smi typically shows
 # 0.3-0.6 GiB for an idle PyTorch process with lazy module loading: 0.5 GiB.
+# A guess, not measured here (no GPU at hand), and kept a constant: it varies
+# with the driver, the CUDA version, the GPU and which kernels load (cuBLAS,
+# cuDNN, compile's Triton kernels), none of which the plan knows; the 30%
+# margin covers it on any card that fits these models at all.
 CUDA_CONTEXT_BYTES = GiB // 2
 # CUDA caching allocator: blocks are rounded (512 B, 2 MiB segments) and split,
 # so reserved memory runs above allocated. 10% of the per-step (activation and
@@ -56,12 +60,13 @@ class MemoryEstimate:
 
     params: int  # fp32 master weights (autocast keeps no 16-bit copy), every MoE expert
     grads: int  # fp32 gradients, live through gradient accumulation
-    optimizer: int  # AdamW exp_avg and exp_avg_sq, fp32
+    optimizer: int  # fp32: AdamW's exp_avg and exp_avg_sq; with Muon, one momentum buffer for the blocks' matrices
     ddp_buckets: int  # DDP's gradient buckets: one more fp32 copy of the gradients (0 on one process)
     activations: int  # tensors saved for backward, all layers
     logits: int  # head output, its fp32 cross-entropy copies and their gradients
     workspace: int  # autocast weight casts, CUDA context or CPU runtime, allocator and heap overheads
     total: int
+    muon_params: int = 0  # not bytes: the parameters in Muon's state (optimizer="muon"), the rest AdamW's
 
     @property
     def n_params(self) -> int:
@@ -73,7 +78,8 @@ class MemoryEstimate:
         return self.total / GiB
 
     def table(self) -> str:
-        return "\n".join(f"{f.name:<12} {getattr(self, f.name) / GiB:8.3f} GiB" for f in fields(self))
+        rows = [f.name for f in fields(self) if f.name != "muon_params"]
+        return "\n".join(f"{name:<12} {getattr(self, name) / GiB:8.3f} GiB" for name in rows)
 
 
 def count_params(
@@ -223,6 +229,27 @@ def _logits_bytes(*, a: int, tokens: int, vocab: int) -> int:
     return (a + 12) * tokens * vocab
 
 
+def hidden_matrix_params(d_model: int, n_layers: int, mlp_ratio: int = 4, moe_experts: int = 0) -> int:
+    """Exactly sum(p.numel() for p in GPT(...).hidden_matrices()): per block qkv
+    (3d^2) and proj (d^2), and each MLP's (every expert's) fc and proj (2 r d^2);
+    not the embeddings, norms, biases or the MoE router."""
+    return n_layers * (4 + 2 * mlp_ratio * max(1, moe_experts)) * d_model * d_model
+
+
+def _optimizer_bytes(optimizer: str, n: int, matrices: int) -> tuple[int, int]:
+    """(the optimizer's fp32 state, the parameters Muon trains): AdamW's
+    exp_avg and exp_avg_sq for every parameter, or for optim=muon Muon's one
+    momentum buffer for the blocks' matrices and AdamW's two moments for the
+    rest. Muon's Newton-Schulz temporaries (a few copies of one matrix at a
+    time) live only in the step, after backward has freed the activations,
+    so they add nothing to the peak."""
+    if optimizer == "muon":
+        return 4 * matrices + 8 * (n - matrices), matrices
+    if optimizer == "adamw":
+        return 8 * n, 0
+    raise ValueError(f"optimizer={optimizer!r}: expected adamw or muon")
+
+
 def _check(precision: str, device: str, micro_batch: int) -> None:
     if precision not in ELEMENT_BYTES:
         raise ValueError(f"precision={precision!r}: expected one of {', '.join(ELEMENT_BYTES)}")
@@ -263,15 +290,16 @@ def estimate_memory(
     vocab_multiple: int = 1,
     ddp: bool = False,
     loss_chunk: int = 0,
+    optimizer: str = "adamw",
 ) -> MemoryEstimate:
     """Peak training memory per device for one micro-batch of full-length sequences.
 
     Totals add all terms: gradients exist during every micro-batch's forward
-    and backward once gradient accumulation is on (every lingmao preset
-    accumulates), and the fused AdamW step needs no extra buffers. `ddp`: more
-    than one process, so DDP holds its gradient buckets beside the gradients.
-    `loss_chunk`: the loss takes that many tokens' logits at a time and
-    recomputes them in backward (model.token_loss_sum), so only one chunk's exist.
+    and backward under accumulation (at accumulation 1 they appear as backward
+    frees the activations: the sum is then an upper bound); the fused AdamW
+    step needs no extra buffers. `ddp`: DDP's gradient buckets beside the
+    gradients. `loss_chunk`: the loss takes that many tokens' logits at a time
+    (model.token_loss_sum). `optimizer`: optim.name (adamw holds the most state).
     """
     _check(precision, device, micro_batch)
     a = ELEMENT_BYTES[precision]
@@ -279,8 +307,8 @@ def estimate_memory(
     n = count_params(d_model, n_heads, n_layers, context_length, vocab_size, mlp_ratio, **switches)
     tokens = micro_batch * context_length
     padded = -(-vocab_size // vocab_multiple) * vocab_multiple
-
-    params, grads, optimizer = 4 * n, 4 * n, 8 * n  # fp32 weights, fp32 grads, AdamW m and v
+    params, grads = 4 * n, 4 * n  # fp32 weights, fp32 grads
+    state, muon = _optimizer_bytes(optimizer, n, hidden_matrix_params(d_model, n_layers, mlp_ratio, moe_experts))
     buckets = 4 * n if ddp else 0
     layer = dict(d=d_model, h=n_heads, T=context_length, r=mlp_ratio, a=a, dropout=dropout, device=device)
     moe = dict(rotary=rotary, qk_norm=qk_norm, experts=moe_experts, top_k=moe_top_k)
@@ -290,17 +318,9 @@ def estimate_memory(
     # backward: every weight but the position table (embedding lookups stay fp32).
     casts = a * (n - (0 if rotary else context_length * d_model)) if a < 4 else 0
     workspace = casts + _runtime_bytes(device, grads, activations + logits)
-    total = params + grads + optimizer + buckets + activations + logits + workspace
-    return MemoryEstimate(
-        params=params,
-        grads=grads,
-        optimizer=optimizer,
-        ddp_buckets=buckets,
-        activations=activations,
-        logits=logits,
-        workspace=workspace,
-        total=total,
-    )
+    total = params + grads + state + buckets + activations + logits + workspace
+    terms = dict(params=params, grads=grads, optimizer=state, ddp_buckets=buckets, activations=activations)
+    return MemoryEstimate(**terms, logits=logits, workspace=workspace, total=total, muon_params=muon)
 
 
 def fit_micro_batch(memory_bytes: int, *, headroom: float = 0.9, max_batch: int = 1024, **model_kw) -> int:

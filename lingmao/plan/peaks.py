@@ -31,12 +31,20 @@ class Peak:
 
 
 # Matched as whole words, in order: "H100 NVL" before "H100", "A10" does not
-# match "A100" or "A10G", "L4" does not match "L40S".
+# match "A100" or "A10G", "L4" does not match "L40S". The datacenter cards'
+# datasheets quote tensor figures with 2:4 sparsity: the dense ones are half.
 PEAKS: tuple[tuple[str, Peak], ...] = (
+    # NVIDIA H200 Tensor Core GPU datasheet, H200 NVL: BF16/FP16 1,671, TF32 835 (sparse), FP32 60 TFLOPS
+    ("H200 NVL", Peak(835.5, 835.5, 417.5, 60.0)),
+    # the same datasheet, H200 SXM: BF16/FP16 1,979, TF32 989 (sparse), FP32 67 TFLOPS: the H100 SXM5's chip
     ("H200", Peak(989.4, 989.4, 494.7, 66.9)),
+    # NVIDIA H100 Tensor Core GPU datasheet, H100 NVL: BF16/FP16 1,671, TF32 835 (sparse), FP32 60
     ("H100 NVL", Peak(835.0, 835.0, 417.5, 60.0)),
+    # the same datasheet, H100 PCIe: BF16/FP16 1,513, TF32 756 (sparse), FP32 51
     ("H100 PCIe", Peak(756.0, 756.0, 378.0, 51.2)),
-    ("H100", Peak(989.4, 989.4, 494.7, 66.9)),  # SXM5
+    # the same, H100 SXM: BF16/FP16 1,979, TF32 989 (sparse), FP32 67 (66.9: NVIDIA H100 whitepaper, table 3)
+    ("H100", Peak(989.4, 989.4, 494.7, 66.9)),
+    # NVIDIA A100 Tensor Core GPU datasheet (40GB and 80GB alike): BF16/FP16 312, TF32 156, FP32 19.5 (dense)
     ("A100", Peak(312.0, 312.0, 156.0, 19.5)),
     ("L40S", Peak(362.0, 362.0, 183.0, 91.6)),
     ("L40", Peak(181.0, 181.0, 90.5, 90.5)),

@@ -29,6 +29,20 @@ def lr_rule(p: Plan) -> str:
     return f"Muon {short(p.muon_lr)} (optim.muon_lr) for the blocks' matrices, AdamW {adamw} for the rest"
 
 
+def optimizer_groups(p: Plan) -> str:
+    """What trains which parameters: with optim=muon, Muon the blocks' matrices
+    (most of the parameters) and AdamW the rest; else AdamW all of them."""
+    fused = "fused" if p.fused_optimizer else "not fused"
+    if p.muon_lr is None:
+        return f"AdamW at {short(p.lr)}, {fused}, for every parameter ({p.params / 1e6:.1f}M)"
+    share, rest = p.muon_params / p.params, p.params - p.muon_params
+    return (
+        f"Muon at {short(p.muon_lr)} for the blocks' matrices ({p.muon_params / 1e6:.1f}M, {share:.0%} of the "
+        f"parameters; Newton-Schulz in {p.muon_ns_dtype}); AdamW at {short(p.lr)}, {fused}, "
+        f"for the embeddings, tied head, norms and biases ({rest / 1e6:.1f}M)"
+    )
+
+
 def duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.3g} s"
@@ -64,6 +78,7 @@ def _rows(p: Plan) -> list[tuple[str, str]]:
         ("precision", how),
         ("batch", split),
         ("lr", lr_rule(p)),
+        ("optimizer", optimizer_groups(p)),
         (
             "model",
             f"{p.params / 1e6:.1f}M parameters, context {p.context_length}"
@@ -93,8 +108,7 @@ def _rows(p: Plan) -> list[tuple[str, str]]:
             (
                 "cuda",
                 f"compile {'on (' + p.compile_mode + ')' if p.compile else 'off'}, "
-                f"tf32 {'on' if p.tf32 else 'off'}, fused AdamW {'on' if p.fused_optimizer else 'off'}"
-                + (f", allocator {p.alloc_conf}" if p.alloc_conf else ""),
+                f"tf32 {'on' if p.tf32 else 'off'}" + (f", allocator {p.alloc_conf}" if p.alloc_conf else ""),
             )
         )
     rows.append(("data loader", f"{p.num_workers} workers" + (", pinned memory" if p.pin_memory else "")))

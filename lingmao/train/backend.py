@@ -18,6 +18,7 @@ import torch
 
 from lingmao.config import ConfigError
 from lingmao.plan import Plan
+from lingmao.plan.machine import ALLOC_ENV, ALLOC_MARK
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -26,22 +27,36 @@ def apply_runtime(plan: Plan) -> None:
     if plan.device == "cpu" and plan.threads:
         torch.set_num_threads(plan.threads)
     if plan.device == "cuda":
-        # The allocator reads PYTORCH_CUDA_ALLOC_CONF once, when CUDA starts
-        # (machine.detect reads the GPUs through NVML so it has not yet); a
-        # value the user exported wins over the preset's.
-        if plan.alloc_conf and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-            if torch.cuda.is_initialized():
-                print(
-                    f"warning: CUDA started before the plan's allocator settings ({plan.alloc_conf}) could "
-                    f"apply; export PYTORCH_CUDA_ALLOC_CONF={plan.alloc_conf} to have them",
-                    file=sys.stderr,
-                )
-            else:
-                os.environ["PYTORCH_CUDA_ALLOC_CONF"] = plan.alloc_conf
+        apply_alloc_conf(plan.alloc_conf)
         # The current TF32 API; the old allow_tf32 flags warn since torch 2.9.
         torch.backends.cuda.matmul.fp32_precision = "tf32" if plan.tf32 else "ieee"
         torch.backends.cudnn.conv.fp32_precision = "tf32" if plan.tf32 else "ieee"
         torch.backends.cudnn.benchmark = plan.cudnn_benchmark
+
+
+def apply_alloc_conf(want: str) -> None:
+    """The plan's allocator setting. The allocator reads PYTORCH_CUDA_ALLOC_CONF
+    once, when CUDA starts: machine.detect reads the GPUs through NVML, which
+    does not start it, or else puts the CUDA presets' setting in place before
+    asking torch. A value the user exported wins over the plan's."""
+    now = os.environ.get(ALLOC_ENV)
+    detects = now is not None and os.environ.get(ALLOC_MARK) == now
+    if (now is not None and not detects) or (now or "") == want:
+        return
+    if torch.cuda.is_initialized():
+        started = f"with {ALLOC_ENV}={now}" if now else f"without {ALLOC_ENV}"
+        hint = f"export {ALLOC_ENV}={want} to have them" if want else f"export {ALLOC_ENV}= to run without"
+        print(
+            f"warning: CUDA started {started}, before the plan's allocator settings ({want or 'none'}) "
+            f"could apply; {hint}",
+            file=sys.stderr,
+        )
+        return
+    os.environ.pop(ALLOC_MARK, None)
+    if want:
+        os.environ[ALLOC_ENV] = want
+    else:
+        os.environ.pop(ALLOC_ENV, None)
 
 
 def apply_night(ns, plan: Plan, device: torch.device) -> None:
@@ -76,6 +91,18 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start peak_memory_bytes over from what is held now, so that one
+    phase's peak (an eval's) is not reported as the next one's. On CPU,
+    Linux resets VmHWM to the current RSS when "5" is written to
+    /proc/self/clear_refs (proc(5)); elsewhere the CPU peak stays the process's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.25) -> float:

@@ -138,6 +138,70 @@ class MuonAdamW:
 # iterations (enough for the quintic to bring singular values near 1).
 MUON_NESTEROV = True
 MUON_NS_STEPS = 5
+NS_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Muon's orthogonalisation (Jordan et al. 2024; torch.optim.Muon's quintic
+    iteration) of the 2-D `g`, run in `dtype`. In bf16 it is torch's to the bit.
+    In fp16 `g` is scaled to spectral norm <= 1 in fp32 first: a clipped
+    gradient's entries (1e-6 and below) sit under fp16's subnormals (6e-8),
+    while after the scaling every iterate stays bounded (below 65504)."""
+    a, b, c = coefficients
+    scale_first = dtype == torch.float16
+    x = (g / g.norm().clamp(min=eps)).to(dtype) if scale_first else g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    if not scale_first:  # torch's order: cast, transpose, scale
+        x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iteration in `ns_dtype` (torch
+    hard-codes bf16): the plan chooses it by the GPU's compute capability
+    (plan.device.newton_schulz_dtype). Same groups, state and state_dict."""
+
+    def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * _muon_lr_ratio(group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def _muon_lr_ratio(adjust_lr_fn: str | None, shape) -> float:
+    """torch.optim.Muon's: "original" (Keller Jordan's) sqrt(max(1, fan_out /
+    fan_in)); Moonshot's "match_rms_adamw" 0.2 sqrt(max dim)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return 1.0
 
 
 def build_optimizer(
@@ -152,11 +216,12 @@ def build_optimizer(
     muon_lr: float = 0.02,
     muon_momentum: float = 0.95,
     muon_weight_decay: float = 0.0,
+    ns_dtype: torch.dtype = torch.bfloat16,
 ):
     """AdamW over the whole model (`name="adamw"`), or `name="muon"`: Muon at
-    `muon_lr` over `model.hidden_matrices()` and AdamW at `lr` over the rest
-    (embeddings, tied head, norms, biases, MoE router). Both LRs are the
-    batch-scaled ones."""
+    `muon_lr` over `model.hidden_matrices()`, its Newton-Schulz in `ns_dtype`,
+    and AdamW at `lr` over the rest (embeddings, tied head, norms, biases,
+    MoE router). Both LRs are the batch-scaled ones."""
     if name == "adamw":
         return torch.optim.AdamW(
             param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused or None
@@ -177,8 +242,9 @@ def build_optimizer(
     # model sizes. (Moonshot's "match_rms_adamw" would reuse AdamW's LR instead,
     # which here is tuned per model size and, at 6e-4 for medium, far below
     # what Muon wants.)
-    muon = torch.optim.Muon(
+    muon = Muon(
         [{"params": matrices, "lr_ratio": muon_lr / lr}],
+        ns_dtype=ns_dtype,
         lr=muon_lr,
         weight_decay=muon_weight_decay,
         momentum=muon_momentum,
@@ -194,7 +260,8 @@ def make_optimizer(model: torch.nn.Module, o, plan):
     batch-scaled LR; Muon at `o.muon_lr` as it is. The batch-size rules
     (sqrt, linear) are AdamW's; Muon's orthogonalised update has a spectral
     norm set by its LR alone, and the speedrun setting it comes from uses
-    0.02 across batch sizes (not measured here beyond batch 16)."""
+    0.02 across batch sizes (not measured here beyond batch 16). Newton-Schulz
+    runs in the plan's `muon_ns_dtype`."""
     return build_optimizer(
         model,
         plan.lr,
@@ -206,6 +273,7 @@ def make_optimizer(model: torch.nn.Module, o, plan):
         muon_lr=o.muon_lr,
         muon_momentum=o.muon_momentum,
         muon_weight_decay=o.muon_weight_decay,
+        ns_dtype=NS_DTYPES[plan.muon_ns_dtype or "bf16"],
     )
 
 

@@ -154,10 +154,21 @@ class TrainStep:
             else ~(torch.isfinite(loss) & torch.isfinite(self._grad_norm))
         )
         (nonfinite,) = agree([bad], self.device, self.ddp)
+        scale = self.scaler.get_scale()  # 1.0 without a GradScaler
         if nonfinite:
+            # unscale_ ran: without an update() the next step's unscale_ raises.
+            # The scale stays: a non-finite loss is a forward overflow (or bad
+            # data), which the loss scale neither causes nor cures, and the
+            # dropped step leaves the scaler as it found it.
+            self.scaler.update(scale)
             return False  # the gradients stay for the report until the next step clears them
         torch.nn.utils.clip_grads_with_norm_(self.raw.parameters(), self.grad_clip, self._grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return not (self.scaler.is_enabled() and self.scaler.get_scale() < MIN_LOSS_SCALE)
+        if not self.scaler.is_enabled():
+            return True
+        # Only the scaler's own skip (its scale backs off) can be non-finite
+        # here: a step it applied below the floor did change the weights.
+        after = self.scaler.get_scale()
+        return not (after < scale and after < MIN_LOSS_SCALE)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lingmao.data.textmetrics import POEM_LINE_LENGTHS, mean_repetition, verse_form
 from lingmao.data.tokenizer import EOS_ID
 from lingmao.model.decoding import complete
-from lingmao.train.backend import autocast
+from lingmao.train.backend import autocast, peak_memory_bytes, reset_peak_memory
 
 
 @torch.no_grad()
@@ -211,6 +211,19 @@ class Evaluator:
         self.genre_names = genre_metric_names(val.genres)
 
     def run(self, step: int) -> dict:
+        """The eval's metrics; its peak memory (val/peak_memory_gb) is measured
+        apart from training's, and the peak starts over after it, so that the
+        next training interval's peak_memory_gb is training's own."""
+        reset_peak_memory(self.device)
+        m = self._metrics(step)
+        m["val/peak_memory_gb"] = peak_memory_bytes(self.device) / 2**30
+        if self.dist.main:
+            self.tracker.log_metrics(m, step)
+            self.tracker.flush()
+        reset_peak_memory(self.device)
+        return m
+
+    def _metrics(self, step: int) -> dict:
         v = self.val
         val = evaluate(self.raw, v.loader, self.plan, self.device, self.trainer.eval_batches, self.dist, v.n_windows)
         m = {
@@ -238,8 +251,6 @@ class Evaluator:
                 f"step {step}: val/loss {val:.3f} ppl {m['val/perplexity']:.1f} bpc {m['val/bpc']:.3f} "
                 f"rep4 {m['val/samples/rep4']:.2f}{greedy} | {' / '.join(first.splitlines())}"
             )
-            self.tracker.log_metrics(m, step)
-            self.tracker.flush()
         return m
 
     def _samples(self, step: int, m: dict) -> list[dict]:
