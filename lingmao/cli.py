@@ -18,6 +18,8 @@ COMMANDS = {
     "compare": ("lingmao.compare", "compare tracked runs: a table, runs.csv, plots and index.html"),
     "generate": ("lingmao.generate", "sample text from a checkpoint, a run folder or an MLflow run"),
     "eval": ("lingmao.eval", "val loss, perplexity, bpc and per-genre loss of a checkpoint"),
+    "export": ("lingmao.export", "a checkpoint as a Hugging Face model folder, or as its run's MLflow model"),
+    "serve": ("lingmao.serve", "a local web page to try a model, or two side by side"),
     "bench": ("lingmao.bench.__main__", "measure throughput and MFU, or run a benchmark suite"),
 }
 
@@ -27,6 +29,8 @@ EXAMPLES = """\
   lingmao compare multirun/2026-01-01/12-00-00
   lingmao generate checkpoint=outputs/2026-01-01/12-00-00 prompt=床前明月光
   lingmao eval checkpoint=outputs/2026-01-01/12-00-00 log=true
+  lingmao export checkpoint=outputs/2026-01-01/12-00-00 mlflow=true
+  lingmao serve run=outputs/2026-01-01/12-00-00,outputs/2026-01-02/09-30-00
   lingmao bench suite=cpu"""
 
 

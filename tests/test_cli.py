@@ -89,7 +89,8 @@ def test_lingmao_help_names_every_command(capsys):
 def test_an_unknown_command_names_the_valid_ones(capsys):
     assert cli.main(["train", "model=tiny"]) == 2
     assert capsys.readouterr().err == (
-        "error: unknown command 'train'; commands: run, compare, generate, eval, bench (lingmao --help)\n"
+        "error: unknown command 'train'; commands: run, compare, generate, eval, export, serve, bench "
+        "(lingmao --help)\n"
     )
 
 

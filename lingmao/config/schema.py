@@ -191,7 +191,8 @@ class TrackingConfig:
     system_metrics: bool = True  # CPU/RAM/disk/network (and GPU with nvidia-ml-py) every 10 s
     timeout: float = 30.0  # seconds any wait on the store may last; then the spool takes the records
     tags: dict[str, str] = field(default_factory=dict)  # your own run tags: '+tracking.tags={team: poetry}'
-    log_model: bool = True  # the best checkpoint's weights (no optimizer state) as an MLflow artifact
+    log_model: bool = True  # the best checkpoint's weights (no optimizer state) as an MLflow artifact and model
+    register: str | None = None  # with log_model: also register that MLflow model under this name (models:/NAME/N)
 
 
 @dataclass

@@ -207,6 +207,18 @@ class GPT(nn.Module):
         c = self.config
         return logits[..., : c.vocab_size] if c.padded_vocab > c.vocab_size else logits
 
+    def next_logits(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Logits after each row of idx (B, T): with a cache, only the newest
+        token is fed, but for the first step and once the window is full,
+        when the cache is refilled from the last context_length tokens."""
+        ctx = self.config.context_length
+        if cache is None:
+            return self(idx[:, -ctx:])
+        if cache.pos in (0, ctx):
+            cache.pos = 0
+            return self(idx[:, -ctx:], cache)
+        return self(idx[:, -1:], cache)
+
     @torch.no_grad()
     def generate(
         self,
@@ -229,17 +241,10 @@ class GPT(nn.Module):
         valid as they are, but in layers past the first the kept tokens' keys
         and values also saw the tokens that left the window, so rolling the
         cache would not be what the model computes on the window."""
-        ctx = self.config.context_length
         cache = KVCache(self.config, idx.shape[0], idx.device, self.tok_emb.weight.dtype) if use_cache else None
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            if cache is None:
-                logits = self(idx[:, -ctx:])
-            elif cache.pos in (0, ctx):  # first step, or the window is full: (re)fill the cache
-                cache.pos = 0
-                logits = self(idx[:, -ctx:], cache)
-            else:
-                logits = self(idx[:, -1:], cache)
+            logits = self.next_logits(idx, cache)
             nxt = next_token(logits[:, -1, :], idx, temperature, top_k, top_p, repetition_penalty, generator)
             idx = torch.cat([idx, nxt], dim=1)
             if eos_id is not None:
