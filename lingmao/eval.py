@@ -27,6 +27,7 @@ from lingmao.config.options import OptionError, asked_for_help, choice, doc, par
 from lingmao.data.prepare import normalizer
 from lingmao.data.tokenizer import EOS_ID, UNK_ID, tokenizer_hash
 from lingmao.tracking.locate import WHICH, checkpoint_path
+from lingmao.tracking.record import MIN_GENRE_TOKENS, genre_docs
 from lingmao.train.backend import DEVICES, pick_device
 from lingmao.train.checkpoint import load_model, script_of
 from lingmao.train.validation import genre_metric_names
@@ -137,17 +138,47 @@ def jsonl_docs(path: Path, text_field: str, script: str, tokenizer) -> Scored:
     )
 
 
-def score(model, s: Scored, context: int, device, batch_size: int, max_batches: int, genre_docs: int) -> dict:
-    """{"loss", "perplexity", "bpc", "unk_rate", "windows", "tokens", "genres": {genre: {loss, tokens, docs}}}."""
+def run_windows(state: dict, device, n_genres: int) -> dict | None:
+    """The val windows the run's own val/loss scored, as eval can score them
+    again: {"windows": the first eval_batches micro-batches of windows of each
+    process, which together are the split's first windows; "precision": the
+    run's, where this device can run it; "logged": the checkpoint's val/loss}.
+    None for a checkpoint without its plan."""
+    plan = state.get("plan")
+    if not plan:
+        return None
+    batches = state["config"].get("trainer", {}).get("eval_batches", 20)
+    same = plan["device"] == device.type and (plan["precision"] != "fp16" or device.type == "cuda")
+    return {
+        "windows": batches * plan["micro_batch"] * plan["world_size"],
+        "batches": batches,
+        "micro_batch": plan["micro_batch"],
+        "world_size": plan["world_size"],
+        "precision": plan["precision"] if same else "fp32",
+        "run_precision": plan["precision"],
+        "logged": state.get("val_loss"),
+        "step": state["progress"]["step"],
+        "genre_docs": genre_docs(batches, plan["micro_batch"], n_genres),  # behind its val/loss_<genre>
+    }
+
+
+def score(model, s: Scored, context: int, device, o: Options, run: dict | None = None) -> dict:
+    """{"loss", "perplexity", "bpc", "unk_rate", "windows", "tokens", "genres": {genre: {loss, tokens, docs}}},
+    and "run": `run` with the loss of this checkpoint on the run's own windows."""
     from lingmao.data.windows import TokenWindows, make_loader
     from lingmao.train.distributed import Dist
     from lingmao.train.validation import evaluate, per_genre_loss
 
     windows = TokenWindows(s.tokens, context, context)
-    loader = make_loader(windows, batch_size, shuffle=False, seed=0, drop_last=False)
-    batches = max_batches or math.ceil(len(windows) / batch_size)
+    loader = make_loader(windows, o.batch_size, shuffle=False, seed=0, drop_last=False)
+    batches = o.max_batches or math.ceil(len(windows) / o.batch_size)
     fp32 = SimpleNamespace(device=device.type, precision="fp32")  # all evaluate reads of a plan
     loss = evaluate(model, loader, fp32, device, batches, Dist(), len(windows))
+    if run is not None:
+        # The first run["windows"] windows (evaluate leaves out those past n_windows), in the run's precision.
+        n = run["windows"] = min(run["windows"], len(windows))
+        precision = SimpleNamespace(device=device.type, precision=run["precision"])
+        run["loss"] = evaluate(model, loader, precision, device, math.ceil(n / o.batch_size), Dist(), n)
     genres = per_genre_loss(
         model,
         s.tokens,
@@ -155,8 +186,8 @@ def score(model, s: Scored, context: int, device, batch_size: int, max_batches: 
         s.genres,
         context,
         device=device,
-        batch_size=batch_size,
-        max_docs_per_genre=genre_docs or None,
+        batch_size=o.batch_size,
+        max_docs_per_genre=o.genre_docs or None,
     )
     model.eval()
     return {
@@ -164,9 +195,11 @@ def score(model, s: Scored, context: int, device, batch_size: int, max_batches: 
         "perplexity": math.exp(min(loss, 50)),
         "bpc": loss / math.log(2) * s.tokens_per_char,
         "unk_rate": float(np.mean(s.tokens == UNK_ID)),
-        "windows": min(len(windows), batches * batch_size),
+        "windows": min(len(windows), batches * o.batch_size),
+        "all_windows": len(windows),
         "tokens": int(len(s.tokens)),
         "genres": genres,
+        **({"run": run} if run is not None else {}),
     }
 
 
@@ -179,8 +212,30 @@ def metrics(result: dict, name: str) -> dict[str, float]:
     return m
 
 
-def report(result: dict, title: str) -> None:
-    """The numbers, then one row per genre (rich pads CJK names by their display width)."""
+def same_windows_line(result: dict) -> str:
+    """Why this loss and the run's val/loss differ, or that they agree: the windows each scores."""
+    r = result["run"]
+    which = (
+        f"the first {r['windows']} windows (trainer.eval_batches {r['batches']} x micro-batch {r['micro_batch']}"
+        f" x {r['world_size']} process(es))"
+    )
+    logged = f"{r['logged']:.4f}" if r["logged"] is not None else "not logged at this step"
+    other = (
+        f", not the run's {r['run_precision']}: this device lacks it" if r["precision"] != r["run_precision"] else ""
+    )
+    here = f"{r['loss']:.4f} ({r['precision']}{other})"
+    scope = "all" if result["windows"] == result["all_windows"] else "the first"
+    return (
+        f"  the run's val/loss at step {r['step']} ({logged}) scored {which} in {r['run_precision']}; "
+        f"this checkpoint on them: {here}. The loss above is over {scope} {result['windows']} of "
+        f"{result['all_windows']} windows."
+    )
+
+
+def report(result: dict, title: str, per_genre: int) -> None:
+    """The numbers, how they relate to the run's val/loss, then one row per
+    genre (rich pads CJK names by their display width), a genre measured on
+    fewer than MIN_GENRE_TOKENS tokens marked."""
     from rich.console import Console
     from rich.table import Table
 
@@ -189,13 +244,27 @@ def report(result: dict, title: str) -> None:
         f"bpc {result['bpc']:.4f} | <unk> {result['unk_rate']:.2%} | "
         f"{result['windows']} windows of {result['tokens']} tokens"
     )
+    if "run" in result:
+        print(same_windows_line(result))
     if not result["genres"]:
         return
-    table = Table("genre", "loss", "perplexity", "tokens", "docs", box=None, padding=(0, 2))
+    table = Table("genre", "loss", "perplexity", "tokens", "docs", "", box=None, padding=(0, 2))
+    few = False
     for g, r in sorted(result["genres"].items(), key=lambda kv: kv[1]["loss"]):
-        table.add_row(g, f"{r['loss']:.4f}", f"{math.exp(min(r['loss'], 50)):.2f}", str(r["tokens"]), str(r["docs"]))
+        flag = "† few tokens" if r["tokens"] < MIN_GENRE_TOKENS else ""
+        few = few or bool(flag)
+        ppl = f"{math.exp(min(r['loss'], 50)):.2f}"
+        table.add_row(g, f"{r['loss']:.4f}", ppl, str(r["tokens"]), str(r["docs"]), flag)
     console = Console()
     (console if console.is_terminal else Console(width=120)).print(table)
+    docs = f"the first {per_genre} documents of each genre" if per_genre else "every document of each genre"
+    run = f"; the run's val/loss_<genre>: the first {result['run']['genre_docs']}" if "run" in result else ""
+    print(f"  per genre: {docs}, each scored on its own (genre_docs=){run}")
+    if few:
+        print(
+            f"  † fewer than {MIN_GENRE_TOKENS} tokens: a standard error of 0.1 nats or more, as large as the "
+            f"differences between runs; read it as a rough figure"
+        )
 
 
 def log_to_run(state: dict, path: Path, result: dict, name: str, tracking_uri: str) -> str:
@@ -244,10 +313,11 @@ def run(o: Options) -> dict:
         raise OptionError(
             f"data={o.data or 'corpus'}: {len(scored.tokens)} tokens, fewer than one context window ({context + 1})"
         )
+    same = None if o.data else run_windows(state, device, len(scored.genres))  # a file is not the run's windows
     with torch.no_grad():
-        result = score(model, scored, context, device, o.batch_size, o.max_batches, o.genre_docs)
+        result = score(model, scored, context, device, o, same)
     source = o.data or f"the val split of the {cfg['data']['source']} corpus"
-    report(result, f"{path} (step {state['progress']['step']}) on {source}")
+    report(result, f"{path} (step {state['progress']['step']}) on {source}", o.genre_docs)
     if o.log:
         print(f"logged to MLflow {log_to_run(state, path, result, scored.name, o.tracking_uri)}")
     return result

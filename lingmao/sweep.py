@@ -12,19 +12,25 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lingmao.tracking.provenance import sweep_id
+from lingmao.tracking.record import name_suffix
 
 
 def sweep_job(hc, launch_dir: Path, cfg) -> dict:
     """The MLflow tags of this multirun job (HydraConfig `hc`): the sweep's id
-    and folder, the job's number, what its sweep varies and, for parallel
-    jobs, its slot; sets `cfg.hardware.threads` to the slot's share when the
-    user left it to the cores."""
+    and folder, the job's number, what its sweep varies (`sweep.values`, and
+    `experiment` when no experiment preset names the question) and, for
+    parallel jobs, its slot; sets `cfg.hardware.threads` to the slot's share
+    when the user left it to the cores."""
     sweep_dir = launch_dir / hc.sweep.dir
     tags = {"sweep.id": sweep_id(sweep_dir), "sweep.dir": hc.sweep.dir, "sweep.job": hc.job.num}
     launched = sweep_dir / "multirun.yaml"  # the multirun's command line, written before any job
     sweep = list(OmegaConf.load(launched).hydra.overrides.task) if launched.is_file() else []
     params = OmegaConf.to_container(hc.sweeper).get("params") or {}
-    tags["sweep.values"] = swept_values(list(hc.overrides.task), sweep + [f"{k}={v}" for k, v in params.items()])
+    tags["sweep.values"] = swept_overrides(list(hc.overrides.task), sweep + [f"{k}={v}" for k, v in params.items()])
+    # cfg.experiment is set only by an experiments/*.yaml preset; a plain
+    # `-m optim.lr=a,b` sweep is named by the keys it varies instead of "".
+    keys = [kv.split("=", 1)[0] for kv in tags["sweep.values"].split() if "=" in kv]
+    tags["experiment"] = cfg.experiment or (f"sweep over {', '.join(keys)}" if keys else "sweep")
     slot = job_slot(OmegaConf.to_container(hc.launcher), sweep_dir, hc.job.num)
     if slot is not None:
         number, threads, gpus = slot
@@ -36,24 +42,30 @@ def sweep_job(hc, launch_dir: Path, cfg) -> dict:
     return tags
 
 
-def swept_values(job: list[str], sweep: list[str]) -> str:
+def swept_overrides(job: list[str], sweep: list[str]) -> str:
     """Of a job's overrides, those its sweep varies: the keys that carry a
     sweep (`a,b`, range, interval...) in `sweep`, the multirun's overrides
-    and the sweeper's params. `optim.warmup=0 trainer.sample.top_k=50`."""
+    and the sweeper's params. `optim.lr=0.001 optim.warmup=0`: the tag
+    sweep.values, which the report and the UI's columns read."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
     try:
         keys = {o.key_or_group for o in parser.parse_overrides(sweep) if o.is_sweep_override()}
-        keys.discard("optim.lr")  # already in the name
         return " ".join(
             f"{o.key_or_group}={o.get_value_element_as_str()}"
             for o in parser.parse_overrides(job)
             if o.key_or_group in keys
         )
-    except HydraException:  # a sweeper's own syntax: the name goes without it
+    except HydraException:  # a sweeper's own syntax: no values recorded, no error
         return ""
+
+
+def swept_values(job: list[str], sweep: list[str]) -> str:
+    """What a sweep job's run name adds to `<hardware>-<model>-lr<lr>`: the
+    swept overrides but the LR, which the name carries already."""
+    return name_suffix(swept_overrides(job, sweep))
 
 
 def parallel_jobs(launcher: dict, cores: int) -> int:

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -58,11 +59,18 @@ RENAMED = {
 }
 GENRES = {"shi": "诗", "ci": "词"}
 VERSE_FORM = 0.93  # the corpus's own share of 5/7-character lines (param data.verse_form)
+PROMPTS = ["床前明月光，", "子曰"]
 SAMPLES = [
     {"step": 50, "decoding": "sampled", "prompt": "床前", "text": "旧的"},
-    {"step": 100, "decoding": "sampled", "prompt": "床前明月光，", "text": "疑是地上霜。"},
+    # trainer.sample.per_prompt (4) continuations of each prompt, as an eval writes them
+    *(
+        {"step": 100, "decoding": "sampled", "prompt": p, "text": f"第{k}首：疑是地上霜。"}
+        for p in PROMPTS
+        for k in range(4)
+    ),
     {"step": 100, "decoding": "greedy", "prompt": "床前明月光，", "text": "床前床前"},
 ]
+GENRE_TOKENS = {"shi": 5000, "ci": 355}  # tags genre_tokens.<genre>: 词's loss from too few tokens
 OTHER = FakeRun("m1-tiny-lr0.001", "m1", 1.0, mfu=False, rep4=False, finished=False)  # experiment "ablation"
 
 
@@ -79,6 +87,8 @@ def _log(client, exp_id: str, run: FakeRun, start_ms: int, index: int) -> None:
         "git.dirty": "false",
     }
     tags.update({f"genre.{k}": v for k, v in GENRES.items()})
+    if run is not OTHER:  # a run from before the counts were recorded
+        tags.update({f"genre_tokens.{k}": str(n) for k, n in GENRE_TOKENS.items()})
     if run.sweep:
         tags.update({"sweep.dir": run.sweep, "sweep.job": str(index), "sweep.values": f"trainer.seed={index}"})
     info = client.create_run(exp_id, start_time=start_ms, tags=tags, run_name=run.name).info
@@ -139,6 +149,7 @@ def store(tmp_path_factory) -> str:
     samples = tmp_path_factory.mktemp("samples") / "samples.jsonl"
     samples.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in SAMPLES), encoding="utf-8")
     client.log_artifact(RUNS["cpu"].run_id, str(samples))
+    client.log_artifact(RUNS["gpu"].run_id, str(samples))
     return uri
 
 
@@ -202,7 +213,7 @@ def test_index_html_shows_plots_runs_and_the_mlflow_hint(report, store):
         assert run.name in page
     assert 'href="runs.csv"' in page
     assert f"mlflow ui --backend-store-uri {store}" in page
-    assert f"/#/experiments/{RUNS['cpu'].experiment_id}/runs?compareRunsMode=CHART" in page
+    assert f"/#/experiments/{RUNS['cpu'].experiment_id}/runs?viewStateShareKey=lingmao-" in page
 
 
 def test_unknown_selector_names_the_experiments(store, tmp_path, capsys):
@@ -283,8 +294,16 @@ def test_cli(store, tmp_path):
     assert str(out.resolve() / "index.html") in proc.stdout
     for run in RUNS.values():
         assert run.name in proc.stdout
-    assert "compareRunsMode=CHART" in proc.stdout
+    assert "viewStateShareKey=" in proc.stdout and "compareRunsMode=TABLE" in proc.stdout
     assert (out / "runs.csv").exists() and (out / "index.html").exists()
+    lines = proc.stdout.splitlines()
+    table = lines[: [i for i, line in enumerate(lines) if line.startswith("* lowest final val loss")][0]]
+    assert max(map(len, table)) <= 100  # the console table fits 100 columns; the rest is in runs.csv
+    for run in RUNS.values():  # a run to a line
+        assert len([line for line in table if run.name in line]) == 1, run.name
+    best = min(RUNS.values(), key=lambda r: r.logged["val/loss"][-1])
+    (line,) = [line for line in table if best.name in line]
+    assert line.lstrip().startswith("*") and "trainer.seed=" in line  # marked, with what it varied
 
 
 def test_lr_as_set_and_as_scaled_varied_keys_train_and_genre_loss_and_form(report):
@@ -292,7 +311,9 @@ def test_lr_as_set_and_as_scaled_varied_keys_train_and_genre_loss_and_form(repor
     t4, cpu = rows[RUNS["t4"].name], rows[RUNS["cpu"].name]
     assert float(t4["lr"]) == pytest.approx(0.001) and float(t4["lr_scaled"]) == pytest.approx(0.002)
     assert float(cpu["lr"]) == float(cpu["lr_scaled"]) == pytest.approx(0.001)
-    assert cpu["varied"] == "trainer.seed=0" and t4["varied"] == "trainer.seed=2"
+    # every varied key's value per run: the LR from its config where the sweep tag lacks it
+    assert cpu["varied"] == "trainer.seed=0 optim.lr=0.001" and t4["varied"] == "trainer.seed=2 optim.lr=0.001"
+    assert rows[RUNS["zh"].name]["varied"] == "optim.lr=0.002"  # no sweep: no seed recorded
     for run in RUNS.values():
         row = rows[run.name]
         assert float(row["train_loss"]) == pytest.approx(run.logged["train/loss"][-1])
@@ -302,14 +323,79 @@ def test_lr_as_set_and_as_scaled_varied_keys_train_and_genre_loss_and_form(repor
         assert float(row["form_ref"]) == pytest.approx(VERSE_FORM)
     page = (report.out / "index.html").read_text(encoding="utf-8")
     assert "<th>val loss 诗</th>" in page and "<th>val loss 词</th>" in page
-    assert "The sweep varied: trainer.seed, optim.lr." in page  # optim.lr: the runs set different ones
+    assert "The runs vary: trainer.seed, optim.lr" in page  # optim.lr: the runs set different ones
 
 
-def test_index_html_shows_the_last_samples_of_a_run(report):
+def test_index_html_shows_every_prompts_samples_side_by_side(report):
     page = (report.out / "index.html").read_text(encoding="utf-8")
-    assert "<b>床前明月光，</b>疑是地上霜。" in page  # the last eval's sampled text
+    samples = page[page.index("<h2>Last samples</h2>") :]
+    head = samples[: samples.index("</thead>")]
+    assert head.index(RUNS["gpu"].name) < head.index(RUNS["cpu"].name)  # a column per run, in the table's order
+    rows = samples[samples.index("<tbody>") : samples.index("</tbody>")].split("<tr>")[1:]
+    assert len(rows) == len(PROMPTS)  # a row per prompt, every prompt shown
+    for prompt, row in zip(PROMPTS, rows):
+        assert row.count("<td>") == 2  # the two runs with samples, side by side
+        assert all(f"<b>{prompt}</b>第{k}首：疑是地上霜。" in row for k in range(4))
     assert "旧的" not in page  # an earlier eval's
     assert "床前床前" not in page  # the greedy baseline is a diagnostic, not a sample to read
+
+
+def test_the_best_run_is_marked_in_the_csv_and_the_page(report):
+    rows = _csv(report)
+    assert [r["best"] for r in rows] == ["True"] + ["False"] * (len(rows) - 1)  # sorted: the first is the lowest
+    page = (report.out / "index.html").read_text(encoding="utf-8")
+    (best,) = [row for row in page.split("<tr") if row.startswith(" class=best")]
+    assert rows[0]["run"] in best and "★ best" in best
+
+
+def test_a_genre_loss_from_too_few_tokens_is_flagged(report):
+    from lingmao.tracking.record import MIN_GENRE_TOKENS
+
+    assert GENRE_TOKENS["ci"] < MIN_GENRE_TOKENS <= GENRE_TOKENS["shi"]
+    rows = _csv(report)
+    assert {r["val_tokens_ci"] for r in rows} == {"355"} and {r["val_tokens_shi"] for r in rows} == {"5000"}
+    page = (report.out / "index.html").read_text(encoding="utf-8")
+    ci = f"{float(rows[0]['val_loss_ci']):.4f}"
+    shi = f"{float(rows[0]['val_loss_shi']):.4f}"
+    assert f'title="355 tokens">{ci}†</td>' in page and f'title="5000 tokens">{shi}</td>' in page
+    assert f"† per-genre val loss from fewer than {MIN_GENRE_TOKENS} tokens (词 (ci))" in page
+
+
+def _fake_runs(n: int, hardware: str = "cpu") -> list:
+    from lingmao.report.collect import Run
+
+    runs = []
+    for i in range(n):
+        row = {"run": f"cpu-tiny-lr{i}", "hardware": hardware, "samples_per_sec": 40.0 + i}
+        runs.append(Run(row, row["run"], "1", 0, genre_loss={g: 6.0 - 0.01 * i for g in GENRES}, genres=GENRES))
+        runs[-1].genre_tokens = dict(GENRE_TOKENS)
+    return runs
+
+
+def test_the_genre_plots_legend_covers_no_bar_and_few_tokens_are_hatched():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from lingmao.report.plots import _genre_figure, cjk_fonts, find_cjk_font
+
+    with cjk_fonts(find_cjk_font()):
+        fig = _genre_figure(_fake_runs(4), GENRES)  # bars as tall as the axes: no room inside for a legend
+        FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    bars = [p for p in ax.patches]
+    assert len(bars) == 4 * len(GENRES)
+    assert not [b for b in bars if legend.overlaps(b.get_window_extent(renderer))]
+    hatched = {round(b.get_x() + b.get_width() / 2) for b in bars if b.get_hatch()}
+    assert hatched == {list(GENRES).index("ci")}  # 词's bars: fewer than MIN_GENRE_TOKENS tokens
+
+
+def test_the_throughput_plot_gives_each_run_its_own_colour():
+    from lingmao.report.plots import _throughput_figure
+
+    fig = _throughput_figure(_fake_runs(3), "note")  # three runs on one hardware
+    colours = [tuple(p.get_facecolor()) for p in fig.axes[0].patches]
+    assert len(colours) == 3 and len(set(colours)) == 3
 
 
 def test_chinese_run_and_genre_names_render_with_a_cjk_font(store, tmp_path):
@@ -340,3 +426,49 @@ def test_report_says_whether_throughput_differences_are_noise(report):
     page = (report.out / "index.html").read_text(encoding="utf-8")
     # The fake runs' throughputs are 100, 200, 300 and 400 samples/s apart with a spread of 30.
     assert "throughput differs between runs beyond their own spread" in page
+
+
+def _view(store: str, experiment_id: str, line: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    key = re.search(r"viewStateShareKey=([\w-]+)", line).group(1)
+    tag = MlflowClient(store).get_experiment(experiment_id).tags[f"mlflow.sharedViewState.{key}"]
+    return json.loads(json.loads(tag)["state"])
+
+
+def test_the_printed_link_opens_the_runs_table_with_what_they_vary_sorted_by_val_loss(store):
+    from lingmao.tracking.store import where
+
+    exp = RUNS["cpu"].experiment_id
+    line = where(store, exp, f"tags.`sweep.dir` = '{SWEEP_A}'")
+    assert f"then open http://127.0.0.1:5000/#/experiments/{exp}/runs?viewStateShareKey=" in line
+    state = _view(store, exp, line)
+    assert (
+        state["searchFilter"] == f"tags.`sweep.dir` = '{SWEEP_A}'"
+    )  # in the view: beside it in the URL the UI drops it
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`val/loss`", True)
+    # optim.lr differs between the runs; trainer.seed (tag sweep.values) is no param of these fake runs
+    assert (
+        state["selectedColumns"]
+        == state["columnOrder"]
+        == [
+            "tags.`hardware`",
+            "tags.`model`",
+            "params.`config.optim.lr`",
+            "metrics.`val/loss`",
+            "metrics.`mean_samples_per_sec`",
+        ]
+    )
+    assert where(store, exp, f"tags.`sweep.dir` = '{SWEEP_A}'") == line  # the same view, rewritten in place
+
+
+def test_the_link_follows_the_ui_to_another_port(store, monkeypatch):
+    from lingmao.tracking.store import where
+
+    monkeypatch.setenv("LINGMAO_UI_URL", "http://127.0.0.1:8080")
+    line = where(store, RUNS["cpu"].experiment_id)
+    assert f"mlflow ui --backend-store-uri {store} --port 8080  then open http://127.0.0.1:8080/#/" in line
+    monkeypatch.delenv("LINGMAO_UI_URL")
+    line = where(store, RUNS["cpu"].experiment_id)
+    assert "then open http://127.0.0.1:5000/#/" in line and "--port" not in line.split("then open")[0]
+    assert "LINGMAO_UI_URL=http://127.0.0.1:PORT" in line  # says how

@@ -74,6 +74,39 @@ def test_eval_reproduces_the_val_metrics_training_logged(trained, capsys):
     assert f"last.pt (step {STEPS})" in out and f"loss {result['loss']:.4f}" in out
 
 
+def test_by_default_eval_says_which_windows_the_runs_val_loss_scored_and_agrees_on_them(trained, capsys):
+    """Eval's loss is over every val window; the run's val/loss over its
+    first trainer.eval_batches micro-batches: 6.490 against 6.439 before
+    eval said so. It scores those windows too, and agrees on them."""
+    run_dir, final, _ = trained
+    result = evaluation.run(options(run_dir))  # batch 16, all windows, as a user runs it
+    run = result["run"]
+    assert run["windows"] == min(20 * 2, result["all_windows"])  # eval_batches x micro-batch x 1 process
+    assert run["loss"] == pytest.approx(final["val/loss"], rel=1e-5)
+    assert run["logged"] == pytest.approx(final["val/loss"], rel=1e-6)  # the checkpoint's own eval
+    out = capsys.readouterr().out
+    assert (
+        f"the run's val/loss at step {STEPS} ({final['val/loss']:.4f}) scored the first {run['windows']} windows" in out
+    )
+    assert "(trainer.eval_batches 20 x micro-batch 2 x 1 process(es)) in fp32" in out
+    assert f"this checkpoint on them: {run['loss']:.4f} (fp32)" in out
+    assert f"The loss above is over all {result['windows']} of {result['all_windows']} windows" in out
+
+
+def test_a_genre_scored_on_few_tokens_is_flagged(trained, capsys):
+    from lingmao.tracking.record import MIN_GENRE_TOKENS
+
+    run_dir, _, _ = trained
+    result = evaluation.run(options(run_dir))
+    out = capsys.readouterr().out
+    few = [g for g, r in result["genres"].items() if r["tokens"] < MIN_GENRE_TOKENS]
+    assert few  # the test corpus is small
+    for g in few:
+        (row,) = [line for line in out.splitlines() if line.lstrip().startswith(g + " ")]
+        assert row.rstrip().endswith("† few tokens"), row
+    assert f"† fewer than {MIN_GENRE_TOKENS} tokens: a standard error of 0.1 nats or more" in out
+
+
 def test_all_windows_by_default_and_fewer_with_max_batches(trained, capsys):
     run_dir, _, _ = trained
     everything = evaluation.run(options(run_dir, batch_size=2))

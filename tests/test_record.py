@@ -2,6 +2,8 @@
 when not on a terminal, ASCII metric names, corpus statistics as tags,
 the composed Hydra config as artifacts."""
 
+import json
+
 from mlflow.tracking import MlflowClient
 from test_resume import _keep_torch_threads, cli, mlflow_runs  # noqa: F401
 
@@ -29,6 +31,8 @@ def test_a_cli_run_leaves_a_log_plain_progress_lines_and_a_readable_record(
     run = runs[0]
     assert "val/loss_shi" in run.data.metrics and not [k for k in run.data.metrics if not k.isascii()]
     assert run.data.tags["genre.shi"] == "诗"
+    assert "experiment" not in run.data.tags  # no preset, no sweep: no empty tag for the UI's Group by
+    assert_genre_sample_tags(run.data.tags, shared_cache, micro_batch=4, eval_batches=20)
     assert not [k for k in run.data.metrics if k.startswith("data/")]  # corpus counts are tags
     assert int(run.data.tags["data.duplicates.windows"]) > 0
     client = MlflowClient(f"sqlite:///{mlflow_db}")
@@ -37,6 +41,48 @@ def test_a_cli_run_leaves_a_log_plain_progress_lines_and_a_readable_record(
         "hydra/overrides.yaml",
     }
     assert "run.log" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def assert_genre_sample_tags(tags: dict, cache, micro_batch: int, eval_batches: int) -> None:
+    """The tags genre_tokens.<g> / genre_docs.<g> count what val/loss_<g> averages: per_genre_loss's own counts."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from lingmao.train.validation import genre_metric_names, per_genre_loss
+
+    (docs_file,) = cache.glob("prepared/**/val_docs.npy")
+    meta = json.loads((docs_file.parent / "meta.json").read_text(encoding="utf-8"))
+    tokens = np.fromfile(docs_file.parent / "val.bin", dtype=meta["dtype"]).astype(np.int64)
+
+    class Zeros(torch.nn.Module):  # the counts do not depend on the model
+        def forward(self, x):
+            return torch.zeros(*x.shape, meta["vocab_size"])
+
+    per_genre = max(16, eval_batches * micro_batch // len(meta["genres"]))
+    counted = per_genre_loss(Zeros(), tokens, np.load(docs_file), meta["genres"], 32, max_docs_per_genre=per_genre)
+    names = genre_metric_names(meta["genres"])
+    assert counted
+    assert {names[g]: (str(r["tokens"]), str(r["docs"])) for g, r in counted.items()} == {
+        k.split(".", 1)[1]: (v, tags[f"genre_docs.{k.split('.', 1)[1]}"])
+        for k, v in tags.items()
+        if k.startswith("genre_tokens.")
+    }
+
+
+def test_the_per_genre_document_rule_is_the_evaluators():
+    """record.genre_docs copies train/validation.py's Evaluator rule (tracking sits below train)."""
+    from types import SimpleNamespace as NS
+
+    from lingmao.tracking.record import genre_docs
+    from lingmao.train.validation import Evaluator
+
+    for eval_batches, micro, n in [(20, 4, 5), (20, 64, 3), (2, 4, 5), (100, 32, 1), (20, 8, 0)]:
+        cfg = NS(trainer=NS(eval_batches=eval_batches), seed=0, model=NS(context_length=32))
+        val = NS(genres=[f"g{i}" for i in range(n)])
+        evaluator = Evaluator(None, NS(micro_batch=micro), "cpu", None, val, cfg, None, None, None)
+        assert genre_docs(eval_batches, micro, n) == evaluator.genre_docs, (eval_batches, micro, n)
 
 
 def test_the_corpus_is_a_dataset_input_and_a_resume_records_what_changed(tmp_path, mlflow_db, shared_cache):
@@ -155,6 +201,14 @@ def test_the_runs_link_is_printed_once_the_run_is_open(tmp_path, mlflow_db, shar
     lines = [line for line in out.splitlines() if line.startswith("MLflow run: ")]
     assert len(lines) == 1 and "compareRunsMode=CHART" in lines[0] and runs[0].info.run_id in lines[0]
     assert out.index("MLflow run: ") < out.index("done: step 40")  # printed by the run, before its end line
+    (compare,) = [line for line in out.splitlines() if line.startswith("  compare: ")]
+    assert "viewStateShareKey=lingmao-" in compare and "compareRunsMode=TABLE" in compare
+    assert "LINGMAO_UI_URL" in compare  # how to point the link at a UI on another port
+    client = MlflowClient(f"sqlite:///{mlflow_db}")
+    (view,) = [v for k, v in client.get_experiment(runs[0].info.experiment_id).tags.items() if "sharedViewState" in k]
+    state = json.loads(json.loads(view)["state"])
+    assert state["orderByKey"] == "metrics.`val/loss`" and state["orderByAsc"] is True
+    assert {"tags.`hardware`", "tags.`model`", "metrics.`val/loss`"} <= set(state["selectedColumns"])
 
 
 def test_a_run_bounded_by_time_shows_its_clock_beside_the_steps(tmp_path, mlflow_db, shared_cache, monkeypatch, capsys):

@@ -18,7 +18,7 @@ from test_run import TINY, run_cli
 
 from lingmao.config.compose import CONF_DIR, register
 from lingmao.run import execute
-from lingmao.sweep import lock_free_slot, parallel_jobs, slot_resources
+from lingmao.sweep import lock_free_slot, parallel_jobs, slot_resources, sweep_job
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 
@@ -36,6 +36,49 @@ def test_parallel_jobs_follow_joblib_and_ignore_other_launchers():
         )
         == 1
     )
+
+
+def _hydra_job(tmp_path, multirun: list[str], job: list[str], params: dict | None = None):
+    """A HydraConfig of job 0 of a multirun launched in tmp_path, its multirun.yaml written."""
+    from omegaconf import OmegaConf
+
+    (tmp_path / "multirun" / "a").mkdir(parents=True)
+    OmegaConf.save({"hydra": {"overrides": {"task": multirun}}}, tmp_path / "multirun" / "a" / "multirun.yaml")
+    hc = OmegaConf.create(
+        {
+            "sweep": {"dir": "multirun/a"},
+            "job": {"num": 0},
+            "overrides": {"task": job},
+            "sweeper": {"params": params},
+            "launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"},
+        }
+    )
+    return hc, OmegaConf.create({"experiment": None, "hardware": {"threads": 0}})
+
+
+def test_a_sweep_of_the_lr_alone_records_it_and_names_the_experiment_by_it(tmp_path):
+    """Its sweep.values and experiment tags were empty: the LR was left out of
+    the tag as it is of the name suffix, and only presets set experiment."""
+    hc, cfg = _hydra_job(tmp_path, ["model=tiny", "optim.lr=1e-3,3e-3"], ["model=tiny", "optim.lr=0.001"])
+    tags = sweep_job(hc, tmp_path, cfg)
+    assert tags["sweep.values"] == "optim.lr=0.001"
+    assert tags["experiment"] == "sweep over optim.lr"
+    hc, cfg = _hydra_job(
+        tmp_path / "b", ["optim.lr=1e-3"], ["optim.lr=0.001", "optim.warmup=0"], {"optim.warmup": "0,20"}
+    )
+    cfg.experiment = "repeater"  # a preset names its own question
+    tags = sweep_job(hc, tmp_path / "b", cfg)
+    assert (tags["sweep.values"], tags["experiment"]) == ("optim.warmup=0", "repeater")
+
+
+def test_a_sweep_jobs_run_name_adds_what_the_sweep_varies_but_the_lr():
+    from omegaconf import OmegaConf
+
+    from lingmao.tracking.record import run_name
+
+    cfg = OmegaConf.create({"tracking": {"run_name": None}, "model": {"name": "tiny"}, "optim": {"lr": 0.001}})
+    assert run_name(cfg, "cpu", "optim.lr=0.001") == "cpu-tiny-lr1e-3"
+    assert run_name(cfg, "cpu", "optim.lr=0.001 optim.warmup=0") == "cpu-tiny-lr1e-3 optim.warmup=0"
 
 
 def test_slot_resources_split_cores_and_gpus():
@@ -138,7 +181,8 @@ def test_joblib_sweep_loses_nothing_and_splits_the_machine(tmp_path, shared_cach
         assert steps(client, run, "val/loss") == [5, 10, 15]
     sweep = runs[0].data.tags["sweep.id"]
     assert proc.stdout.count(f"mlflow: sweep {sweep}: 2 run(s)") == 1  # the summary, once, at the end
-    assert "searchFilter=" in proc.stdout
+    assert sorted(r.data.tags["sweep.values"] for r in runs) == ["optim.lr=0.001", "optim.lr=0.003"]
+    assert "viewStateShareKey=" in proc.stdout  # the sweep's runs table (tracking/view.py)
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """As a user would: train a 2-run sweep, start `mlflow ui` over its store,
-open the link the sweep printed in headless Chromium and read the chart
-view's section order (train and val first) from the rendered page.
+open the link the sweep printed in headless Chromium and read from the
+rendered page its runs table (the varied LR, hardware, model, val/loss and
+samples/s as columns, sorted by val/loss) and the chart view's section
+order (train and val first).
 
 Needs the Debian package `chromium` (.ci/run installs it). Set
 LINGMAO_SCREENSHOTS=DIR to keep the screenshot and the page's DOM."""
@@ -33,6 +35,8 @@ SWEEP = [
     "hardware.batch=4",
     "optim.lr=1e-3,3e-3",
 ]
+COLUMN = re.compile(r'role="columnheader"[^>]*col-id="([^"]+)"[^>]*style="left: (\d+)px')
+ROW = re.compile(r'role="row" row-index="(\d+)" row-id="([0-9a-f]{32})"')
 SECTION = re.compile(r'data-testid="experiment-view-compare-runs-section-header"[^>]*>(.*?)<span', re.S)
 
 
@@ -138,11 +142,45 @@ def ui(tmp_path_factory):
             server.wait(timeout=20)
 
 
+def _keep(*files: Path) -> None:
+    keep = os.environ.get("LINGMAO_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy(f, keep)
+
+
+@pytest.mark.slow
+def test_the_printed_link_opens_the_runs_table_with_the_swept_lr_sorted_by_val_loss(ui, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    chromium = _chromium()
+    link, uri = ui
+    assert "viewStateShareKey=" in link and "compareRunsMode=TABLE" in link
+    dom = _browser(chromium, tmp_path / "profile", "--dump-dom", link).stdout
+    assert "does not exist" not in dom and "share key is invalid" not in dom
+    # Placed by their left offsets (the grid's DOM order need not be the visual one).
+    columns = [c for c, _ in sorted(set(COLUMN.findall(dom)), key=lambda c: int(c[1]))]
+    wanted = ["tags.`hardware`", "tags.`model`", "params.`config.optim.lr`", "metrics.`val/loss`"]
+    wanted.append("metrics.`mean_samples_per_sec`")
+    assert [c for c in columns if c in wanted] == wanted, columns  # visible, in this order
+    client = MlflowClient(uri)
+    runs = client.search_runs([re.search(r"experiments/(\d+)/", link).group(1)])
+    by_loss = [r.info.run_id for r in sorted(runs, key=lambda r: r.data.metrics["val/loss"])]
+    rows = dict(sorted({int(i): run for i, run in ROW.findall(dom)}.items()))
+    assert list(rows.values()) == by_loss  # the table's rows by val/loss, lowest first
+    shot = tmp_path / "runs_table.png"
+    _browser(chromium, tmp_path / "profile", f"--screenshot={shot}", link)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "runs_table.html").write_text(dom, encoding="utf-8")
+    _keep(shot, tmp_path / "runs_table.html")
+
+
 @pytest.mark.slow
 def test_the_printed_link_opens_on_the_train_and_val_charts(ui, tmp_path):
     chromium = _chromium()
     ui, _ = ui
-    assert "compareRunsMode=CHART" in ui
+    ui = ui.replace("compareRunsMode=TABLE", "compareRunsMode=CHART")  # the chart view, one click away
     dom = _browser(chromium, tmp_path / "profile", "--dump-dom", ui).stdout
     sections = _sections(dom)
     assert sections[:2] == ["train", "val"], sections
@@ -154,8 +192,5 @@ def test_the_printed_link_opens_on_the_train_and_val_charts(ui, tmp_path):
     shot = tmp_path / "chart_view.png"
     _browser(chromium, tmp_path / "profile", f"--screenshot={shot}", ui)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
-    keep = os.environ.get("LINGMAO_SCREENSHOTS")
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, keep)
-        (Path(keep) / "chart_view.html").write_text(dom, encoding="utf-8")
+    (tmp_path / "chart_view.html").write_text(dom, encoding="utf-8")
+    _keep(shot, tmp_path / "chart_view.html")

@@ -34,6 +34,7 @@ HISTORY_KEYS = {
 }
 FORM_KEYS = ("val/samples/form", "samples/form")
 GENRE = "val_loss_"  # per-genre row keys: val_loss_<ascii genre>
+GENRE_TOKENS = "val_tokens_"  # and the tokens each averages: val_tokens_<ascii genre> (tags genre_tokens.<genre>)
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # MLflow run ids are uuid4 hex
 
@@ -60,6 +61,9 @@ class Run:
     genres: dict[str, str] = field(default_factory=dict)  # ASCII genre name -> the genre (tags genre.<ascii>)
     throughput: list[float] = field(default_factory=list)  # samples/s per log interval, the first left out
     samples: list[dict] = field(default_factory=list)  # the last eval's samples (samples.jsonl)
+    genre_tokens: dict[str, int] = field(default_factory=dict)  # ASCII genre name -> tokens its loss averages
+    swept: dict[str, str] = field(default_factory=dict)  # what the run's sweep varied (tag sweep.values): key -> value
+    config: dict[str, str] = field(default_factory=dict)  # params config.<key>, without the prefix
 
 
 # --- store and selectors ---
@@ -222,13 +226,16 @@ def collect(client, run) -> Run:
     wall = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
     genres = {k[len("genre.") :]: v for k, v in tags.items() if k.startswith("genre.")}
     genre_loss = {k[len("val/loss_") :]: v for k, v in data.metrics.items() if k.startswith("val/loss_")}
+    tokens = {k[len("genre_tokens.") :]: int(_float(v) or 0) for k, v in tags.items() if k.startswith("genre_tokens.")}
+    swept = dict(kv.split("=", 1) for kv in (tags.get("sweep.values") or "").split() if "=" in kv)
     row = {
         "run": info.run_name or info.run_id[:8],
         "hardware": tags.get("hardware") or params.get("plan.preset"),
         "model": tags.get("model") or params.get("config.model.name"),
         "params_m": n_params / 1e6 if n_params is not None else None,
         "effective_batch": int(batch) if batch is not None else None,
-        "varied": tags.get("sweep.values") or None,
+        "best": False,  # set once all runs are sorted (table.mark_best)
+        "varied": None,  # the values of what the runs vary, set once all are collected (table.fill_varied)
         "lr": _float(params.get("config.optim.lr")),  # what the user set
         "lr_scaled": _float(params.get("plan.lr")),  # after the batch-size rule
         "train_loss": _last(history.get("train/loss", [])),
@@ -236,6 +243,7 @@ def collect(client, run) -> Run:
         # The latest value MLflow keeps per key is the final one; no history needed.
         "val_perplexity": data.metrics.get("val/perplexity"),
         **{GENRE + g: v for g, v in genre_loss.items()},
+        **{GENRE_TOKENS + g: n for g, n in tokens.items()},
         "samples_per_sec": _steady_median(history.get("samples_per_sec", [])),
         "tokens_per_sec": _steady_median(history.get("tokens_per_sec", [])),
         "mfu": _steady_median(history.get("mfu", [])),
@@ -258,4 +266,7 @@ def collect(client, run) -> Run:
         genres=genres,
         throughput=steady(history.get("samples_per_sec", [])),
         samples=_last_samples(client, info.run_id),
+        genre_tokens=tokens,
+        swept=swept,
+        config={k[len("config.") :]: v for k, v in params.items() if k.startswith("config.")},
     )

@@ -9,8 +9,11 @@ import math
 import shutil
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+
+from lingmao.tracking.record import MIN_GENRE_TOKENS
 
 PLOTS = (
     "train_loss_vs_step.png",
@@ -223,76 +226,83 @@ def _line_plot(
     _save(fig, path)
 
 
-def _genre_plot(runs: list, genres: dict[str, str], path: Path) -> None:
-    """Final val loss per genre: one group of bars per genre, a bar per run."""
+def _genre_figure(runs: list, genres: dict[str, str]):
+    """Final val loss per genre: one group of bars per genre, a bar per run;
+    a loss from fewer than MIN_GENRE_TOKENS tokens hatched and pale."""
+    from matplotlib.patches import Patch
+
     fig, ax = _figure("Final validation loss by genre", "genre", "val loss (nats/token)")
     drawn = [r for r in runs if any(r.genre_loss.get(g) is not None for g in genres)]
     if not drawn:
         _empty(ax, "no per-genre validation loss logged (val/loss_<genre>)")
-        _save(fig, path)
-        return
+        return fig
     width = 0.8 / len(drawn)
     colors = dict(zip((r.label for r in runs), _colors(len(runs))))
+    few = False
     for j, r in enumerate(drawn):
         xs = [i + (j - (len(drawn) - 1) / 2) * width for i in range(len(genres))]
-        ys = [r.genre_loss.get(g, math.nan) for g in genres]
-        ax.bar(xs, ys, width=width * 0.95, color=colors[r.label], label=r.label)
+        bars = ax.bar(xs, [r.genre_loss.get(g, math.nan) for g in genres], width=width * 0.95, color=colors[r.label])
+        for bar, g in zip(bars, genres):
+            if r.genre_tokens.get(g, MIN_GENRE_TOKENS) < MIN_GENRE_TOKENS:
+                bar.set_hatch("///")
+                bar.set_alpha(0.45)
+                few = True
     ax.set_xticks(range(len(genres)), [f"{name} ({g})" for g, name in genres.items()])
     ax.grid(False, axis="x")
-    _legend(ax, len(drawn))
-    _save(fig, path)
+    handles = [Patch(color=colors[r.label], label=r.label) for r in drawn]
+    if few:
+        handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="///", label=f"< {MIN_GENRE_TOKENS} tokens"))
+    # Outside the axes: once the bars fill the height, any place inside covers one.
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title="run")
+    return fig
 
 
-def _throughput_plot(runs: list, path: Path, note: str) -> None:
+def _throughput_figure(runs: list, note: str):
+    """A bar per run in the run's colour of every other plot, grouped by
+    hardware (named under each bar), with its spread over log intervals."""
     fig, ax = _figure(
         "Training throughput by hardware (median after the first log interval; bars: quartiles)",
-        "run",
+        "run (hardware)",
         "samples / second",
     )
+    colors = dict(zip((r.label for r in runs), _colors(len(runs))))
     bars = sorted(
         (r for r in runs if r.row["samples_per_sec"] is not None),
         key=lambda r: (r.row["hardware"] or "", -r.row["samples_per_sec"]),
     )
     if not bars:
         _empty(ax, "no throughput metrics logged (samples_per_sec)")
-        _save(fig, path)
-        return
-    hardware = list(dict.fromkeys(r.row["hardware"] or "unknown" for r in bars))
-    palette = dict(zip(hardware, _colors(len(hardware))))
-    seen: set[str] = set()
+        return fig
     for i, r in enumerate(bars):
-        hw, value = r.row["hardware"] or "unknown", r.row["samples_per_sec"]
-        ax.bar(i, value, width=0.7, color=palette[hw], label=None if hw in seen else hw)
-        seen.add(hw)
-        spread = r.throughput
-        if len(spread) >= 3:  # the run's own spread over its log intervals
+        value = top = r.row["samples_per_sec"]
+        ax.bar(i, value, width=0.7, color=colors[r.label])
+        if len(r.throughput) >= 3:  # the run's own spread over its log intervals
             import statistics
 
-            q1, _, q3 = statistics.quantiles(spread, n=4)
+            q1, _, q3 = statistics.quantiles(r.throughput, n=4)
             ax.errorbar(i, value, yerr=[[max(0.0, value - q1)], [max(0.0, q3 - value)]], color="0.2", capsize=4)
+            top = max(value, q3)
+        # Above the error bar's cap, which it would otherwise cross.
         ax.annotate(
             f"{value:,.1f}",
-            (i, value),
+            (i, top),
             ha="center",
             va="bottom",
             fontsize="small",
-            xytext=(6, 2),
+            xytext=(0, 3),
             textcoords="offset points",
         )
-    ax.set_xticks(
-        range(len(bars)),
-        [r.label for r in bars],
-        rotation=30 if len(bars) > 3 else 0,
-        ha="right" if len(bars) > 3 else "center",
-    )
+    # Names wrapped, not tilted: a tilted two-line label runs into its neighbours and the note.
+    tilt = len(bars) > 8
+    labels = [f"{textwrap.fill(r.label, 18)}\n({r.row['hardware'] or 'unknown'})" for r in bars]
+    ax.set_xticks(range(len(bars)), labels, rotation=30 if tilt else 0, ha="right" if tilt else "center")
     ax.grid(True, axis="y", alpha=0.3)
     ax.grid(False, axis="x")
     ax.margins(y=0.12)  # room for the value labels above the tallest bar
     pad = max(0.0, (4 - len(bars)) / 2)  # one or two bars would otherwise fill the whole width
     ax.set_xlim(-0.5 - pad, len(bars) - 0.5 + pad)
-    ax.legend(title="hardware", fontsize="small")
-    fig.text(0.01, -0.02, note, fontsize="small", color="0.3", wrap=True)
-    _save(fig, path)
+    ax.set_xlabel(f"run (hardware)\n\n{textwrap.fill(note, 110)}", fontsize="small")  # laid out below the labels
+    return fig
 
 
 def write_plots(runs: list, genres: dict[str, str], note: str, out: Path, font: Font) -> list[Path]:
@@ -324,8 +334,8 @@ def write_plots(runs: list, genres: dict[str, str], note: str, out: Path, font: 
             "no validation loss logged (val/loss)",
             x_time=True,
         )
-        _genre_plot(runs, genres, paths[3])
-        _throughput_plot(runs, paths[4], note)
+        _save(_genre_figure(runs, genres), paths[3])
+        _save(_throughput_figure(runs, note), paths[4])
         _line_plot(
             runs,
             "val/samples/rep4",

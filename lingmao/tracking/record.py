@@ -22,12 +22,20 @@ def compact(x: float) -> str:
     return f"{x:g}"
 
 
+def name_suffix(swept: str) -> str:
+    """Of a sweep job's varied overrides (`optim.lr=0.001 optim.warmup=0`),
+    those a run name adds: the LR is in every name already."""
+    return " ".join(kv for kv in swept.split() if not kv.startswith("optim.lr="))
+
+
 def run_name(cfg, preset: str, swept: str = "") -> str:
     """`t4x2-medium-lr3e-4`: preset, model and the LR the user set (before
-    scaling); in a sweep, then what this job's sweep varies (`swept`)."""
+    scaling); in a sweep, then what else this job's sweep varies (`swept`,
+    the tag sweep.values)."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
-    return f"{preset}-{cfg.model.name}-lr{compact(cfg.optim.lr)}" + (f" {swept}" if swept else "")
+    suffix = name_suffix(swept)
+    return f"{preset}-{cfg.model.name}-lr{compact(cfg.optim.lr)}" + (f" {suffix}" if suffix else "")
 
 
 def open_run(cfg, preset: str, run_dir: Path, launch_dir: Path, tags: dict, run_id: str | None, main: bool) -> Tracker:
@@ -51,7 +59,9 @@ def open_run(cfg, preset: str, run_dir: Path, launch_dir: Path, tags: dict, run_
             "hardware": preset,
             "model": cfg.model.name,
             "data": cfg.data.source,
-            "experiment": cfg.experiment or "",
+            # The preset's name; a sweep's tags name what it varies instead. An
+            # empty tag would read as a value in the UI's Group by.
+            **({"experiment": cfg.experiment} if cfg.experiment else {}),
             "host": launch_host(),
             "run_dir": str(run_dir.resolve()),
             **git_state(launch_dir),
@@ -62,6 +72,43 @@ def open_run(cfg, preset: str, run_dir: Path, launch_dir: Path, tags: dict, run_
     for f in sorted((run_dir / ".hydra").glob("*.yaml")):
         tracker.log_artifact(f, "hydra")
     return tracker
+
+
+# A per-genre loss from fewer tokens than this is flagged wherever it is
+# shown (compare's table, page and genre plot; `lingmao eval`). Per-token
+# losses spread with a standard deviation of 2.7-2.8 nats (tiny after 40
+# steps on the default corpus, val loss 6.44, in each genre), so a mean over
+# n tokens has a standard error of about 2.8 / sqrt(n): 0.09 nats at 1000
+# tokens, the size of the differences runs are compared by (0.1-0.3 nats
+# between LRs and optimizers in the README). Tokens of one poem are not
+# independent (by document the error came out up to 1.35x that), so this is
+# a floor: below it a genre's figure is noise.
+MIN_GENRE_TOKENS = 1000
+
+
+def genre_docs(eval_batches: int, micro_batch: int, n_genres: int) -> int:
+    """Documents of each genre that a run's val/loss_<genre> averages over:
+    train/validation.py's Evaluator rule (its eval_batches micro-batches of
+    documents shared among the genres, at least 16), copied because tracking
+    sits below train; tests/test_record.py holds the two together."""
+    return max(16, eval_batches * micro_batch // max(1, n_genres))
+
+
+def genre_sample(corpus_dir: str, meta: dict, per_genre: int) -> dict[str, tuple[int, int]]:
+    """{genre: (tokens, documents)} that the per-genre val loss scores: the
+    first `per_genre` val documents of each genre, each with its <eos>."""
+    import numpy as np
+
+    docs = np.load(Path(corpus_dir) / "val_docs.npy")
+    if not len(docs):
+        return {}
+    lengths = np.diff(np.append(docs[:, 0], meta["tokens"]["val"]))
+    out = {}
+    for i, genre in enumerate(meta["genres"]):
+        taken = lengths[docs[:, 1] == i][:per_genre]
+        if len(taken):
+            out[genre] = (int(taken.sum()), len(taken))
+    return out
 
 
 def dataset_source(d) -> str:
@@ -89,6 +136,17 @@ def record_start(tracker: Tracker, cfg, facts: dict) -> None:
     if facts["resumed_from"]:
         tracker.set_tags({"resumed_from": str(facts["resumed_from"]), "resumed_at_step": facts["step"]})
     tracker.set_tags({f"genre.{ascii_name}": g for g, ascii_name in facts["genres"].items()})
+    micro = facts["params"]["plan"]["micro_batch"]
+    scored = genre_sample(corpus["dir"], meta, genre_docs(cfg.trainer.eval_batches, micro, len(meta["genres"])))
+    # How many tokens each val/loss_<genre> averages: the report flags a
+    # genre's figure measured on too few of them.
+    names = facts["genres"]
+    tracker.set_tags(
+        {
+            **{f"genre_tokens.{names[g]}": tokens for g, (tokens, _) in scored.items()},
+            **{f"genre_docs.{names[g]}": docs for g, (_, docs) in scored.items()},
+        }
+    )
     tracker.log_dict(facts["params"]["plan"], "plan.json")
     tracker.log_dict(meta, "corpus.json")
     tracker.log_artifact(Path(corpus["dir"]) / "tokenizer.json")

@@ -5,6 +5,7 @@ import share."""
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import random
@@ -18,6 +19,7 @@ from pathlib import Path
 
 _LOCKED_RETRIES = 8  # backoff 0.1 s doubling: ~25 s in all before a locked sqlite store counts as unreachable
 _UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+UI_URL_ENV = "LINGMAO_UI_URL"  # where it serves instead (`mlflow ui --port 8080`: http://127.0.0.1:8080)
 
 
 class TrackingError(RuntimeError):
@@ -119,22 +121,54 @@ def ensure_store(uri: str) -> None:
         MlflowClient(uri).search_experiments(max_results=1)
 
 
+NOT_MLFLOW = "answered but is not an MLflow tracking server"
+
+
 def unreachable(uri: str, timeout: float = 3.0) -> str | None:
-    """Why an HTTP tracking server does not answer, or None if it does.
+    """Why an HTTP tracking server cannot take a run, or None if it can.
     MLflow's client retries an unreachable server for minutes before failing;
-    one GET of /health (every `mlflow server` serves it) tells in seconds."""
+    one GET of /health (every `mlflow server` serves it) tells in seconds. A
+    server that answers /health with an error must still speak MLflow's API."""
     if not uri.startswith(("http://", "https://")):
         return None
+    health = uri.rstrip("/") + "/health"
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return None  # it answered, if not on /health (a proxy, say): the client will tell more
+        urllib.request.urlopen(health, timeout=timeout).close()
+    except urllib.error.HTTPError as e:
+        # A proxy in front of MLflow may not pass /health on: its API decides.
+        return None if _speaks_mlflow(uri, timeout) else f"{NOT_MLFLOW} ({e.code} on {health})"
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         if isinstance(reason, ssl.SSLError):
             return None  # it answered; MLflow's client has its own TLS settings (MLFLOW_TRACKING_INSECURE_TLS, ...)
         return str(reason)
     return None
+
+
+def _speaks_mlflow(uri: str, timeout: float) -> bool:
+    """Whether the server answers MLflow's REST API: a JSON error names an
+    `error_code` (an unknown experiment is a 404 with one); 401/403 ask for
+    credentials the client has its own settings for."""
+    api = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+    try:
+        urllib.request.urlopen(api, timeout=timeout).close()
+        return True
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            return True
+        try:
+            return "error_code" in json.loads(e.read(65536) or b"{}")
+        except (ValueError, OSError):
+            return False
+    except (OSError, ValueError):
+        return True  # no verdict: MLflow's client will say what is wrong
+
+
+def store_problem(uri: str, why: str) -> str:
+    """One line on a store the records cannot reach (`why` from `unreachable`, or a failed call)."""
+    if why.startswith(NOT_MLFLOW):
+        return f"MLflow store {uri} {why}"
+    return f"MLflow store {uri} not reachable ({why})"
 
 
 def artifact_root(uri: str, experiment: str) -> str | None:
@@ -144,7 +178,10 @@ def artifact_root(uri: str, experiment: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None  # a server decides; a file store keeps them inside itself
     db = Path(uri[len("sqlite:///") :])
-    return (db.parent / "mlartifacts" / re.sub(r"[^\w.-]+", "_", experiment)).as_uri()
+    folder = re.sub(r"[^\w.-]+", "_", experiment)
+    if not folder.strip("."):  # "." or "..": not a folder of mlartifacts but the folder itself or its parent
+        folder = folder.replace(".", "_")
+    return (db.parent / "mlartifacts" / folder).as_uri()
 
 
 def experiment_id(client, name: str) -> str:
@@ -173,19 +210,41 @@ def experiment_id(client, name: str) -> str:
     return exp.experiment_id
 
 
-def ui_url(uri: str, exp_id: str, search: str = "") -> str:
-    """The experiment's runs with their charts. MLflow 3 opens an experiment on
-    its GenAI view; this page holds the training runs. `search` is a run filter
-    (MLflow search syntax), kept in the URL's `searchFilter`."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else _UI
-    query = {"searchFilter": search} if search else {}
-    query["compareRunsMode"] = "CHART"
-    return f"{base}/#/experiments/{exp_id}/runs?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}"
+def ui_base(uri: str) -> str:
+    """Where the UI of the store `uri` serves: a server serves its own; for a
+    local store, `mlflow ui` on $LINGMAO_UI_URL, else its default (port 5000)."""
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return (os.environ.get(UI_URL_ENV) or _UI).rstrip("/")
+
+
+def ui_url(uri: str, exp_id: str, search: str = "", view: str | None = None) -> str:
+    """The experiment's runs. MLflow 3 opens an experiment on its GenAI view;
+    this page holds the training runs. `view`: a shared view's id
+    (tracking/view.py), the runs table with its filter, sort and columns;
+    else the charts of the runs `search` (MLflow search syntax) selects."""
+    if view:  # with any filter or sort parameter beside it the UI would ignore the view
+        query = {"viewStateShareKey": view, "compareRunsMode": "TABLE"}
+    else:
+        query = {"searchFilter": search} if search else {}
+        query["compareRunsMode"] = "CHART"
+    query_string = urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+    return f"{ui_base(uri)}/#/experiments/{exp_id}/runs?{query_string}"
 
 
 def where(uri: str, exp_id: str, search: str = "") -> str:
-    """How to look: a server's own URL, or the `mlflow ui` command for a local store."""
-    url = ui_url(uri, exp_id, search)
+    """How to look at the runs `search` selects: a link to their runs table
+    (a shared view written into the experiment), on a server's own URL or
+    after the `mlflow ui` command for a local store, with how to point the
+    link at a UI on another port."""
+    from lingmao.tracking.view import publish
+
+    url = ui_url(uri, exp_id, search, publish(uri, exp_id, search, _retry_locked))
     if uri.startswith(("http://", "https://")):
         return f"open {url}"
-    return f"mlflow ui --backend-store-uri {uri}  then open {url}"
+    port = urllib.parse.urlsplit(ui_base(uri)).port
+    serve = f" --port {port}" if port and port != 5000 else ""
+    return (
+        f"mlflow ui --backend-store-uri {uri}{serve}  then open {url}  "
+        f"(UI on another port: {UI_URL_ENV}=http://127.0.0.1:PORT)"
+    )
