@@ -18,7 +18,6 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -26,7 +25,7 @@ import torch
 
 from lingmao.bench.loop import Clock, Steps
 from lingmao.data.windows import TokenWindows
-from lingmao.train.backend import DTYPES, matmul_tflops, peak_memory_bytes
+from lingmao.train.backend import DTYPES, matmul_tflops, peak_memory_bytes, reset_peak_memory
 
 PHASES = ("data", "forward_backward", "optimizer", "logging")
 PHASE_NAMES = {
@@ -38,18 +37,6 @@ PHASE_NAMES = {
 
 
 # --- peak memory ---
-
-
-def reset_peak_memory(device: torch.device) -> bool:
-    """Start a fresh peak; False where the OS keeps only the lifetime peak."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:  # Linux >= 4.0: writing 5 resets the peak RSS (VmHWM), see proc(5) clear_refs
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def current_memory_bytes(device: torch.device) -> int:

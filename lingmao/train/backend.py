@@ -93,16 +93,20 @@ def peak_memory_bytes(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def reset_peak_memory(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device) -> bool:
     """Start peak_memory_bytes over from what is held now, so that one
     phase's peak (an eval's) is not reported as the next one's. On CPU,
     Linux resets VmHWM to the current RSS when "5" is written to
-    /proc/self/clear_refs (proc(5)); elsewhere the CPU peak stays the process's."""
+    /proc/self/clear_refs (proc(5)); elsewhere the CPU peak stays the
+    process's, and this returns False."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):
+        return True
+    try:
         Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.25) -> float:
