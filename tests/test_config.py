@@ -19,7 +19,7 @@ def make(*overrides):
 
 
 def test_presets_are_the_product_set():
-    assert set(PRESETS) == {"rtx4090", "rtx3060", "t4x2", "t4", "m1", "cpu"}
+    assert set(PRESETS) == {"datacenter", "rtx4090", "rtx3060", "t4x2", "t4", "m1", "cpu"}
 
 
 @pytest.mark.parametrize("hardware", ("auto",) + PRESETS)
@@ -334,3 +334,44 @@ def test_needs_cover_settings_of_several_keys():
     ]
     with pytest.raises(ConfigError, match="set one of trainer.max_steps"):
         validate(make("trainer.max_steps=null"))
+
+
+# -- issue 28: non-finite numbers, experiment names with path parts --------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=inf", "optim.lr=inf must be a finite number > 0"),
+        ("optim.lr=nan", "optim.lr=nan must be a finite number > 0"),
+        ("optim.weight_decay=-inf", "optim.weight_decay=-inf must be a finite number >= 0"),
+        ("optim.min_lr_ratio=nan", "optim.min_lr_ratio=nan must be a finite number in [0, 1]"),
+        ("trainer.max_time=inf", "trainer.max_time=inf must be a finite number > 0 (or null)"),
+        ("checkpoint.every_minutes=inf", "checkpoint.every_minutes=inf must be a finite number > 0 (or null)"),
+        ("optim.lr_by_size.tiny=inf", "must be values, each a finite number > 0"),
+        ("optim.grad_clip=nan", "optim.grad_clip=nan must be a number > 0, or inf"),
+    ],
+)
+def test_a_non_finite_number_is_told_it_must_be_finite(override, message):
+    with pytest.raises(ConfigError) as e:
+        validate(make(override))
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../x", "a\\b", "/abs"])
+def test_an_experiment_name_with_path_parts_is_refused(name):
+    with pytest.raises(ConfigError) as e:
+        validate(make(f"tracking.experiment_name='{name}'"))
+    assert "must be non-empty text on one line without path parts ('/', '\\', '.' or '..')" in str(e.value)
+
+
+def test_experiment_names_without_path_parts_pass_and_stay_inside_mlartifacts():
+    from lingmao.tracking.store import artifact_root
+
+    for name in ("lingmao", "poetry-small.v2", "诗 实验", "a..b"):
+        validate(make(f"tracking.experiment_name='{name}'"))
+    # Databricks names its experiments by workspace path
+    validate(make("tracking.uri=databricks", "tracking.experiment_name=/Users/me@example.com/lingmao"))
+    for name in ("..", ".", "a/../.."):
+        assert artifact_root("sqlite:////x/mlflow.db", name).startswith("file:///x/mlartifacts/")
+        assert not artifact_root("sqlite:////x/mlflow.db", name).endswith(("/.", "/.."))

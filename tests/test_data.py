@@ -376,3 +376,51 @@ def test_duplicate_window_counts_are_scanned_once_per_corpus_and_window(poetry_d
     again = Prepared.load(p.dir)
     assert again.duplicate_windows(16, 8) == expected and scans == []  # read back, not scanned
     assert again.duplicate_windows(32, 8)["windows"] == 1 and scans == [32]  # another window: a new scan
+
+
+# --- issue 28: what an interrupted or refused preparation leaves behind -------------
+
+FAKE_NPM = """#!{python}
+import io, json, sys, tarfile
+assert sys.argv[1:] == ["pack", "chinese-poetry@2.0.1"], sys.argv
+with tarfile.open("chinese-poetry-2.0.1.tgz", "w:gz") as tar:
+    data = json.dumps([{{"title": "t", "paragraphs": ["春眠不觉晓"]}}]).encode()
+    info = tarfile.TarInfo("package/dist/x.json")
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+"""
+
+
+def test_a_fetch_killed_mid_way_is_swept_by_the_next_one(tmp_path, monkeypatch):
+    npm = tmp_path / "npm"
+    npm.write_text(FAKE_NPM.format(python=sys.executable))
+    npm.chmod(0o755)
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: str(npm))
+    cache = tmp_path / "cache"
+    stale = cache / ".fetch-k1ll3d"  # what a SIGKILLed `npm pack` left: its temp dir
+    (stale / "tree" / "package").mkdir(parents=True)
+    (stale / "chinese-poetry-2.0.1.tgz").write_bytes(b"x" * 1000)
+    dist = fetch_poetry(cache)
+    assert (dist / "x.json").is_file()
+    assert sorted(p.name for p in cache.iterdir()) == ["chinese-poetry-2.0.1"]  # no temp dir, no lock
+
+
+def test_a_refused_preparation_leaves_neither_its_work_folder_nor_its_lock(tmp_path):
+    with pytest.raises(CorpusError, match="1 document"):
+        prepare(iter([{"text": "春眠不觉晓"}]), tmp_path, KEY)
+    assert list(tmp_path.iterdir()) == []
+    done = prepare(iter([{"text": "春眠不觉晓"}, {"text": "处处闻啼鸟"}]), tmp_path, KEY)
+    assert [p.name for p in tmp_path.iterdir()] == [done.dir.name]  # the lock goes once the work is done
+
+
+def test_a_resumed_preparation_leaves_no_stray_file_in_the_prepared_folder(tmp_path):
+    recs = [{"text": f"第{i}首\n春风又绿江南岸"} for i in range(30)]
+    first = prepare(iter(recs), tmp_path, KEY)
+    work = first.dir.with_name(first.dir.name + ".partial")
+    first.dir.rename(work)  # as a preparation interrupted before its final rename
+    (work / "meta.json").unlink()
+    (work / "tmpk1jx9x2e").write_bytes(b"\0" * 1000)  # what `datasets` leaves of a killed map
+    again = prepare(iter(recs), tmp_path, KEY)
+    assert sorted(p.name for p in again.dir.iterdir()) == sorted(
+        ["meta.json", "tokenizer.json", "train.bin", "val.bin", "val_docs.npy"]
+    )

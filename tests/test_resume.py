@@ -336,3 +336,187 @@ def test_resume_refuses_a_checkpoint_of_another_shape_or_tokenizer(tmp_path, sha
     assert cli(args + [f"resume={tmp_path / 'gone.pt'}"], tmp_path, monkeypatch) == 2
     assert "gone.pt: no such file" in without_warnings(capsys.readouterr().err)
     assert saved.read_bytes() == before  # a refused resume leaves the checkpoint alone
+
+
+def test_keep_last_never_deletes_the_last_readable_checkpoint_for_an_unreadable_one(tmp_path, capsys):
+    folder = checkpoint.Folder(tmp_path, keep_last=2)
+    folder.write({"format": checkpoint.FORMAT, "progress": {"step": 3}}, 3, best=False)
+    corrupt = folder.write({"format": checkpoint.FORMAT, "progress": {"step": 6}}, 6, best=False)
+    corrupt.write_bytes(corrupt.read_bytes()[:100])
+    path, _ = checkpoint.find_resume("auto", folder)  # past the corrupt newest one, as a resumed run does
+    assert path.name == "step00000003.pt" and "skips" in capsys.readouterr().err
+    folder.write({"format": checkpoint.FORMAT, "progress": {"step": 4}}, 4, best=False)  # the resumed run's first save
+    kept = {p.name for p in tmp_path.glob("step*.pt")}
+    assert {"step00000004.pt", "step00000003.pt"} <= kept  # keep_last=2 readable ones
+    folder.write({"format": checkpoint.FORMAT, "progress": {"step": 5}}, 5, best=False)
+    assert {p.name for p in tmp_path.glob("step*.pt")} >= {"step00000005.pt", "step00000004.pt"}
+    assert not (tmp_path / "step00000003.pt").exists()  # the older readable one goes in its turn
+
+
+def test_a_fresh_folder_object_also_leaves_an_unreadable_file_out_of_keep_last(tmp_path):
+    """The process that writes need not be the one that found the file unreadable."""
+    first = checkpoint.Folder(tmp_path, keep_last=2)
+    good = first.write({"format": checkpoint.FORMAT}, 3, best=False)
+    corrupt = first.write({"format": checkpoint.FORMAT}, 6, best=False)
+    corrupt.write_bytes(b"not a checkpoint")
+    checkpoint.Folder(tmp_path, keep_last=2).write({"format": checkpoint.FORMAT}, 4, best=False)
+    assert good.exists() and (tmp_path / "step00000004.pt").exists()
+    assert checkpoint.find_resume("auto", checkpoint.Folder(tmp_path, 2))[0].name == "step00000004.pt"
+
+
+def _long_step(stopper, seconds: float) -> None:
+    """A training step in Python (signals are handled between bytecodes, as between torch ops)."""
+    with stopper.step():
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(0.01)
+
+
+def test_a_first_signal_abandons_a_step_the_plan_says_is_far_from_done(capfd):
+    from lingmao.train.signals import StepAbandoned
+
+    with Stopper(step_estimate=3000.0, grace=20.0) as stopper:
+        threading_kill_after(0.3)
+        t = time.monotonic()
+        with pytest.raises(StepAbandoned) as e:
+            _long_step(stopper, 60)
+        assert time.monotonic() - t < 30  # measured ~0.3 s: at once, not after the step
+    assert stopper.requested and "without finishing the step" in str(e.value)
+    assert "SIGTERM: the step in progress needs ~50 min more" in capfd.readouterr().err
+
+
+def test_a_first_signal_abandons_a_step_that_outlasts_the_grace(capfd):
+    from lingmao.train.signals import StepAbandoned
+
+    with Stopper(step_estimate=None, grace=1.0) as stopper:
+        threading_kill_after(0.3)
+        t = time.monotonic()
+        with pytest.raises(StepAbandoned):
+            _long_step(stopper, 60)
+        waited = time.monotonic() - t
+    assert 1.0 <= waited < 30  # measured ~1.3 s: the grace, then at once
+    err = capfd.readouterr().err
+    assert "SIGTERM: stopping after this step" in err and "did not end within 1 s" in err
+
+
+def test_a_first_signal_never_abandons_a_step_when_finished_steps_would_be_lost(capfd):
+    """Steps done since the last checkpoint: the step ends and a checkpoint keeps them, however long it takes."""
+    with Stopper(step_estimate=2.0, grace=0.5, nothing_to_lose=lambda: False) as stopper:
+        threading_kill_after(0.2)
+        _long_step(stopper, 1.5)  # past the grace, and the estimate says it would be: still not abandoned
+        assert stopper.requested
+    err = capfd.readouterr().err
+    assert "SIGTERM: stopping after this step with a checkpoint; it needs ~" in err
+    assert "again to stop at once, losing the steps since the last checkpoint" in err
+
+
+def test_a_first_signal_lets_a_step_that_ends_in_time_finish():
+    with Stopper(step_estimate=0.5, grace=20.0) as stopper:
+        threading_kill_after(0.1)
+        _long_step(stopper, 0.6)
+        time.sleep(0.3)  # after the step: a checkpoint would be written here, no abandoning
+        assert stopper.requested
+        _long_step(stopper, 0.1)  # a step after the request is not abandoned either: the loop stops at its end
+
+
+def threading_kill_after(seconds: float) -> None:
+    import threading
+
+    threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+
+# A step that never ends (a Python loop: signals get in between, as between
+# torch ops), in a run whose plan says a step takes 50 minutes.
+ENDLESS_STEP = """
+import sys, time
+from pathlib import Path
+from lingmao import run
+from lingmao.plan import make
+from lingmao.train import step
+planned = make.runnable_plan
+def slow_plan(*args, **kwargs):
+    plan = planned(*args, **kwargs)
+    plan.est_step_seconds = 3000.0
+    return plan
+make.runnable_plan = slow_plan
+def endless(self, *args, **kwargs):
+    Path("in_step").touch()
+    while True:
+        time.sleep(0.01)
+step.TrainStep.step = endless
+run.main()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_in_a_step_that_cannot_end_soon_stops_within_seconds_and_marks_the_run(
+    tmp_path, mlflow_db, shared_cache
+):
+    from lingmao.tracking.spool import SPOOL_NAME, read_spool
+
+    argv = [*COMMON, "hardware.compile=false", "trainer.max_steps=10", "hydra.run.dir=run", "tracking.run_name=endless"]
+    out, err = open(tmp_path / "endless.out", "w"), open(tmp_path / "endless.err", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ENDLESS_STEP, *argv], cwd=tmp_path, env=cli_env(shared_cache), stdout=out, stderr=err
+    )
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "run" / "in_step").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()  # one that did not stop must not outlive the test
+    took = time.monotonic() - t
+    rc, out, err = finish(proc, tmp_path, "endless")
+    print(f"SIGTERM to exit: {took:.1f} s")
+    assert rc == 130 and took < 30, err[-2000:]  # measured: ~5 s on the loaded 2-core CPU
+    assert "SIGTERM: the step in progress needs ~50 min more (plan estimate)" in err
+    assert "stopped without finishing the step in progress; no checkpoint was written" in err
+    _, runs = mlflow_runs(mlflow_db, "endless")
+    spooled = read_spool(tmp_path / "run" / SPOOL_NAME) if (tmp_path / "run" / SPOOL_NAME).exists() else []
+    ends = [r["status"] for r in spooled if r["op"] == "end"]
+    assert [r.info.status for r in runs] == ["KILLED"] or ends == ["KILLED"]  # the store, or the spool to import
+
+
+# A step stuck in one long C call (sqlite's, standing in for a huge torch op):
+# Python's handler cannot run until it returns.
+STUCK_IN_ONE_CALL = """
+import sqlite3, sys
+from lingmao.train import signals
+signals.when_stuck(lambda: print("the run is marked KILLED", flush=True))
+with signals.Stopper(step_estimate=3000.0, grace=20.0) as stopper:
+    with stopper.step():
+        print("in the step", flush=True)
+        count = (
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000000) "
+            "SELECT count(*) FROM c"
+        )
+        sqlite3.connect(":memory:").execute(count).fetchone()
+print("the call returned", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_step_stuck_in_one_long_call_within_seconds(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK_IN_ONE_CALL],
+        cwd=tmp_path,
+        env=cli_env(tmp_path / "cache"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "in the step"
+        time.sleep(1.0)  # inside the call by now
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    took = time.monotonic() - t
+    print(f"SIGTERM to exit, stuck in one call: {took:.1f} s")
+    assert proc.returncode == 130 and took < 30, err  # measured: ~10 s (the handler's wait, then out)
+    assert out.strip() == "the run is marked KILLED" and "inside one long operation" in err

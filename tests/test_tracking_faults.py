@@ -247,3 +247,132 @@ def test_training_against_a_hung_server_checkpoints_and_spools_every_step(
     records = read_spool(tmp_path / SPOOL_NAME)
     assert steps_in(records) == list(range(1, 7))
     assert (records[-1]["op"], records[-1]["status"]) == ("end", "FINISHED")
+
+
+# -- issue 28 ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def not_mlflow(monkeypatch):
+    """http://127.0.0.1:PORT: a web server that is not MLflow: every path a 404 HTML page."""
+    page = b"<!DOCTYPE html><html><body><h1>404 Not Found</h1>" + b"<p>nothing here</p>" * 50 + b"</body></html>"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _reply(self):
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        do_GET = do_POST = _reply
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_server_that_is_not_mlflow_is_named_so_without_its_html(tmp_path, not_mlflow, capfd):
+    from lingmao.tracking.store import unreachable
+
+    assert unreachable(not_mlflow) == f"answered but is not an MLflow tracking server (404 on {not_mlflow}/health)"
+    tr = Tracker(not_mlflow, "lingmao", "web", spool=tmp_path / SPOOL_NAME, system_metrics=True, timeout=30.0)
+    tr.start_sending()
+    tr.log_metrics({"train/loss": 1.0}, 1)
+    tr.flush(wait=True)
+    tr.end()
+    err = capfd.readouterr().err
+    assert f"warning: MLflow store {not_mlflow} answered but is not an MLflow tracking server (404 on" in err
+    assert "not reachable" not in err and "<html" not in err.lower() and "DOCTYPE" not in err
+    assert "Skip logging GPU metrics" not in err  # MLflow's INFO lines stay quiet whatever the store
+    assert steps_in(read_spool(tmp_path / SPOOL_NAME)) == [1]
+
+
+def test_a_server_that_is_down_is_still_not_reachable_without_mlflows_info_lines(tmp_path, capfd):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    tr = Tracker(uri, "lingmao", "down", spool=tmp_path / SPOOL_NAME, system_metrics=True, timeout=30.0)
+    tr.start_sending()
+    tr.flush(wait=True)
+    tr.end()
+    err = capfd.readouterr().err
+    assert f"warning: MLflow store {uri} not reachable (" in err and "Connection refused" in err
+    assert "INFO" not in err and "Skip logging GPU metrics" not in err
+
+
+KILLED_ONCE_THE_RUN_IS_OPEN = """
+import os, signal
+from lingmao import run
+from lingmao.train import engine
+record_start = engine.Run.record_start
+def record_then_die(self):
+    record_start(self)
+    assert self.tracker.run_id  # the MLflow run is open in the store
+    os.kill(os.getpid(), signal.SIGKILL)
+engine.Run.record_start = record_then_die
+run.main()
+"""
+
+
+@pytest.mark.slow
+def test_the_next_start_marks_a_run_whose_process_died_killed(tmp_path, mlflow_db, shared_cache):
+    from test_resume import COMMON, cli_env, finish, mlflow_runs
+
+    args = [*COMMON, "trainer.max_steps=2", "tracking.run_name=orphan"]
+    env = cli_env(shared_cache)
+    out, err = open(tmp_path / "dead.out", "w"), open(tmp_path / "dead.err", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_ONCE_THE_RUN_IS_OPEN, *args, "hydra.run.dir=dead"],
+        cwd=tmp_path,
+        env=env,
+        stdout=out,
+        stderr=err,
+    )
+    rc, _, err_text = finish(proc, tmp_path, "dead")
+    assert rc == -signal.SIGKILL, err_text[-2000:]
+    _, (dead,) = mlflow_runs(mlflow_db, "orphan")
+    assert dead.info.status == "RUNNING"  # as SIGKILL left it: no checkpoint names it
+
+    # The next start, in a folder of its own (a default one), closes it.
+    next_run = subprocess.run(
+        [sys.executable, "-m", "lingmao.run", *args, "tracking.run_name=next", "hydra.run.dir=next"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert next_run.returncode == 0, next_run.stderr[-2000:]
+    assert f"note: MLflow run {dead.info.run_id} (orphan) was left RUNNING by process" in next_run.stderr
+    client, (dead,) = mlflow_runs(mlflow_db, "orphan")
+    assert dead.info.status == "KILLED" and dead.info.end_time
+    assert "ended without closing" in dead.data.tags["lingmao.ended"]
+    _, (alive,) = mlflow_runs(mlflow_db, "next")
+    assert alive.info.status == "FINISHED"
+
+
+def test_a_live_runs_marker_is_left_alone(tmp_path, mlflow_db, monkeypatch):
+    """Two trackers on one store at once: the second never touches the first's run."""
+    monkeypatch.setenv("LINGMAO_CACHE", str(tmp_path / "cache"))
+    uri = f"sqlite:///{mlflow_db}"
+    first = Tracker(uri, "lingmao", "first", spool=tmp_path / "a" / SPOOL_NAME)
+    assert first.run_id
+    second = Tracker(uri, "lingmao", "second", spool=tmp_path / "b" / SPOOL_NAME)
+    assert second.run_id
+    client = MlflowClient(uri)
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    second.end()
+    first.end()
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert not list((tmp_path / "cache").rglob("*.json"))  # each tracker cleared its own marker at its end

@@ -22,6 +22,8 @@ from lingmao.config.schema import RunConfig
 class Rule:
     ok: Callable[[Any, Any], bool]  # (value, whole config) -> valid?
     valid: Callable[[Any], str]  # whole config -> what is valid, e.g. "must be > 0"
+    # What is valid, said to a value that is inf or nan ("must be > 0" reads as if inf passed).
+    nonfinite: str = ""
 
 
 def interval(text: str) -> Rule:
@@ -38,10 +40,12 @@ def interval(text: str) -> Rule:
         )
 
     if math.isinf(hi):
-        words = f"must be {'>=' if lo_b == '[' else '>'} {lo:g}"
+        bound = f"{'>=' if lo_b == '[' else '>'} {lo:g}"
+        words = f"must be {bound}"
+        finite = f"must be a number {bound}, or inf" if hi_b == "]" else f"must be a finite number {bound}"
     else:
-        words = f"must be in {text}"
-    return Rule(ok, lambda _: words)
+        words, finite = f"must be in {text}", f"must be a finite number in {text}"
+    return Rule(ok, lambda _: words, finite)
 
 
 POSITIVE, NON_NEGATIVE, FRACTION = interval("(0, inf)"), interval("[0, inf)"), interval("[0, 1)")
@@ -59,6 +63,25 @@ TEXT = matches(r"\S(.*\S)?", "non-empty text on one line")
 LABEL = matches(r"[\w.-]+", "a name of letters, digits, '_', '.' or '-'")
 
 
+def _experiment_name_ok(v, cfg) -> bool:
+    """Non-empty, on one line, and no path parts: a sqlite store keeps an
+    experiment's artifacts in mlartifacts/<name>, so `..` would put them in the
+    launch folder. Databricks names experiments by workspace path (/Users/...)."""
+    if not TEXT.ok(v, cfg):
+        return False
+    parts = re.split(r"[/\\]", v)
+    uri = str(_get(cfg, "tracking.uri") or "")
+    if uri.startswith(("databricks", "uc:")):  # a workspace path: /Users/me/lingmao
+        return "\\" not in v and not {".", ".."} & set(parts)
+    return len(parts) == 1 and v.strip(".") != ""
+
+
+EXPERIMENT_NAME = Rule(
+    _experiment_name_ok,
+    lambda _: "must be non-empty text on one line without path parts ('/', '\\', '.' or '..'), e.g. lingmao-small",
+)
+
+
 def each(rule: Rule, count: int | None = None, min_count: int = 0) -> Rule:
     """A list whose every item passes `rule` (for a dict: every value)."""
 
@@ -71,7 +94,8 @@ def each(rule: Rule, count: int | None = None, min_count: int = 0) -> Rule:
         )
 
     size = f"{count} values" if count else "at least one value" if min_count else "values"
-    return Rule(ok, lambda cfg: f"must be {size}, each {rule.valid(cfg).removeprefix('must be ')}")
+    finite = f"must be {size}, each {rule.nonfinite.removeprefix('must be ')}" if rule.nonfinite else ""
+    return Rule(ok, lambda cfg: f"must be {size}, each {rule.valid(cfg).removeprefix('must be ')}", finite)
 
 
 def _hhmm(v, _) -> bool:
@@ -239,10 +263,11 @@ RULES: dict[str, Rule] = {
     "checkpoint.every_minutes": POSITIVE,
     "checkpoint.keep_last": POSITIVE,
     "tracking.uri": Rule(tracking_uri_ok, lambda _: f"is not a store MLflow opens; use {URI_HELP}"),
-    "tracking.experiment_name": TEXT,
+    "tracking.experiment_name": EXPERIMENT_NAME,
     "tracking.run_name": TEXT,
     "tracking.timeout": POSITIVE,
     "tracking.tags": each(TEXT),
+    "tracking.register": LABEL,  # a registered model's name: it goes into models:/NAME/VERSION URIs
 }
 
 # Conditions on several keys at once: (what is wrong, when).
@@ -260,6 +285,12 @@ NEEDS: list[tuple[str, Callable[[Any], bool]]] = [
         lambda c: all(_get(c, f"trainer.{k}") is None for k in ("max_steps", "max_epochs", "max_time")),
     ),
 ]
+
+
+def _nonfinite(v: Any) -> bool:
+    """inf or nan, or a list or dict holding one."""
+    items = list(v.values()) if isinstance(v, Mapping) else [v] if isinstance(v, (str, int, float)) else list(v)
+    return any(isinstance(x, float) and not math.isfinite(x) for x in items)
 
 
 def _show(v: Any) -> str:
@@ -287,7 +318,8 @@ def problems(cfg: Any, section: str = "") -> list[str]:
         if value is None and not optional:
             out.append(f"{key}=null {rule.valid(cfg)}")
         elif value is not None and not rule.ok(value, cfg):
-            out.append(f"{key}={_show(value)} {rule.valid(cfg)}{' (or null)' if optional else ''}")
+            words = rule.nonfinite if rule.nonfinite and _nonfinite(value) else rule.valid(cfg)
+            out.append(f"{key}={_show(value)} {words}{' (or null)' if optional else ''}")
     if not section:
         out += [message for message, wrong in NEEDS if wrong(cfg)]
     return out

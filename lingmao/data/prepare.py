@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +29,14 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lingmao.data.corpus import DEFAULT_GENRE, CorpusError
+from lingmao.data.locks import exclusive
 from lingmao.data.tokenizer import EOS_ID, build_char_tokenizer, load_tokenizer, tokenizer_hash
 
 PIPELINE_VERSION = 1  # bump whenever a change here or in corpus.py changes the prepared output
 SCRIPTS = ("simplified", "keep")
 SPLITS = ("train", "val")
+# What a prepared folder holds; meta.json is written last, so it marks the folder complete.
+OUTPUTS = ("train.bin", "val.bin", "val_docs.npy", "tokenizer.json", "meta.json")
 
 
 @dataclass
@@ -112,7 +115,7 @@ def prepare(
         return Prepared.load(out)
     cache_root.mkdir(parents=True, exist_ok=True)
     # Every DDP rank calls prepare(): one builds, the others wait here and then find it done.
-    with _exclusive(cache_root / f"{digest}.lock"):
+    with exclusive(cache_root / f"{digest}.lock"):
         if (out / "meta.json").is_file():
             return Prepared.load(out)
         # A fixed work dir (not a random temp dir) so a rerun after an interruption
@@ -120,24 +123,39 @@ def prepare(
         work = cache_root / f"{digest}.partial"
         work.mkdir(exist_ok=True)
         if progress:
-            print(f"preparing corpus {key} (first run only) -> {out}", flush=True)
-        _build(records, work, settings, digest, progress)
-        if out.exists():  # a dir without meta.json: never completed, safe to replace
-            shutil.rmtree(out)
-        os.rename(work, out)  # atomic: `out` either does not exist or is complete
+            print(f"preparing corpus from {describe(key)} (first run only) -> {out}", flush=True)
+        try:
+            _build(records, work, settings, digest, progress)
+        except CorpusError:  # the input is refused: nothing of this attempt helps the next one
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        _complete(work, out)
     return Prepared.load(out)
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock, the atomic rename still protects readers
-        yield
-        return
-    with open(lock_path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+def _complete(work: Path, out: Path) -> None:
+    """The built work dir becomes `out`, holding OUTPUTS only: a run killed
+    before leaves `datasets` temp files in it that the rerun would carry along."""
+    for stray in set(work.iterdir()) - {work / name for name in OUTPUTS}:
+        if stray.is_dir():
+            shutil.rmtree(stray)
+        else:
+            stray.unlink()
+    if out.exists():  # a dir without meta.json: never completed, safe to replace
+        shutil.rmtree(out)
+    os.rename(work, out)  # atomic: `out` either does not exist or is complete
+
+
+def describe(key: dict) -> str:
+    """A corpus source as the user named it: data.paths=..., the npm package, data.hf_name=..."""
+    source = key.get("source")
+    if source == "jsonl":
+        return "data.paths=" + ",".join(f[0] for f in key["files"])
+    if source == "poetry":
+        return f"the npm package {key['package']}"
+    if source == "hf":
+        return f"data.hf_name={key['name']} (split {key['split']})"
+    return f"data source {source or key}"
 
 
 def _hash01(text: str, seed: int, purpose: bytes) -> int:
@@ -150,6 +168,7 @@ def _build(records: Iterable[dict], work: Path, s: dict, digest: str, progress: 
     t0 = time.perf_counter()
     docs, read, dups, skipped = _normalise(records, s)
     by_genre = _cap(docs, s)
+    _enough(sum(map(len, by_genre.values())), read, dups, s)
     genres = sorted(by_genre)
     genre_of = {t: genre for genre in genres for t in by_genre[genre]}
     ordered, n_val = _split(genre_of, s)
@@ -221,10 +240,26 @@ def _normalise(records: Iterable[dict], s: dict) -> tuple[dict[str, str], Counte
     skipped += getattr(records, "skipped", 0)  # bad lines a JsonlReader passed over
     if not docs:
         raise CorpusError(
-            f"data source {s['key']} gave no non-empty text ({skipped} records empty or skipped): "
+            f"{describe(s['key'])} gave no non-empty text ({skipped} records empty or skipped): "
             "check the paths / dataset name and the text field"
         )
     return docs, read, dups, skipped
+
+
+def _enough(n: int, read: Counter, dups: Counter, s: dict) -> None:
+    """Two documents at least: one for train, one for val."""
+    if n >= 2:
+        return
+    how = [f"{sum(read.values())} record(s) read"] + [f"{sum(dups.values())} duplicate(s) removed"] * bool(dups)
+    how += ["after data.genre_caps"] * bool(s["genre_caps"])
+    fix = (
+        "split the text into several lines, one JSON object per document"
+        if s["key"].get("source") == "jsonl"
+        else "add documents"
+    )
+    raise CorpusError(
+        f"{describe(s['key'])} has {n} document(s) ({', '.join(how)}); a train/val split needs at least 2: {fix}"
+    )
 
 
 def _cap(docs: dict[str, str], s: dict) -> dict[str, list[str]]:
@@ -248,10 +283,6 @@ def _split(genre_of: dict[str, str], s: dict) -> tuple[list[str], int]:
     val; ordering each split by hash shuffles genres together and makes the
     output independent of record order."""
     u = {t: _hash01(t, s["seed"], b"split") for t in genre_of}
-    if len(u) < 2:
-        raise CorpusError(
-            f"data source {s['key']} has {len(u)} document(s) after genre caps; need at least 2 to split train/val"
-        )
     ordered = sorted(u, key=u.__getitem__)
     n_val = sum(1 for h in u.values() if h < s["val_fraction"] * 2**64)  # the prefix of `ordered`
     return ordered, min(max(n_val, 1), len(ordered) - 1)  # tiny corpora: still one document each side

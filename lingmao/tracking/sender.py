@@ -30,9 +30,10 @@ import time
 from collections import deque
 from pathlib import Path
 
+from lingmao.tracking.orphans import Marker, close_orphans
 from lingmao.tracking.provenance import source_tags
 from lingmao.tracking.spool import Spool, apply, import_hint
-from lingmao.tracking.store import _retry_locked, ensure_store, experiment_id, quiet_mlflow, unreachable
+from lingmao.tracking.store import _retry_locked, ensure_store, experiment_id, quiet_mlflow, store_problem, unreachable
 from lingmao.tracking.system import SystemMetrics
 
 _QUEUE = 256  # records waiting for the sender before a log call waits (bounded memory)
@@ -74,6 +75,7 @@ class Sender:
         self._closing = False
         self._system = None
         self._want_system = system_metrics
+        self._marker: Marker | None = None  # the open run's claim, for a later start to see if this process dies
         self._go = threading.Event()  # may open the store now
         self._imported = threading.Event()  # MLflow is imported: from now on waits are on the store
 
@@ -118,9 +120,11 @@ class Sender:
         with self._cv:
             self._closing = True
             self._cv.notify_all()
+        if self._marker:
+            self._marker.release()
         if self.offline:
             print(
-                f"warning: MLflow store {self.uri} was not reachable ({self.offline}); {self._spool.count} "
+                f"warning: {store_problem(self.uri, self.offline)}; {self._spool.count} "
                 f"record(s) are in {self._spool.path}; import them when it is back: "
                 f"{import_hint(self._spool.path, self.uri)}",
                 file=sys.stderr,
@@ -168,7 +172,7 @@ class Sender:
                 apply(self.client, self.run_id, rec)
                 return
             except Exception as e:  # the store went away: the spool takes this record and the rest
-                why = f"{type(e).__name__}: {str(e)[:300]}"
+                why = _brief(e)
         with self._cv:
             if self._inflight is not rec:
                 return  # given up on while it was being sent: the spool has it
@@ -187,11 +191,14 @@ class Sender:
                 self._imported.set()
                 ensure_store(self.uri)
                 client = MlflowClient(self.uri)
+                self._close_orphans(client)
                 run = self._reopen(client) or self._create(client)
+                self._marker = Marker.claim(self.uri, run[0], self.run_name)
             except Exception as e:  # any failure to start a run: train anyway, into the spool
-                why = f"{type(e).__name__}: {e}"
-        self._imported.set()
+                why = _brief(e)
+        # Without a store, system metrics still import MLflow: that is not waiting on a store either.
         system = SystemMetrics.make(self) if self._want_system else None
+        self._imported.set()
         with self._cv:
             if not self._stuck:  # else given up on while opening: the spool's start record holds
                 if client is not None:  # else no `client` at all: the store was never reached
@@ -204,6 +211,14 @@ class Sender:
             self._cv.notify_all()
         if self._system:
             self._system.start()
+
+    def _close_orphans(self, client) -> None:
+        """Runs of this store left RUNNING by a process that died (tracking/orphans.py)."""
+        try:
+            for note in close_orphans(client, self.uri, keep=self.run_id):
+                print(note, file=sys.stderr)
+        except Exception as e:  # their state is not this run's business: it trains and tracks anyway
+            print(f"warning: could not close runs left open by dead processes: {_brief(e)}", file=sys.stderr)
 
     def _reopen(self, client) -> tuple[str, str] | None:
         from mlflow.exceptions import MlflowException
@@ -258,7 +273,7 @@ class Sender:
         )
         where_to = f"run {self.run_id} continues in" if self.run_id else "records go to"
         print(
-            f"warning: MLflow store {self.uri} not reachable ({why}); training goes on, {where_to} "
+            f"warning: {store_problem(self.uri, why)}; training goes on, {where_to} "
             f"the spool {self._spool.path}; import it later: {import_hint(self._spool.path, self.uri)}",
             file=sys.stderr,
         )
@@ -268,3 +283,9 @@ class Sender:
             self._spool.write(rec)
         except Exception as e:  # even the local disk failed: say so at the end
             self.errors.append(f"{rec['op']}: {type(e).__name__}: {e}")
+
+
+def _brief(e: Exception) -> str:
+    """An error in one short line: a server's reply can be a whole HTML page."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"

@@ -22,6 +22,7 @@ from lingmao.tracking.store import (
     experiment_id,
     quiet_mlflow,
     resolve_uri,
+    store_problem,
     unreachable,
     where,
 )
@@ -174,10 +175,7 @@ def import_spool(path: Path, uri: str | None = None) -> tuple[str, str]:
     uri = uri or pending[0]["uri"]
     why = unreachable(uri)
     if why is not None:
-        raise TrackingError(
-            f"MLflow store {uri} is still not reachable ({why}); start it or pass "
-            f"--tracking-uri (e.g. sqlite:///mlflow.db)"
-        )
+        raise TrackingError(f"{store_problem(uri, why)}; start it or pass --tracking-uri (e.g. sqlite:///mlflow.db)")
     ensure_store(uri)
     client = MlflowClient(uri)
     run_id = None
@@ -228,7 +226,7 @@ def sweep_report(uri: str, experiment: str, sweep: str, sweep_dir: Path) -> str:
         )
     why = unreachable(uri)
     if why is not None:
-        return "\n".join(lines or [f"MLflow store {uri} not reachable ({why})"])
+        return "\n".join(lines or [store_problem(uri, why)])
     from mlflow.tracking import MlflowClient
 
     quiet_mlflow()

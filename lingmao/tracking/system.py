@@ -29,6 +29,9 @@ class SystemMetrics:
     def __init__(self, sender):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        from lingmao.tracking.store import quiet_mlflow
+
+        quiet_mlflow()  # its import may be MLflow's first (no store reached): "Skip logging GPU metrics" is INFO
         self.sender = sender
         self.monitor = SystemMetricsMonitor(
             sender.run_id or "spooled", sampling_interval=SYSTEM_INTERVAL, tracking_uri=sender.uri

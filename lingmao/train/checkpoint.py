@@ -172,6 +172,7 @@ class Folder:
         self.path = Path(path)
         self.keep_last = keep_last
         self._swept = False
+        self._readable: dict[tuple, bool] = {}  # (path, mtime, size) -> loads
 
     def steps(self) -> list[Path]:
         """Step files, newest first. By write time, not step number: after a
@@ -198,9 +199,31 @@ class Folder:
                 f"free space (or point checkpoint.dir elsewhere), then rerun in the same run directory "
                 f"(resume=auto continues from the newest checkpoint)"
             ) from e
-        for old in self.steps()[self.keep_last :]:
-            old.unlink(missing_ok=True)
+        self._prune(path)
         return path
+
+    def _prune(self, newest: Path) -> None:
+        """Keep the newest `keep_last` readable step files. An unreadable one
+        (resume=auto skipped it with a warning) neither counts nor goes while
+        it is newer than those: a corrupt file never costs a good one."""
+        kept = 0
+        for old in self.steps():
+            if kept >= self.keep_last:
+                old.unlink(missing_ok=True)
+            elif old == newest or self.readable(old):
+                kept += 1
+
+    def readable(self, path: Path) -> bool:
+        """Whether `path` loads as a checkpoint (its metadata only: mmap), once per file version."""
+        st = path.stat()
+        key = (path, st.st_mtime_ns, st.st_size)
+        if key not in self._readable:
+            try:
+                load(path, mmap=True)
+                self._readable[key] = True
+            except ResumeError:
+                self._readable[key] = False
+        return self._readable[key]
 
 
 def export_weights(folder: Path) -> Path:

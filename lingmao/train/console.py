@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lingmao.plan.summary import lr_rule
+from lingmao.plan.summary import duration, lr_rule
 
 
 def interactive() -> bool:
@@ -104,12 +104,15 @@ def banner(cfg, plan, job, run_dir: Path, look: str) -> str:
         f"{t.max_time:g} s" if t.max_time else "",
     ]
     start = f", resuming at step {job.found[1]['progress']['step']}" if job.found else ""
+    # A step that takes minutes shows nothing for minutes: say so before it starts.
+    how = "measured by the CPU calibration" if plan.assumed_mfu is None else f"assumed {plan.assumed_mfu:.0%} MFU"
+    step = f", ~{duration(plan.est_step_seconds)} per step (plan estimate, {how})" if plan.est_step_seconds else ""
     return "\n".join(
         [
             f"lingmao | {plan.preset_reason} | {plan.device} x {plan.world_size}, {plan.precision} "
             f"({plan.precision_reason}){', compiled' if plan.compile else ''}",
             f"  batch {plan.micro_batch} x accumulation {plan.accumulation} x {plan.world_size} process(es) = "
-            f"{plan.effective_batch} windows of {plan.context_length} tokens per step",
+            f"{plan.effective_batch} windows of {plan.context_length} tokens per step{step}",
             f"  lr {lr_rule(plan)}, warmup + cosine to {o.min_lr_ratio:g}x | "
             f"{' and '.join(x for x in limits if x) or 'until stopped'}{start}",
             f"  run folder {run_dir} | MLflow: {look}",

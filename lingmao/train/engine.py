@@ -106,11 +106,15 @@ class Run:
         s, t, total = self.state, self.cfg.trainer, self.job.schedule.total_steps
         self.record_start()
         start, before = time.perf_counter(), s.seconds  # a resumed run counts the time of the earlier ones
-        with Stopper() as stopper:
+        with Stopper(  # a first signal may abandon a long step when no finished step is left unsaved
+            self.plan.est_step_seconds,
+            nothing_to_lose=lambda: self.state.step in (self.started_at, self.checkpointer.saved_at),
+        ) as stopper:
             while total is None or s.step < total:
                 chunks = self.night_chunks(s.step)
                 lr = self.job.schedule.lr(s.step, s.lr_scale, s.seconds)
-                stats = self.train_step.step(self.stream, lr, chunks)
+                with stopper.step():
+                    stats = self.train_step.step(self.stream, lr, chunks)
                 if not stats.applied:
                     self.non_finite(stats)
                     s = self.state  # a rollback replaced it

@@ -7,12 +7,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lingmao.config import ConfigError
 from lingmao.data import load_corpus
 from lingmao.data.corpus import CorpusError
 from lingmao.data.prepare import Prepared
 from lingmao.data.tokenizer import tokenizer_hash
 from lingmao.data.windows import TokenWindows, default_stride
 from lingmao.plan import Plan
+from lingmao.plan.summary import duration
 from lingmao.train import checkpoint
 from lingmao.train.distributed import Dist
 from lingmao.train.optim import Schedule
@@ -48,6 +50,27 @@ class Job:
     @property
     def resume_run_id(self) -> str | None:
         return (self.found[1].get("mlflow_run_id") or None) if self.found and self.same_job else None
+
+
+def refuse_early(cfg, plan: Plan, machine) -> None:
+    """What this machine cannot run as asked, refused before any work (the
+    corpus, a calibration): more threads than cores, or one step longer than
+    the whole time budget."""
+    threads, cores = cfg.hardware.threads, machine.cores
+    if threads and threads > cores:
+        raise ConfigError(
+            f"hardware.threads={threads} is more than the {cores} core(s) this process may use: oversubscribed "
+            f"threads make every step many times slower, other jobs' too; use 1..{cores}, or 0 for one per core"
+        )
+    step, budget = plan.est_step_seconds, cfg.trainer.max_time
+    if step and budget and step > budget:
+        how = "measured by the CPU calibration" if plan.assumed_mfu is None else f"at {plan.assumed_mfu:.0%} MFU"
+        raise ConfigError(
+            f"model={cfg.model.name} model.context_length={plan.context_length} micro-batch {plan.micro_batch} x "
+            f"accumulation {plan.accumulation}: one step is estimated at ~{duration(step)} ({how}), longer than the "
+            f"whole budget, trainer.max_time={budget:g}; lower model.context_length, hardware.batch or "
+            f"hardware.accumulation, take a smaller model, or raise trainer.max_time (plan=true shows the estimate)"
+        )
 
 
 def prepare(cfg, plan: Plan, run_dir: Path, dist: Dist | None = None) -> Job:
