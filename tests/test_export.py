@@ -176,6 +176,13 @@ def test_the_run_logged_its_model_linked_to_its_val_metrics_and_registered_it(tr
     assert [a.path for a in _client(trained).list_artifacts(run_id, "model")] == ["model/model.pt"]
 
 
+def test_defining_the_pyfunc_model_prints_no_advice_of_mlflows():
+    # MLflow warns, once per class, about a predict without type hints: it showed after every run's "done"
+    code = "import warnings; warnings.simplefilter('always'); import lingmao.tracking.pyfunc"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "type hint" not in out.stderr.lower(), out.stderr[-2000:]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

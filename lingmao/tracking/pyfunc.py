@@ -23,6 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import torch
 from mlflow.models import Model, ModelSignature
 from mlflow.pyfunc import PythonModel
@@ -84,7 +85,9 @@ class Poet(PythonModel):
         self.model.eval()
         self.normalise = normalizer(state["config"].get("data", {}).get("script", "simplified"))
 
-    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
+    # A DataFrame hint (what a signature makes MLflow hand over) adds no validation
+    # of MLflow's and keeps its advice to add hints off the run's output.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         p = {name: default for name, (_, default) in PARAMS.items()} | (params or {})
         prompts = [self.normalise(x) for x in _prompts(model_input)]
         if not prompts or any(not x.strip() for x in prompts):
