@@ -16,6 +16,8 @@ import socket
 import sys
 from pathlib import Path
 
+from lingmao.train import clock  # isort: skip - first: trainer.max_time counts from here
+
 import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -69,6 +71,7 @@ def execute(
     from lingmao.train.distributed import Dist
     from lingmao.train.job import prepare, refuse_early
 
+    clock.job_started()
     validate(cfg)
     machine = detect()
     # Under torchrun (or our own spawn) the launcher fixed the world: across
@@ -80,6 +83,10 @@ def execute(
     plan = planner(cfg, machine, world)
     if not cfg.plan:
         refuse_early(cfg, plan, machine)  # before the calibration times any step
+        if "RANK" not in os.environ:  # a first line at once: what follows may take a minute
+            t = cfg.trainer.max_time
+            budget = f" | trainer.max_time={t:g} s from now to the exit" if t else ""
+            print(f"lingmao | {plan.preset_reason} | model={cfg.model.name}{budget}", flush=True)
     choice = cpu_choice(cfg, plan, cache, measure=not cfg.plan)
     if choice:
         plan = planner(cfg, machine, world, choice)
@@ -281,6 +288,7 @@ def main() -> None:
     instead of printing them; set by the user, it keeps Hydra's full report."""
     from lingmao.config.errors import explain
 
+    clock.command_started()
     if "plan=true" in (a.lower() for a in sys.argv[1:]) and not {"-m", "--multirun"} & set(sys.argv[1:]):
         # plan=true touches nothing: no run folder, no .hydra copy of the config
         given = {a.split("=", 1)[0] for a in sys.argv[1:]}

@@ -1,6 +1,8 @@
 """CPU precision and compile by measurement: the decision rule, the cache,
 the short-run rule, one real (small) measurement, and the plan's use of it."""
 
+import time
+
 import pytest
 from test_config import make
 
@@ -94,7 +96,7 @@ def test_the_plan_takes_the_measured_choice_and_its_time_and_says_so(tmp_path, m
     cfg = make("hardware=cpu", "model=tiny", "trainer.max_time=1800", "trainer.max_steps=null")
     seen = []
 
-    def measure(cfg, plan, shape, candidates):
+    def measure(cfg, plan, shape, candidates, **_):
         seen.append((shape["model"]["context_length"], shape["optimizer"], len(candidates)))
         return fake_measure([])(shape, candidates)
 
@@ -128,3 +130,41 @@ def test_plan_true_reads_a_calibration_but_measures_none(tmp_path, monkeypatch, 
     calibrate.choose(shape, EVERY, tmp_path / "cache", None, fake_measure([]))
     execute(make(*args), tmp_path, tmp_path / "run")
     assert "bf16: cached on this CPU" in capsys.readouterr().out
+
+
+def fake_stepper(warm: dict[str, float], built: list):
+    """_stepper with these seconds per step (slept) for each candidate: what the bound and the early drops decide on."""
+
+    def stepper(cfg, plan, shape, precision, compile_):
+        k = calibrate.name(precision, compile_)
+        built.append(k)
+        return (lambda: time.sleep(warm[k])), warm[k]
+
+    return stepper
+
+
+def test_candidates_that_cannot_win_are_dropped_without_timing_them(monkeypatch):
+    # bf16 eager 3x slower than fp32 (a CPU without bf16 instructions); compile gains 1.25x for fp32:
+    # bf16+compile would need a gain of 3/0.8 = 3.75x, so it is not even built.
+    built, said = [], []
+    steps = {"fp32": 0.02, "bf16": 0.06, "fp32+compile": 0.016}
+    monkeypatch.setattr(timing, "_stepper", fake_stepper(steps, built))
+    cfg = make("hardware=cpu", "model=tiny")
+    seconds = timing.measure_steps(cfg, make_plan(cfg, CPU), SHAPE, EVERY, limit=600, say=said.append)
+    assert built == ["fp32", "bf16", "fp32+compile"]
+    assert seconds["bf16+compile"] == float("inf") and seconds["bf16"] == 0.06  # its warm step: out of the rounds
+    assert any("bf16+compile: not timed, bf16 eager is 3.00x fp32's step" in line for line in said), said
+    d = calibrate.decide(seconds, EVERY)
+    assert (d["precision"], d["compile"]) == ("fp32", True)
+
+
+def test_the_measurement_keeps_its_time_limit(monkeypatch):
+    built, said = [], []
+    monkeypatch.setattr(timing, "_stepper", fake_stepper({"fp32": 0.02, "bf16": 0.018}, built))
+    cfg = make("hardware=cpu", "model=tiny")
+    seconds = timing.measure_steps(cfg, make_plan(cfg, CPU), SHAPE, EVERY, limit=20, say=said.append)
+    # eager ones fit; compiling one is taken to need COMPILE_SECONDS (30 s) until one was timed
+    assert built == ["fp32", "bf16"] and seconds["fp32+compile"] == seconds["bf16+compile"] == float("inf")
+    assert sum("not timed, compiling it takes ~30 s" in line for line in said) == 2, said
+    assert "not timed" in calibrate.describe({**calibrate.decide(seconds, EVERY), "how": "measured"})
+    assert timing.time_limit(900) == pytest.approx(45) and timing.time_limit(None) == timing.time_limit(1e5) == 60

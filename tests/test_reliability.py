@@ -23,7 +23,7 @@ from test_resume import (
     write_poems,
 )
 
-from lingmao.train import checkpoint, engine
+from lingmao.train import checkpoint, clock, engine
 from lingmao.train.recovery import RunLock, job_differences
 
 
@@ -331,7 +331,7 @@ def test_a_run_bounded_only_by_time_ends_at_the_lr_floor(tmp_path, shared_cache)
 
     args = [
         "trainer.max_steps=null",
-        "trainer.max_time=8",
+        "trainer.max_time=20",
         "optim.min_lr_ratio=0.1",
         "tracking.enabled=false",
         "trainer.eval_every=100000",
@@ -341,7 +341,10 @@ def test_a_run_bounded_only_by_time_ends_at_the_lr_floor(tmp_path, shared_cache)
     assert final["step"] > 5
     assert final["lr"] < 0.2 * peak  # cosine by time: near the floor (0.1 x peak) when the time is up
     state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert state["progress"]["seconds"] >= 8.0 and state["schedule"]["max_time"] == 8.0
+    # max_time is the run's wall: training stopped early enough for what the end needs,
+    # and the cosine reached its floor there (not at 20 s of training)
+    assert state["schedule"]["max_time"] == 20.0
+    assert state["progress"]["seconds"] <= 20.0 - clock.END_SECONDS
 
 
 def test_the_validation_split_is_fixed_by_data_split_seed_not_the_run_seed(tmp_path, shared_cache):

@@ -18,13 +18,18 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 from pathlib import Path
 
 CANDIDATES = (("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True))  # (precision, compile)
 MARGIN = 0.05  # a candidate must be this much faster than fp32 eager: less is within timing noise
-ROUNDS = 5
+ROUNDS = 5  # at most, as the time limit allows
+LIMIT, LIMIT_SHARE = 60.0, 0.05  # seconds the measurement may take: 5% of the run, at most a minute
+SLOWER = 1.5  # a warm step this many times the best one's is not timed further: noise is not that large
+COMPILE_GAIN = 1.5  # what compile is taken to gain where fp32+compile was not timed
+COMPILE_SECONDS = 30.0  # building a compiled step, until one was timed
 TOKENS = 1024  # per timed step: enough rows for the matmuls to behave as in training, few seconds per round
 MIN_RUN_SECONDS = 300  # shorter runs do not pay for a measurement (tens of seconds, compilation included)
 CACHE_NAME = "cpu_calibration.json"
@@ -136,7 +141,10 @@ def describe(choice: dict) -> str:
             "seconds, once) and takes the fastest"
         )
     base = choice["seconds"]["fp32"]
-    times = ", ".join(f"{k} {base / v:.2f}x" for k, v in sorted(choice["seconds"].items()))
+    times = ", ".join(
+        f"{k} {base / v:.2f}x" if math.isfinite(v) else f"{k} not timed"  # could not win, or no time for it
+        for k, v in sorted(choice["seconds"].items())
+    )
     return f"{choice['how']} on this CPU, speed vs fp32 eager: {times} (a win needs > {MARGIN:.0%})"
 
 

@@ -7,6 +7,7 @@ every candidate alike."""
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import time
 from dataclasses import asdict, replace
@@ -16,13 +17,26 @@ import torch
 from omegaconf import OmegaConf
 
 from lingmao.plan import Plan
-from lingmao.plan.calibration import ROUNDS, choose, expected_seconds, name, shape_of
+from lingmao.plan.calibration import (
+    CACHE_NAME,
+    COMPILE_GAIN,
+    COMPILE_SECONDS,
+    LIMIT,
+    LIMIT_SHARE,
+    MARGIN,
+    ROUNDS,
+    SLOWER,
+    choose,
+    expected_seconds,
+    name,
+    shape_of,
+)
 from lingmao.plan.make import DEFAULT_VOCAB
 from lingmao.train.distributed import Dist
 from lingmao.train.step import build_step
 
 
-def cpu_choice(cfg, plan: Plan, cache_dir: Path, measure: bool) -> dict | None:
+def cpu_choice(cfg, plan: Plan, cache_dir: Path, measure: bool, say=print) -> dict | None:
     """The calibration's answer for `plan` (cached, or measured now unless
     `measure` is False), or None where the plan leaves nothing to decide."""
     if not plan.cpu_candidates:
@@ -30,38 +44,91 @@ def cpu_choice(cfg, plan: Plan, cache_dir: Path, measure: bool) -> dict | None:
     model = OmegaConf.to_container(cfg.model) if OmegaConf.is_config(cfg.model) else asdict(cfg.model)
     shape = shape_of(model, DEFAULT_VOCAB, plan.threads, cfg.optim.name)
     run_s = expected_seconds(cfg.trainer.max_time, cfg.trainer.max_steps, plan.est_step_seconds)
-    fn = (lambda s, cand: measure_steps(cfg, plan, s, cand)) if measure else None
-    return choose(shape, plan.cpu_candidates, cache_dir, run_s, fn)
+    limit = time_limit(run_s)
+
+    def timed(s: dict, cand) -> dict[str, float]:
+        say(
+            f"precision: measuring {', '.join(name(*pc) for pc in cand)} on this CPU "
+            f"(at most ~{limit:.0f} s, once: the answer is cached in {Path(cache_dir) / CACHE_NAME})"
+        )
+        return measure_steps(cfg, plan, s, cand, limit=limit, say=say)
+
+    return choose(shape, plan.cpu_candidates, cache_dir, run_s, timed if measure else None)
 
 
-def measure_steps(cfg, plan: Plan, shape: dict, candidates, rounds: int = ROUNDS) -> dict[str, float]:
-    """Median seconds per training step of each candidate ("fp32", "bf16+compile", ...);
-    a candidate that fails to build or run (no C++ compiler for inductor, say) is left out."""
-    threads = torch.get_num_threads()
+def time_limit(run_seconds: float | None) -> float:
+    """Seconds the measurement may take: LIMIT_SHARE of the run, at most LIMIT."""
+    return LIMIT if run_seconds is None else min(LIMIT, LIMIT_SHARE * run_seconds)
+
+
+def measure_steps(
+    cfg, plan: Plan, shape: dict, candidates, rounds: int = ROUNDS, limit: float = LIMIT, say=print
+) -> dict[str, float]:
+    """Median seconds per training step of each candidate ("fp32", "bf16+compile", ...),
+    eager ones first. A candidate that fails to build or run (no C++ compiler for
+    inductor, say), one that cannot win (SLOWER times the best warm step, or by
+    what compile gained elsewhere) and one the `limit` leaves no time for are
+    inf: measured, and not the answer."""
+    began, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(shape["threads"])
     try:
-        steps = {}
-        for p, c in candidates:
+        steps, warm, out = {}, {}, {}
+        compiled = COMPILE_SECONDS  # what building a compiled step takes: a guess until one was timed
+        order = sorted(candidates, key=lambda pc: (pc[1], pc[0] != "fp32"))  # fp32 eager first: the baseline
+        for i, (p, c) in enumerate(order, 1):
+            k, t0 = name(p, c), time.perf_counter()
+            why = _passed_over(k, warm, limit - (t0 - began), compiled if c else 0.0)
+            if why and k != "fp32":
+                out[k] = math.inf
+                say(f"  {i}/{len(order)} {k}: not timed, {why}")
+                continue
             try:
-                steps[name(p, c)] = _stepper(cfg, plan, shape, p, c)
-            except Exception:  # noqa: BLE001 - any failure rules the candidate out, nothing more
-                if (p, c) == ("fp32", False):
+                steps[k], warm[k] = _stepper(cfg, plan, shape, p, c)
+            except Exception as e:  # noqa: BLE001 - any failure rules the candidate out, nothing more
+                if k == "fp32":
                     raise
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(rounds):
-            for k, step in steps.items():
+                out[k] = math.inf
+                say(f"  {i}/{len(order)} {k}: failed ({type(e).__name__}), left out")
+                continue
+            built = time.perf_counter() - t0
+            compiled = built if c else compiled
+            say(f"  {i}/{len(order)} {k}: {warm[k]:.2f} s a step ({built:.0f} s with its first steps)")
+        best = min(warm.values())
+        timed = {k: f for k, f in steps.items() if warm[k] <= SLOWER * best}  # the rest cannot win
+        out.update({k: warm[k] for k in steps if k not in timed})
+        left = limit - (time.perf_counter() - began)
+        n = max(1, min(rounds, int(left / sum(warm[k] for k in timed)))) if len(timed) > 1 else 0
+        times: dict[str, list[float]] = {k: [warm[k]] for k in timed}
+        for _ in range(n):
+            for k, step in timed.items():
                 t0 = time.perf_counter()
                 step()
                 times[k].append(time.perf_counter() - t0)
-        return {k: statistics.median(v) for k, v in times.items()}
+        out.update({k: statistics.median(v) for k, v in times.items()})
+        say(f"  measured in {time.perf_counter() - began:.0f} s")
+        return out
     finally:
         torch.set_num_threads(threads)
 
 
+def _passed_over(k: str, warm: dict[str, float], left: float, build: float) -> str | None:
+    """Why candidate `k` is not timed: no time left for it (`build`: the
+    seconds a compiled one takes to build), or it cannot win."""
+    if left <= build:
+        need = f"compiling it takes ~{build:.0f} s, " if build else ""
+        return f"{need}{max(0.0, left):.0f} s of the limit left"
+    if k == "bf16+compile" and "bf16" in warm:
+        gain = warm["fp32"] / warm["fp32+compile"] if "fp32+compile" in warm else COMPILE_GAIN
+        best = min(warm.values())
+        if warm["bf16"] / gain > best * (1 - MARGIN):  # compile would have to gain more than it did for fp32
+            return f"bf16 eager is {warm['bf16'] / warm['fp32']:.2f}x fp32's step and compile gains ~{gain:.2f}x"
+    return None
+
+
 def _stepper(cfg, plan: Plan, shape: dict, precision: str, compile_: bool):
     """One training step of the run's step at this precision and compile, on
-    one batch of random tokens, its first calls done (compilation and
-    first-touch costs stay out of the timing)."""
+    one batch of random tokens, and the seconds of its second call (the first
+    compiles and touches the memory first)."""
     micro = shape["micro_batch"]
     timed = replace(plan, precision=precision, compile=compile_, micro_batch=micro, accumulation=1, grad_scaler=False)
     parts = build_step(cfg, timed, shape["vocab_size"], torch.device("cpu"), Dist())
@@ -73,5 +140,6 @@ def _stepper(cfg, plan: Plan, shape: dict, precision: str, compile_: bool):
         parts.step.step(batches, plan.lr)
 
     step()
+    t0 = time.perf_counter()
     step()
-    return step
+    return step, time.perf_counter() - t0

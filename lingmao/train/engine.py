@@ -28,7 +28,7 @@ from lingmao.data.tokenizer import tokenizer_hash
 from lingmao.data.windows import make_loader
 from lingmao.plan import Plan
 from lingmao.tracking.record import record_start
-from lingmao.train import checkpoint
+from lingmao.train import checkpoint, clock
 from lingmao.train.backend import apply_night, apply_runtime
 from lingmao.train.console import Progress
 from lingmao.train.distributed import Dist, agree, finish, from_rank0, gather, rank_seed, start
@@ -90,6 +90,7 @@ class Run:
         self.progress = Progress(dist.main and t.progress, job.schedule.total_steps, self.state.step, t.max_time)
         self.say = self.progress.say
         self.evaluator = self._evaluator()
+        self.budget = clock.Budget(t.max_time, eval_guess(plan, t))
         self.profiler = StepProfiler(t.profile_steps if dist.main else 0, job.run_dir, self.device, self.say)
         self.final: dict = {}
         self.val_at = -1  # step of the latest eval
@@ -106,13 +107,16 @@ class Run:
         s, t, total = self.state, self.cfg.trainer, self.job.schedule.total_steps
         self.record_start()
         start, before = time.perf_counter(), s.seconds  # a resumed run counts the time of the earlier ones
+        self.budget.begin()
+        if self.plan.compile and self.dist.main:
+            self.say(f"compiling the training step ({self.plan.precision}): the first steps take longer")
         with Stopper(  # a first signal may abandon a long step when no finished step is left unsaved
             self.plan.est_step_seconds,
             nothing_to_lose=lambda: self.state.step in (self.started_at, self.checkpointer.saved_at),
         ) as stopper:
             while total is None or s.step < total:
                 chunks = self.night_chunks(s.step)
-                lr = self.job.schedule.lr(s.step, s.lr_scale, s.seconds)
+                lr = self.job.schedule.lr(s.step, s.lr_scale, s.seconds, self.budget.reserved)
                 with stopper.step():
                     stats = self.train_step.step(self.stream, lr, chunks)
                 if not stats.applied:
@@ -130,7 +134,7 @@ class Run:
                 self.progress.step()
                 if s.step % t.log_every == 0 or s.step == total:
                     self.log(stats)
-                out_of_time = bool(t.max_time) and s.seconds >= t.max_time
+                out_of_time = self.budget.out(s.seconds)
                 stop, out_of_time, due_by_time = agree(
                     [stopper.requested, out_of_time, self.checkpointer.due_by_time()], self.device, self.dist.ddp
                 )
@@ -204,8 +208,9 @@ class Run:
 
     def evaluate(self, scheduled: bool) -> bool:
         """Eval now; True when early stopping says stop."""
-        s = self.state
+        s, began = self.state, time.perf_counter()
         self.final.update(self.evaluator.run(s.step))
+        self.budget.timed(eval_seconds=time.perf_counter() - began)
         self.val_at = s.step
         early_stop = scheduled and s.count_eval(self.final["val/loss"], self.cfg.trainer.early_stop_patience)
         if early_stop and self.dist.main:
@@ -229,7 +234,9 @@ class Run:
             "rng": rngs[0],
             **({"rng_ranks": rngs} if self.dist.ddp else {}),
         }
+        began = time.perf_counter()
         self.checkpointer.save(s, tensors, val, self.tracker.run_id)
+        self.budget.timed(save_seconds=time.perf_counter() - began)
         self.nan.saved()
 
     # -- start and end ------------------------------------------------------------
@@ -365,3 +372,11 @@ class Run:
             data.meta["genres"],
             data.meta.get("val_tokens_per_char", 1.0),
         )
+
+
+def eval_guess(plan: Plan, t) -> float:
+    """Seconds an eval takes by the plan: its micro-batches forward only, a
+    third of a training micro-batch's forward and backward."""
+    if not plan.est_step_seconds:
+        return 0.0
+    return t.eval_batches * plan.est_step_seconds / plan.accumulation / 3

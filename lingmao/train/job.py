@@ -4,6 +4,7 @@ the corpus, its windows and schedule, and the checkpoint to resume."""
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from lingmao.data.tokenizer import tokenizer_hash
 from lingmao.data.windows import TokenWindows, default_stride
 from lingmao.plan import Plan
 from lingmao.plan.summary import duration
-from lingmao.train import checkpoint
+from lingmao.train import checkpoint, clock
 from lingmao.train.distributed import Dist
 from lingmao.train.optim import Schedule
 from lingmao.train.recovery import RunLock, job_differences
@@ -78,7 +79,10 @@ def prepare(cfg, plan: Plan, run_dir: Path, dist: Dist | None = None) -> Job:
     checkpoint to resume: everything that can refuse the run does so here,
     before an MLflow run is opened or touched."""
     dist = dist or Dist.from_env()
+    began = time.time()
     data = load_corpus(cfg.data, progress=dist.main and cfg.trainer.progress)
+    if (data.dir / "meta.json").stat().st_mtime >= began:  # prepared just now: outside trainer.max_time
+        clock.outside(time.time() - began)
     if dist.main and data.meta.get("skipped_records"):
         print(
             f"warning: the corpus skipped {data.meta['skipped_records']} empty or bad record(s) "

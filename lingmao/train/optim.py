@@ -59,8 +59,10 @@ class Schedule:
             warmup * max_time if max_time and by_fraction else 0.0,
         )
 
-    def lr(self, step: int, scale: float = 1.0, seconds: float = 0.0) -> float:
-        """At `step`, after `seconds` of training; `scale`: on_nan=rollback's cuts."""
+    def lr(self, step: int, scale: float = 1.0, seconds: float = 0.0, reserved: float = 0.0) -> float:
+        """At `step`, after `seconds` of training; `scale`: on_nan=rollback's cuts;
+        `reserved`: seconds of max_time outside training (start-up, the final
+        eval and checkpoint), where the time clock's cosine ends early."""
         ramps = [_ramp(step + 1, self.warmup)] if self.warmup else []
         if self.warmup_time:
             ramps.append(_ramp(seconds, self.warmup_time))
@@ -70,7 +72,7 @@ class Schedule:
             decays.append(cosine((step - self.warmup) / max(1, total - self.warmup), self.min_lr_ratio))
         if self.max_time:
             w = self.warmup_time
-            decays.append(cosine((seconds - w) / max(1e-9, self.max_time - w), self.min_lr_ratio))
+            decays.append(cosine((seconds - w) / max(1e-9, self.max_time - reserved - w), self.min_lr_ratio))
         return self.peak_lr * scale * min(max(ramps, default=1.0), *decays)
 
 
